@@ -1,0 +1,8 @@
+"""dlc.compiler: the YAML model spec, the Graph IR, analysis, ONNX export and the `dlc` command line."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("dlc")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

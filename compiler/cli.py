@@ -1,0 +1,192 @@
+"""The `dlc` command line: inspect, compile and run models.
+
+Every user error (bad YAML, shape mismatch, missing file, corrupt ONNX) ends in a clear message and exit code 2,
+never a traceback. Commands that report also take --json for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import DlcError
+
+app = typer.Typer(
+    name="dlc",
+    help="dlc: a declarative deep-learning compiler. Describe a network in YAML; dlc validates it, infers "
+    "shapes and costs, and exports a verified ONNX model that onnxruntime runs on a GPU or the CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# When piped, rich would wrap at 80 columns; keep lines whole for logs and scripts.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(exc: DlcError) -> None:
+    """Print every diagnostic (the user's text is never parsed as rich markup) and exit with code 2."""
+    for d in exc.diagnostics:
+        err.print("[bold red]error:[/] ", end="")
+        err.out(d.format(), highlight=False)
+    if len(exc.diagnostics) > 1:
+        err.print(f"{len(exc.diagnostics)} problems found")
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dlc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show more detail (e.g. provider choice)."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Model YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON."),
+) -> None:
+    """Validate a model YAML and print each layer's output shape, parameters, MACs and receptive field."""
+    from .analysis import fmt_rf, fmt_shape, summarize
+    from .frontend import load_model
+
+    try:
+        summary = summarize(load_model(model).graph)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+        return
+    table = Table(title=f"{summary.model}  (input {fmt_shape(tuple(summary.input_shape))})", title_justify="left")
+    for col, justify in (("layer", "left"), ("type", "left"), ("output", "right"), ("params", "right"),
+                         ("MACs", "right"), ("RF size / jump / start", "right")):
+        table.add_column(col, justify=justify)
+    for layer in summary.layers:
+        table.add_row(layer.name, layer.type, fmt_shape(tuple(layer.output_shape)), f"{layer.params:,}",
+                      f"{layer.macs:,}", fmt_rf(layer))
+    table.add_section()
+    table.add_row("total", f"{len(summary.layers)} layers", "", f"{summary.total_params:,}",
+                  f"{summary.total_macs:,}", fmt_rf(summary.layers[-1]))
+    out.print(table)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Path = typer.Argument(..., help="Model YAML file."),
+    output: Path = typer.Option(None, "--output", "-o",
+                                help="Output folder for model.onnx and report.json [default: build/<yaml name>]."),
+    opset: int = typer.Option(None, help="ONNX opset to export (13-21) [default: export.opset or 17]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Validate, build and export a model to ONNX; check it with onnx's checker and onnxruntime.
+
+    Writes DIR/model.onnx (with dlc's metadata: model name, input size and normalization, classes, dlc
+    version, the YAML's sha256) and DIR/report.json. Files are replaced atomically.
+    """
+    from .pipeline import compile_model
+
+    output = output or Path("build") / model.stem
+    try:
+        result = compile_model(model, output, opset)
+    except DlcError as exc:
+        _fail(exc)
+    report = result.report
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    s = report["summary"]
+    out.print(f"[bold green]compiled[/] {report['model']}: {len(s['layers'])} layers, "
+              f"{s['total_params']:,} parameters, {s['total_macs']:,} MACs per image")
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in s["output_shapes"].items())
+    out.print(f"  output      {shapes}")
+    rf = s["receptive_field"]
+    out.print(f"  receptive   {rf[0]:g}×{rf[1]:g} px (largest feature-map field, before global pooling)")
+    onnx = report["onnx"]
+    out.print(f"  onnx        {onnx['path']}  (opset {onnx['opset']}, IR {onnx['ir_version']}, "
+              f"{onnx['nodes']} nodes, {onnx['bytes'] / 1024:.1f} KiB)")
+    out.print(f"  verified    onnx checker + onnxruntime ({report['verification']['provider']})")
+    out.print(f"  report      {result.report_path}")
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    random: bool = typer.Option(False, "--random", help="Feed random inputs of the model's shape."),
+    input_file: Path = typer.Option(None, "--input", help="Feed this .npy array (or .npz: one array per input)."),
+    batch: int = typer.Option(1, min=1, help="Batch size for --random."),
+    runs: int = typer.Option(20, min=1, help="Timed runs (after 3 warm-up runs)."),
+    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Run an ONNX model on onnxruntime: print output shapes, the provider that really ran and the latency."""
+    from dlc.runtime import Session, measure
+
+    try:
+        if random == (input_file is not None):
+            raise DlcError("give exactly one of --random or --input FILE")
+        session = Session(model, device=device)
+        feeds = session.random_inputs(batch) if random else _read_inputs(input_file, session)
+        outputs = session.run(feeds)
+        latency = measure(lambda: session.run(feeds), runs=runs)
+    except DlcError as exc:
+        _fail(exc)
+    result = {
+        "model": str(model), "provider": session.provider,
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "outputs": {k: list(v.shape) for k, v in outputs.items()},
+        "latency_ms": latency.to_dict(),
+    }
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"[bold]{model}[/] on {session.provider}")
+    for k, v in result["inputs"].items():
+        out.print(f"  input   {k}: {'×'.join(map(str, v))}")
+    for k, v in result["outputs"].items():
+        out.print(f"  output  {k}: {'×'.join(map(str, v))}")
+    out.print(f"  latency median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms over {latency.runs} runs")
+
+
+def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DlcError(f"{path}: file not found") from None
+    except (ValueError, OSError) as exc:
+        raise DlcError(f"{path}: not a readable .npy/.npz array file ({exc})") from None
+    names = [a.name for a in session.inputs]
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise DlcError(f"{path}: the model has {len(names)} inputs; pass an .npz with arrays {names}")
+        return {names[0]: data.astype(np.float32)}
+    missing = [n for n in names if n not in data.files]
+    if missing:
+        raise DlcError(f"{path}: no array for input(s) {missing}; the file holds {data.files}")
+    return {n: data[n].astype(np.float32) for n in names}
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

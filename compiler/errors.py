@@ -1,0 +1,48 @@
+"""User-facing errors: each carries every problem found, with the file, line and layer it concerns.
+
+Anything a user can cause (a bad YAML file, a shape mismatch, a corrupt ONNX file) raises `DlcError`; the CLI
+prints its diagnostics and exits with code 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    message: str
+    file: str | None = None
+    line: int | None = None
+    layer: str | None = None
+    hint: str | None = None
+
+    def format(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file + (f":{self.line}" if self.line else "") + ": "
+        elif self.line:
+            where = f"line {self.line}: "
+        layer = f"layer '{self.layer}': " if self.layer else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}{layer}{self.message}{hint}"
+
+
+class DlcError(Exception):
+    """One or more user errors. `str()` lists them all, one per line."""
+
+    def __init__(self, diagnostics: Diagnostic | str | Iterable[Diagnostic]):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic(diagnostics)]
+        elif isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics: list[Diagnostic] = list(diagnostics)
+        super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
+    """A "did you mean 'x'?" hint for a misspelt word, or None when nothing is close."""
+    matches = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{matches[0]}'?" if matches else None

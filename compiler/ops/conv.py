@@ -1,0 +1,66 @@
+"""2-D convolution (ONNX Conv): any kernel shape, stride, padding incl. 'same', dilation, groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
+from .window import resolve_pads, window_output
+
+
+@register
+class Conv(OpDef):
+    type = "conv"
+    doc = "2-D convolution; weight O×(C/groups)×kh×kw"
+    params = (
+        Param("out", "int", minimum=1, help="number of output channels"),
+        Param("kernel", "pair", minimum=1, help="kernel size: k or [kh, kw]"),
+        Param("stride", "pair", 1, minimum=1),
+        Param("pad", "pad", 0),
+        Param("dilation", "pair", 1, minimum=1),
+        Param("groups", "int", 1, minimum=1),
+        Param("bias", "bool", True),
+    )
+    fillable = {"weight": {"type": "kaiming"}, "bias": {"type": "constant", "value": 0.0}}
+
+    def check_attrs(self, attrs: dict[str, Any]) -> None:
+        if attrs["out"] % attrs["groups"]:
+            raise ParamError(f"out ({attrs['out']}) must be divisible by groups ({attrs['groups']})")
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        shape = in_shapes[0]
+        if len(shape) != 3:
+            raise ShapeError(f"expects a C×H×W feature map, got {fmt_shape(shape)}")
+        if shape[0] % attrs["groups"]:
+            raise ShapeError(f"input channels ({shape[0]}) must be divisible by groups ({attrs['groups']})")
+        pads = resolve_pads(attrs["pad"], shape[1:], attrs["kernel"], attrs["stride"], attrs["dilation"])
+        h, w = window_output(shape, attrs["kernel"], attrs["stride"], pads, attrs["dilation"])
+        return (attrs["out"], h, w), {**attrs, "pads": pads}
+
+    def param_shapes(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+        kh, kw = attrs["kernel"]
+        shapes = {"weight": (attrs["out"], in_shapes[0][0] // attrs["groups"], kh, kw)}
+        if attrs["bias"]:
+            shapes["bias"] = (attrs["out"],)
+        return shapes
+
+    def fan(self, attrs: dict[str, Any], in_shapes: list[Shape], out_shape: Shape) -> tuple[int, int]:
+        kh, kw = attrs["kernel"]
+        g = attrs["groups"]
+        return in_shapes[0][0] // g * kh * kw, attrs["out"] // g * kh * kw
+
+    def macs(self, attrs: dict[str, Any], in_shapes: list[Shape], out_shape: Shape) -> int:
+        kh, kw = attrs["kernel"]
+        per_output = in_shapes[0][0] // attrs["groups"] * kh * kw
+        return out_shape[0] * out_shape[1] * out_shape[2] * per_output
+
+    def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
+        return in_fields[0].window(attrs["kernel"], attrs["stride"], attrs["pads"][:2], attrs["dilation"])
+
+    def to_onnx(self, node, b) -> None:
+        inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
+        if "bias" in node.params:
+            inputs.append(b.initializer(f"{node.name}.bias", node.params["bias"]))
+        a = node.attrs
+        b.node("Conv", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
+               strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"])
