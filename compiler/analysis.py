@@ -28,8 +28,7 @@ def infer_shapes(graph: Graph, diagnostics: list[Diagnostic] | None = None) -> N
             out_shape, node.attrs = REGISTRY[node.op].infer(node.attrs, in_shapes)
         except ShapeError as exc:
             src = node.source
-            message = str(exc) + (f" [{src.note}]" if src.note else "")
-            diag = Diagnostic(message, file=src.file, line=src.line, layer=node.name)
+            diag = Diagnostic(str(exc), file=src.file, line=src.line, layer=node.name, note=src.note or None)
             if diagnostics is None:
                 raise DlcError(diag) from None
             diagnostics.append(diag)

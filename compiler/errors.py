@@ -18,6 +18,7 @@ class Diagnostic:
     line: int | None = None
     layer: str | None = None
     hint: str | None = None
+    note: str | None = None  # where a block-expanded layer came from
 
     def format(self) -> str:
         where = ""
@@ -27,7 +28,8 @@ class Diagnostic:
             where = f"line {self.line}: "
         layer = f"layer '{self.layer}': " if self.layer else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}{layer}{self.message}{hint}"
+        note = f" [{self.note}]" if self.note else ""
+        return f"{where}{layer}{self.message}{hint}{note}"
 
 
 class DlcError(Exception):

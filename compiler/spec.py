@@ -85,9 +85,7 @@ class _Parser:
 
     def error(self, message: str, line: int | None, layer: str | None = None, hint: str | None = None,
               note: str = "") -> None:
-        if note:
-            message = f"{message} [{note}]"
-        self.diags.append(Diagnostic(message, file=self.file, line=line, layer=layer, hint=hint))
+        self.diags.append(Diagnostic(message, file=self.file, line=line, layer=layer, hint=hint, note=note or None))
 
     # ---------------------------------------------------------------------------------------- document
     def parse(self, doc: Any) -> ModelSpec:

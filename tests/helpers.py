@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dlc.compiler.errors import DlcError
+from dlc.compiler.export_onnx import to_onnx
+from dlc.compiler.frontend import load_model_text
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def model_yaml(layers: str, shape=(3, 16, 16), extra: str = "") -> str:
+    """A model YAML around an indented block of layers."""
+    body = textwrap.indent(textwrap.dedent(layers).strip("\n"), "    ")
+    return f"model:\n  name: t\n  input: {{shape: {list(shape)}}}\n  layers:\n{body}\n{extra}"
+
+
+def load(layers: str, shape=(3, 16, 16), extra: str = ""):
+    return load_model_text(model_yaml(layers, shape, extra), "m.yaml")
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(DlcError) as info:
+        load_model_text(text, "m.yaml")
+    return [d.format() for d in info.value.diagnostics]
+
+
+def ort_session(graph, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = optimization
+    return ort.InferenceSession(to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def random_input(graph, batch=2, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *graph.inputs[0].shape)).astype(np.float32)
