@@ -43,7 +43,9 @@ class BuildExt(build_ext):
             if sys.platform == "win32":
                 ext.extra_compile_args += ["/O2"] + (["/openmp"] if openmp else [])
             else:
-                ext.extra_compile_args += ["-O3"] + (["-fopenmp"] if openmp else [])
+                # -ffp-contract=off: no fused multiply-add, so kernels round exactly as their numpy references
+                # on every CPU (aarch64 GCC fuses by default).
+                ext.extra_compile_args += ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if openmp else [])
                 ext.extra_link_args += ["-fopenmp"] if openmp else []
         super().build_extensions()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from dlc.compiler.errors import Diagnostic, DlcError
 
 log = logging.getLogger("dlc.runtime")
