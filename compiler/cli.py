@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 # When piped, rich would wrap at 80 columns; keep lines whole for logs and scripts.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -51,9 +52,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show more detail (e.g. provider choice)."),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
 @app.command()
@@ -88,9 +88,10 @@ def inspect(
 @app.command("compile")
 def compile_cmd(
     model: Path = typer.Argument(..., help="Model YAML file."),
-    output: Path = typer.Option(None, "--output", "-o",
-                                help="Output folder for model.onnx and report.json [default: build/<yaml name>]."),
-    opset: int = typer.Option(None, help="ONNX opset to export (13-21) [default: export.opset or 17]."),
+    output: Path = typer.Option(None, "--output", "-o", show_default="build/<yaml name>",
+                                help="Output folder for model.onnx and report.json."),
+    opset: int = typer.Option(None, show_default="export.opset in the YAML, else 17",
+                              help="ONNX opset to export (13-21)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Validate, build and export a model to ONNX; check it with onnx's checker and onnxruntime.
