@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
-NATIVE_MODULES = ["boxes"]
+NATIVE_MODULES = ["boxes", "conv", "pool", "batchnorm", "activation", "loss"]
 
 
 def _compiler_has_openmp(compiler) -> bool:
@@ -61,13 +61,10 @@ extensions = [
 ]
 
 setup(
-    packages=["dlc.compiler", "dlc.compiler.ops", "dlc.runtime", "dlc._C"],
-    package_dir={
-        "dlc.compiler": "compiler",
-        "dlc.compiler.ops": "compiler/ops",
-        "dlc.runtime": "runtime",
-        "dlc._C": "csrc",
-    },
+    packages=["dlc.compiler", "dlc.runtime", "dlc._C"]
+    + [f"dlc.compiler.{p}" for p in find_packages("compiler")]
+    + [f"dlc.runtime.{p}" for p in find_packages("runtime")],
+    package_dir={"dlc.compiler": "compiler", "dlc.runtime": "runtime", "dlc._C": "csrc"},
     ext_modules=cythonize(
         extensions,
         language_level=3,

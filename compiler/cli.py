@@ -92,18 +92,23 @@ def compile_cmd(
                                 help="Output folder for model.onnx and report.json."),
     opset: int = typer.Option(None, show_default="export.opset in the YAML, else 17",
                               help="ONNX opset to export (13-21)."),
+    weights: Path = typer.Option(None, help="Take the weights from this checkpoint instead of training."),
+    skip_train: bool = typer.Option(False, "--skip-train",
+                                    help="Export the initial (filler) weights without training, e.g. to check the graph."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Validate, build and export a model to ONNX; check it with onnx's checker and onnxruntime.
 
-    Writes DIR/model.onnx (with dlc's metadata: model name, input size and normalization, classes, dlc
-    version, the YAML's sha256) and DIR/report.json. Files are replaced atomically.
+    With a `train:` section, trains first (as `dlc train` does, into the same folder) so the ONNX file
+    carries the trained weights. Writes DIR/model.onnx (with dlc's metadata: model name, input size and
+    normalization, classes, dlc version, the YAML's sha256) and DIR/report.json, replaced atomically.
     """
     from .pipeline import compile_model
 
     output = output or Path("build") / model.stem
     try:
-        result = compile_model(model, output, opset)
+        result = compile_model(model, output, opset, weights, progress=not as_json, console=err,
+                               skip_train=skip_train)
     except DlcError as exc:
         _fail(exc)
     report = result.report
@@ -121,7 +126,84 @@ def compile_cmd(
     out.print(f"  onnx        {onnx['path']}  (opset {onnx['opset']}, IR {onnx['ir_version']}, "
               f"{onnx['nodes']} nodes, {onnx['bytes'] / 1024:.1f} KiB)")
     out.print(f"  verified    onnx checker + onnxruntime ({report['verification']['provider']})")
+    t = report.get("training") or {}
+    if "val_accuracy" in t:
+        out.print(f"  trained     {t['epochs']} epochs in {t['seconds']:.1f} s ({t['stopped']}): "
+                  f"val accuracy {t['val_accuracy']:.4f}, val loss {t['val_loss']:.4f}")
     out.print(f"  report      {result.report_path}")
+
+
+@app.command()
+def train(
+    model: Path = typer.Argument(..., help="Model YAML file with train: and data: sections."),
+    output: Path = typer.Option(None, "--output", "-o", show_default="build/<yaml name>",
+                                help="Folder for checkpoint.safetensors, metrics.json, curves.png, snapshots/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the folder's checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
+) -> None:
+    """Train a model on the CPU with dlc's native kernels.
+
+    A checkpoint is written after every epoch; Ctrl-C writes one at the current iteration and exits, and
+    `--resume` continues from it exactly (same data order, augmentation and dropout). A NaN or inf loss stops
+    training, names the epoch and iteration, and keeps the last good checkpoint.
+    """
+    from .frontend import load_model
+    from .train.trainer import dumps, train_model
+
+    output = output or Path("build") / model.stem
+    try:
+        loaded = load_model(model)
+        if loaded.spec.train is None:
+            raise DlcError(f"{model}: no 'train:' section: add one (and a 'data:' section) to train")
+        result = train_model(loaded, output, resume=resume, progress=not as_json, console=err)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(dumps(result))
+    elif result.stopped == "interrupted":
+        err.print(f"interrupted: checkpoint written; continue with: dlc train {model} -o {output} --resume")
+        raise typer.Exit(130)
+    else:
+        final = result.final
+        out.print(f"[bold green]trained[/] {loaded.spec.name}: {len(result.history)} epochs in "
+                  f"{result.seconds:.1f} s ({result.stopped.replace('_', ' ')}); val accuracy "
+                  f"{final['val_accuracy']:.4f}, val loss {final['val_loss']:.4f}")
+        out.print(f"  outputs     {output}/checkpoint.safetensors, metrics.json, curves.png")
+
+
+@app.command()
+def time(
+    model: Path = typer.Argument(..., help="Model YAML file."),
+    batch: int = typer.Option(None, min=1, show_default="train.batch_size, else 64", help="Batch size."),
+    iterations: int = typer.Option(10, min=1, help="Timed iterations (after 2 warm-up ones)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
+) -> None:
+    """Forward and backward milliseconds per layer on dlc's CPU backend (like `caffe time`)."""
+    from .analysis import fmt_shape
+    from .frontend import load_model
+    from .train.profile import profile
+
+    try:
+        loaded = load_model(model)
+        batch = batch or (loaded.spec.train.batch_size if loaded.spec.train else 64)
+        result = profile(loaded.graph, batch, iterations)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{loaded.spec.name}: batch {batch}, median of {iterations} iterations",
+                  title_justify="left")
+    for col in ("layer", "type", "output", "forward ms", "backward ms", "GFLOP/s"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for row in result["layers"]:
+        gflops = f"{row['gflops']:.1f}" if row["gflops"] else ""
+        table.add_row(row["name"], row["type"], fmt_shape(tuple(row["output_shape"])), f"{row['forward_ms']:.3f}",
+                      f"{row['backward_ms']:.3f}", gflops)
+    table.add_section()
+    table.add_row("total", "", "", f"{result['forward_ms']:.2f}", f"{result['backward_ms']:.2f}",
+                  f"{result['gflops']:.1f}")
+    out.print(table)
 
 
 @app.command()

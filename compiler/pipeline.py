@@ -25,14 +25,15 @@ class CompileResult:
     report: dict[str, Any]
 
 
-def artifact_metadata(loaded: LoadedModel) -> dict[str, Any]:
-    """The self-description stored in the ONNX file under metadata key 'dlc'."""
+def artifact_metadata(loaded: LoadedModel, classes: list[str] | None = None) -> dict[str, Any]:
+    """The self-description stored in the ONNX file under metadata key 'dlc'. Class names come from the
+    model (model.classes) or else from the data it was trained on."""
     spec, graph = loaded.spec, loaded.graph
     return {
         "model": spec.name,
         "input": {**graph.meta["input"], "layout": "NCHW", "dtype": "float32"},
         "outputs": {o: list(graph.shapes[o]) for o in graph.outputs},
-        "classes": spec.classes,
+        "classes": spec.classes or classes,
         "dlc_version": __version__,
         "yaml_sha256": spec.sha256,
     }
@@ -63,10 +64,35 @@ def verify_on_runtime(model_bytes: bytes, graph: Graph, batch: int = 2) -> dict[
             "matches_inferred": True}
 
 
-def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None = None) -> CompileResult:
+def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None = None,
+                  weights: str | Path | None = None, progress: bool = False, console=None,
+                  skip_train: bool = False) -> CompileResult:
+    """Load, (train or load weights), export, verify. With a train: section and no `weights`, trains first
+    (into out_dir: checkpoint, metrics, curves), so the ONNX carries the trained weights."""
     loaded = load_model(yaml_path)
     options = export_options(loaded, opset)
-    model = to_onnx(loaded.graph, metadata=artifact_metadata(loaded), **options)
+    training, classes = None, None
+    if weights is not None:
+        from .train.checkpoint import load_params_into, read_checkpoint
+
+        params, _, _, info = read_checkpoint(weights)
+        load_params_into(loaded.graph, params, str(weights))
+        training, classes = {"weights": str(weights)}, info.get("classes")
+    elif loaded.spec.train is not None and skip_train:
+        training = {"skipped": True}
+    elif loaded.spec.train is not None:
+        from .train.trainer import train_model
+
+        result = train_model(loaded, out_dir, progress=progress, console=console)
+        if result.stopped == "interrupted":
+            raise DlcError(f"training was interrupted; the checkpoint in {out_dir} keeps its state: continue with "
+                           f"`dlc train {yaml_path} -o {out_dir} --resume`, then `dlc compile {yaml_path} -o "
+                           f"{out_dir} --weights {out_dir}/checkpoint.safetensors`")
+        classes = result.classes
+        training = {"stopped": result.stopped, "epochs": len(result.history), "seconds": result.seconds,
+                    "best_epoch": result.best_epoch,
+                    **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
+    model = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, classes), **options)
     check(model)
     data = model.SerializeToString()
     verification = {"onnx_checker": "passed (full_check)", **verify_on_runtime(data, loaded.graph)}
@@ -83,6 +109,7 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         "onnx": {"path": str(onnx_path), "opset": options["opset"], "ir_version": model.ir_version,
                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "nodes": len(model.graph.node)},
         "verification": verification,
+        "training": training,
         "summary": summary.to_dict(),
     }
     report_path = write_json(out_dir / "report.json", report)

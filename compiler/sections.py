@@ -29,7 +29,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "step_size": "number", "steps": "list", "power": "float", "warmup": _WARMUP, "batch_size": "int",
         "epochs": "int", "max_iter": "int", "early_stopping": _EARLY_STOP, "clip_grad_norm": "float",
         "seed": "int", "snapshot_every": "int", "loss": "str", "class_weights": "any", "focal_gamma": "float",
-        "layers": "any",
+        "layers": "any", "eps": "float", "label_smoothing": "float",
     },
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "sparsity": "float", "layers": "any",
@@ -41,10 +41,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 # Sections whose feature is built; the others are validated, then refused.
-SUPPORTED = {"export"}
+SUPPORTED = {"export", "data", "train"}
 PLANNED = {
-    "data": "the data pipeline arrives with the training backend",
-    "train": "the training backend is not built yet",
     "prune": "pruning is not built yet",
     "optimize": "graph optimization passes are not built yet",
 }

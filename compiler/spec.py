@@ -62,6 +62,9 @@ class ModelSpec:
     classes: list[str] | None = None
     export: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
+    section_lines: dict[str, int | None] = field(default_factory=dict)
+    train: Any = None  # train.config.TrainConfig when the file has a train: section
+    data: Any = None  # train.config.DataConfig
 
 
 @dataclass
@@ -102,6 +105,7 @@ class _Parser:
                 continue
             self.diags += check_section(key, value, self.file, line)
             self.spec.sections[key] = value
+            self.spec.section_lines[key] = line
         if isinstance(doc.get("export"), dict):
             self.spec.export = dict(doc["export"])
         if "model" not in doc:

@@ -30,7 +30,7 @@ def test_inspect_table_and_json():
 
 
 def test_compile_then_run(tmp_path):
-    result = invoke("compile", RESNET, "-o", str(tmp_path))
+    result = invoke("compile", RESNET, "-o", str(tmp_path), "--skip-train")
     assert result.exit_code == 0, result.stdout
     assert "272,474 parameters" in result.stdout and "81×81 px" in result.stdout
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "report.json").is_file()
@@ -41,12 +41,12 @@ def test_compile_then_run(tmp_path):
 
 
 def test_compile_opset_option(tmp_path):
-    assert invoke("compile", RESNET, "-o", str(tmp_path), "--opset", "13").exit_code == 0
+    assert invoke("compile", RESNET, "-o", str(tmp_path), "--opset", "13", "--skip-train").exit_code == 0
     assert onnx.load(tmp_path / "model.onnx").opset_import[0].version == 13
 
 
 def test_run_with_input_file(tmp_path):
-    invoke("compile", str(ROOT / "examples/lenet5.yaml"), "-o", str(tmp_path))
+    invoke("compile", str(ROOT / "examples/lenet5.yaml"), "-o", str(tmp_path), "--skip-train")
     x = np.zeros((2, 1, 28, 28), np.float32)
     np.save(tmp_path / "x.npy", x)
     data = json.loads(invoke("run", str(tmp_path / "model.onnx"), "--input", str(tmp_path / "x.npy"), "--runs", "1",

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(gpu_present(), reason="these tests describe a ma
 
 @pytest.fixture(scope="module")
 def lenet(tmp_path_factory):
-    return compile_model(ROOT / "examples/lenet5.yaml", tmp_path_factory.mktemp("lenet")).onnx_path
+    return compile_model(ROOT / "examples/lenet5.yaml", tmp_path_factory.mktemp("lenet"), skip_train=True).onnx_path
 
 
 def test_auto_falls_back_to_cpu_and_says_so_once(lenet, caplog):

@@ -84,8 +84,9 @@ def test_did_you_mean_for_inputs_and_sections():
 def test_unbuilt_sections_are_validated_then_refused():
     errs = errors_of(model_yaml("- {type: relu}", extra="train:\n  base_lr: 0.1\n  epoch: 3\nprune: {amount: 0.5}\n"))
     assert any("unknown key 'epoch' in 'train' (did you mean 'epochs'?)" in e for e in errs)
-    assert any("section 'train' is not supported yet" in e for e in errs)
     assert any("section 'prune' is not supported yet" in e for e in errs)
+    assert any("a 'train:' section needs a 'data:' section" in e for e in errs)
+    assert not any("section 'train' is not supported" in e for e in errs)
 
 
 def test_export_section_is_supported():

@@ -149,12 +149,12 @@ class RField:
 
 # ------------------------------------------------------------------------------------------------ op def
 @dataclass
-class Context:
-    """What an op sees of its node while inferring shapes: its attributes and input shapes."""
+class RunContext:
+    """What an op's forward and backward see besides its node: the mode and the run's random generator."""
 
-    attrs: dict[str, Any]
-    in_shapes: list[Shape]
-    extras: dict[str, Any] = field(default_factory=dict)
+    train: bool = False
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    need_input_grad: list[bool] = field(default_factory=list)  # set per node by the executor before backward
 
 
 class OpDef:
@@ -224,6 +224,16 @@ class OpDef:
     def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
         """Default for elementwise ops and merges: the widest input field."""
         return max(in_fields, key=lambda f: (f.size[0] * f.size[1], -f.jump[0]))
+
+    # --- training backend (float32 NCHW kernels in dlc._C) --------------------------------------------
+    def forward(self, node: Node, inputs: list[np.ndarray], ctx: RunContext) -> tuple[np.ndarray, Any]:
+        """Return (output, saved): `saved` is whatever backward needs (None in eval mode is fine)."""
+        raise NotImplementedError(f"'{self.type}' has no training-backend kernel")
+
+    def backward(self, node: Node, saved: Any, dy: np.ndarray,
+                 ctx: RunContext) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
+        """Return (gradient per input, gradient per parameter tensor)."""
+        raise NotImplementedError(f"'{self.type}' has no training-backend kernel")
 
     # --- ONNX -----------------------------------------------------------------------------------------
     def to_onnx(self, node: Node, b: OnnxBuilder) -> None:

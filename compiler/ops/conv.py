@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dlc._C import conv as _k
+
 from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
 from .window import resolve_pads, window_output
 
@@ -56,6 +58,22 @@ class Conv(OpDef):
 
     def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
         return in_fields[0].window(attrs["kernel"], attrs["stride"], attrs["pads"][:2], attrs["dilation"])
+
+    def forward(self, node, inputs, ctx):
+        a, x = node.attrs, inputs[0]
+        out_hw = self.infer(a, [x.shape[1:]])[0][1:]
+        y = _k.conv2d_forward(x, node.params["weight"], node.params.get("bias"), a["stride"], a["pads"],
+                              a["dilation"], a["groups"], out_hw)
+        return y, (x if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        a = node.attrs
+        dx, dw, db = _k.conv2d_backward(saved, node.params["weight"], dy, a["stride"], a["pads"], a["dilation"],
+                                        a["groups"], ctx.need_input_grad[0], "bias" in node.params)
+        grads = {"weight": dw}
+        if db is not None:
+            grads["bias"] = db
+        return [dx], grads
 
     def to_onnx(self, node, b) -> None:
         inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from .base import OpDef, Param, RField, Shape, ShapeError, fmt_shape, register
 
 
@@ -32,6 +34,19 @@ class Linear(OpDef):
     def macs(self, attrs, in_shapes, out_shape) -> int:
         return in_shapes[0][0] * attrs["out"]
 
+    def forward(self, node, inputs, ctx):
+        x = inputs[0]
+        y = x @ node.params["weight"].T  # BLAS sgemm through numpy
+        if "bias" in node.params:
+            y += node.params["bias"]
+        return y, (x if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        grads = {"weight": dy.T @ saved}
+        if "bias" in node.params:
+            grads["bias"] = dy.sum(axis=0)
+        return [dy @ node.params["weight"]], grads
+
     def to_onnx(self, node, b) -> None:
         inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
         if "bias" in node.params:
@@ -50,6 +65,13 @@ class Flatten(OpDef):
     def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
         shape = in_shapes[0]
         return in_fields[0].whole(shape[1:]) if len(shape) == 3 else in_fields[0]
+
+    def forward(self, node, inputs, ctx):
+        x = inputs[0]
+        return np.ascontiguousarray(x).reshape(x.shape[0], -1), x.shape
+
+    def backward(self, node, saved, dy, ctx):
+        return [dy.reshape(saved)], {}
 
     def to_onnx(self, node, b) -> None:
         b.node("Flatten", [node.inputs[0]], node.outputs, node.name, axis=1)

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from dlc._C import batchnorm as _k
+
 from .base import OpDef, Param, Shape, ShapeError, fmt_shape, register
 
 
@@ -34,6 +36,24 @@ class BatchNorm(OpDef):
 
     def fan(self, attrs, in_shapes, out_shape) -> tuple[int, int]:
         return 1, 1
+
+    def forward(self, node, inputs, ctx):
+        x, p, eps = inputs[0], node.params, node.attrs["eps"]
+        if not ctx.train:
+            return _k.batchnorm_forward_eval(x, p["scale"], p["bias"], p["mean"], p["var"], eps), None
+        y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps)
+        # Running statistics: the batch variance made unbiased, blended in with weight `momentum` (PyTorch's).
+        count = x.size // x.shape[1]
+        var = (1.0 / np.square(invstd.astype(np.float64)) - eps) * count / max(count - 1, 1)
+        m = node.attrs["momentum"]
+        p["mean"][...] = (1 - m) * p["mean"] + m * mean
+        p["var"][...] = (1 - m) * p["var"] + m * var.astype(np.float32)
+        return y, (x, mean, invstd)
+
+    def backward(self, node, saved, dy, ctx):
+        x, mean, invstd = saved
+        dx, dscale, dbias = _k.batchnorm_backward(dy, x, node.params["scale"], mean, invstd)
+        return [dx], {"scale": dscale, "bias": dbias}
 
     def to_onnx(self, node, b) -> None:
         names = [b.initializer(f"{node.name}.{p}", node.params[p]) for p in ("scale", "bias", "mean", "var")]

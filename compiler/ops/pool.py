@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from dlc._C import pool as _k
+
 from .base import OpDef, Param, RField, Shape, ShapeError, fmt_shape, register
 from .window import resolve_pads, window_output
 
@@ -36,6 +40,9 @@ class _Pool(OpDef):
     def onnx_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def out_hw(self, node, x: np.ndarray) -> tuple[int, int]:
+        return self.infer(node.attrs, [x.shape[1:]])[0][1:]
+
     def to_onnx(self, node, b) -> None:
         a = node.attrs
         b.node(self.onnx_type, [node.inputs[0]], node.outputs, node.name, kernel_shape=list(a["kernel"]),
@@ -49,6 +56,15 @@ class MaxPool(_Pool):
     doc = "max pooling"
     onnx_type = "MaxPool"
 
+    def forward(self, node, inputs, ctx):
+        a, x = node.attrs, inputs[0]
+        y, argmax = _k.maxpool_forward(x, a["kernel"], a["stride"], a["pads"], self.out_hw(node, x))
+        return y, ((argmax, x.shape[2:]) if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        argmax, in_hw = saved
+        return [_k.maxpool_backward(dy, argmax, in_hw)], {}
+
 
 @register
 class AvgPool(_Pool):
@@ -59,6 +75,15 @@ class AvgPool(_Pool):
 
     def onnx_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return {"count_include_pad": int(attrs["count_include_pad"])}
+
+    def forward(self, node, inputs, ctx):
+        a, x = node.attrs, inputs[0]
+        y = _k.avgpool_forward(x, a["kernel"], a["stride"], a["pads"], self.out_hw(node, x), a["count_include_pad"])
+        return y, x.shape[2:]
+
+    def backward(self, node, saved, dy, ctx):
+        a = node.attrs
+        return [_k.avgpool_backward(dy, saved, a["kernel"], a["stride"], a["pads"], a["count_include_pad"])], {}
 
 
 @register
@@ -74,6 +99,12 @@ class GlobalAvgPool(OpDef):
 
     def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
         return in_fields[0].whole(in_shapes[0][1:])
+
+    def forward(self, node, inputs, ctx):
+        return _k.global_avgpool_forward(inputs[0]), inputs[0].shape[2:]
+
+    def backward(self, node, saved, dy, ctx):
+        return [_k.global_avgpool_backward(dy, saved)], {}
 
     def to_onnx(self, node, b) -> None:
         b.node("GlobalAveragePool", [node.inputs[0]], node.outputs, node.name)

@@ -27,6 +27,18 @@ class Upsample(OpDef):
         f = in_fields[0]
         return RField(f.size, tuple(f.jump[a] / attrs["scale"][a] for a in range(2)), f.start)
 
+    def forward(self, node, inputs, ctx):
+        x = inputs[0]
+        sh, sw = node.attrs["scale"]
+        n, c, h, w = x.shape
+        y = np.broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw)).reshape(n, c, h * sh, w * sw)
+        return y, None
+
+    def backward(self, node, saved, dy, ctx):
+        sh, sw = node.attrs["scale"]
+        n, c, hh, ww = dy.shape
+        return [dy.reshape(n, c, hh // sh, sh, ww // sw, sw).sum(axis=(3, 5))], {}
+
     def to_onnx(self, node, b) -> None:
         sh, sw = node.attrs["scale"]
         scales = b.initializer(f"{node.name}.scales", np.array([1, 1, sh, sw], np.float32))

@@ -1,0 +1,141 @@
+"""The `data:` section's datasets, loaded into memory at the model's input size, split into train and val."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import Diagnostic, DlcError
+from .synthetic import make_shapes
+
+DATASETS = ("synthetic", "digits", "imagefolder")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray  # float32 N×C×H×W in [0, 1]
+    labels: np.ndarray  # int64 N
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _interp_matrix(src: int, dst: int) -> np.ndarray:
+    """Bilinear resampling weights (dst × src), pixel centres aligned (align_corners=False)."""
+    pos = (np.arange(dst) + 0.5) * src / dst - 0.5
+    pos = np.clip(pos, 0, src - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, src - 1)
+    frac = pos - lo
+    m = np.zeros((dst, src), np.float32)
+    m[np.arange(dst), lo] += 1 - frac
+    m[np.arange(dst), hi] += frac
+    return m
+
+
+def resize(images: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of a batch N×C×H×W to h×w (two small matrix products)."""
+    if images.shape[2:] == (h, w):
+        return images
+    a = _interp_matrix(images.shape[2], h)
+    b = _interp_matrix(images.shape[3], w)
+    return np.einsum("ih,nchw,jw->ncij", a, images, b, optimize=True).astype(np.float32)
+
+
+def match_channels(images: np.ndarray, c: int, where: str) -> np.ndarray:
+    if images.shape[1] == c:
+        return images
+    if images.shape[1] == 1:
+        return np.repeat(images, c, axis=1)
+    if c == 1:
+        return images.mean(axis=1, keepdims=True)
+    raise DlcError(f"{where}: images have {images.shape[1]} channels, the model takes {c}")
+
+
+def split(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split: the same fraction of every class goes to validation. Returns (train idx, val idx)."""
+    rng = np.random.default_rng([seed, 104729])
+    train, val = [], []
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        n_val = int(round(len(idx) * val_fraction))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DlcError("dataset 'digits' needs scikit-learn, which ships the data: pip install 'dlc[digits]' "
+                       "(or pip install scikit-learn)") from None
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float32)[:, None]
+    return images, d.target.astype(np.int64), [str(t) for t in d.target_names]
+
+
+def _image_folder(root: Path, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DlcError("dataset 'imagefolder' needs Pillow: pip install pillow") from None
+    if not root.is_dir():
+        raise DlcError(f"data.root: '{root}' is not a directory (expected one sub-folder of images per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DlcError(f"data.root: '{root}' needs at least two class sub-folders, found {classes or 'none'}")
+    images, labels = [], []
+    mode = "L" if c == 1 else "RGB"
+    for k, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode).resize((w, h), Image.BILINEAR)
+                    array = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
+                                          hint="remove or replace the file")) from None
+            images.append(array[None] if c == 1 else array.transpose(2, 0, 1))
+            labels.append(k)
+    if not images:
+        raise DlcError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{root}'")
+    if c not in (1, 3):
+        raise DlcError(f"imagefolder images are grey or RGB; the model input has {c} channels")
+    return np.stack(images), np.asarray(labels, np.int64), classes
+
+
+def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_outputs: int,
+                 base_dir: Path) -> tuple[Dataset, Dataset]:
+    """(train, val) at the model's input size, images in [0, 1]."""
+    c, h, w = input_shape
+    kind = cfg["dataset"]
+    seed = cfg.get("seed", 0)
+    if kind == "synthetic":
+        num_classes = cfg.get("num_classes", num_outputs)
+        images, labels, classes = make_shapes(cfg.get("samples", 2000), num_classes, input_shape, seed)
+    elif kind == "digits":
+        images, labels, classes = _digits()
+    else:
+        root = Path(cfg["root"])
+        root = root if root.is_absolute() else base_dir / root
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            tr = _image_folder(root / "train", c, h, w)
+            va = _image_folder(root / "val", c, h, w)
+            if tr[2] != va[2]:
+                raise DlcError(f"data.root: train/ and val/ under '{root}' have different classes")
+            return Dataset(tr[0], tr[1], tr[2]), Dataset(va[0], va[1], va[2])
+        images, labels, classes = _image_folder(root, c, h, w)
+    images = match_channels(resize(images, h, w), c, f"dataset '{kind}'")
+    if len(classes) > num_outputs:
+        raise DlcError(f"dataset '{kind}' has {len(classes)} classes but the model's output has only "
+                       f"{num_outputs} values; set the last layer's 'out' to {len(classes)}")
+    train_idx, val_idx = split(images, labels, cfg.get("val_fraction", 0.2), seed)
+    return (Dataset(images[train_idx], labels[train_idx], classes),
+            Dataset(images[val_idx], labels[val_idx], classes))

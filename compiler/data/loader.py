@@ -1,0 +1,84 @@
+"""Batches prepared by a background thread with prefetch, so augmentation overlaps training.
+
+Everything random is a function of (seed, epoch, iteration): the epoch's order, each batch's augmentation.
+A run is therefore repeatable bit for bit and can resume at any iteration.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from .augment import AugmentConfig, augment, pca_basis
+from .datasets import Dataset
+
+
+class BatchLoader:
+    def __init__(self, data: Dataset, batch_size: int, mean: list[float], std: list[float], seed: int = 0,
+                 augment_cfg: AugmentConfig | None = None, shuffle: bool = True, drop_last: bool = True,
+                 prefetch: int = 2):
+        self.data = data
+        self.batch_size = batch_size
+        self.mean = np.asarray(mean, np.float32)[None, :, None, None]
+        self.inv_std = 1.0 / np.asarray(std, np.float32)[None, :, None, None]
+        self.seed = seed
+        self.augment_cfg = augment_cfg or AugmentConfig()
+        self.shuffle = shuffle
+        self.drop_last = drop_last and len(data) > batch_size
+        self.prefetch = max(prefetch, 1)
+        self.pca = pca_basis(data.images) if self.augment_cfg.pca_color > 0 else None
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.data)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def make_batch(self, epoch: int, index: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.data.images[idx]
+        if self.augment_cfg.active:
+            x = augment(x, self.augment_cfg, np.random.default_rng([self.seed, epoch, index, 1]), self.pca)
+        x = (x - self.mean) * self.inv_std
+        return np.ascontiguousarray(x, dtype=np.float32), self.data.labels[idx]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches `start`, `start`+1, ... of `epoch`, made ahead by a background thread."""
+        order = self._order(epoch)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for i in range(start, len(self)):
+                    batch = self.make_batch(epoch, i, order)
+                    while not stop.is_set():
+                        try:
+                            q.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as exc:  # hand the error to the consumer instead of dying silently
+                q.put(exc)
+
+        thread = threading.Thread(target=work, name=f"dlc-loader-e{epoch}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)

@@ -1,0 +1,1 @@
+"""The CPU training backend: executor, solver, learning-rate schedule, trainer and checkpoints."""

@@ -1,0 +1,226 @@
+"""The `train:` and `data:` sections, checked value by value into typed settings.
+
+Structure (unknown keys, types) is checked in sections.py with the rest of the file; this adds the value
+rules (choices, ranges) and the defaults, each problem with its YAML line.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.augment import AugmentConfig
+from ..data.datasets import DATASETS
+from ..errors import Diagnostic, did_you_mean
+from ..yaml_loader import LDict
+from .schedule import POLICIES
+from .solver import SOLVERS, SolverConfig
+
+LOSSES = ("cross_entropy", "focal")
+MONITORS = ("val_loss", "val_accuracy", "train_loss")
+
+
+@dataclass
+class EarlyStopping:
+    monitor: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.monitor.endswith("accuracy") else "min"
+
+
+@dataclass
+class TrainConfig:
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    base_lr: float = 0.01
+    lr_policy: str = "fixed"
+    gamma: float = 0.1
+    step_size: float = 10.0
+    steps: list[float] = field(default_factory=list)
+    power: float = 1.0
+    warmup_epochs: float = 0.0
+    warmup_iterations: int = 0
+    warmup_start_factor: float = 0.1
+    batch_size: int = 64
+    epochs: int = 10
+    max_iter: int | None = None
+    early_stopping: EarlyStopping | None = None
+    seed: int = 0
+    snapshot_every: int = 0
+    loss: str = "cross_entropy"
+    focal_gamma: float = 2.0
+    class_weights: list[float] | str | None = None
+    label_smoothing: float = 0.0
+    layer_rules: list[tuple[str, float, bool]] = field(default_factory=list)  # (pattern, lr_mult, freeze)
+
+    def lr_mult_for(self, layer: str) -> float:
+        """The multiplier of the last rule whose pattern matches the layer name (0 when frozen)."""
+        mult = 1.0
+        for pattern, m, frozen in self.layer_rules:
+            if fnmatch.fnmatchcase(layer, pattern):
+                mult = 0.0 if frozen else m
+        return mult
+
+
+@dataclass
+class DataConfig:
+    raw: dict[str, Any]
+    augment: AugmentConfig
+    prefetch: int = 2
+
+
+class _Checker:
+    def __init__(self, file: str, section: str, mapping: LDict):
+        self.file, self.section, self.m = file, section, mapping
+        self.diags: list[Diagnostic] = []
+
+    def line(self, key: str, within: LDict | None = None) -> int | None:
+        m = within if within is not None else self.m
+        return m.line_of(key) if isinstance(m, LDict) else None
+
+    def error(self, message: str, key: str, within: LDict | None = None, hint: str | None = None) -> None:
+        self.diags.append(Diagnostic(message, file=self.file, line=self.line(key, within), hint=hint))
+
+    def number(self, key: str, default: float, lo: float | None = None, hi: float | None = None,
+               within: LDict | None = None, integer: bool = False) -> Any:
+        m = within if within is not None else self.m
+        value = m.get(key, default)
+        if value is None:
+            return default
+        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if ok and lo is not None and value < lo:
+            ok = False
+        if ok and hi is not None and value > hi:
+            ok = False
+        if not ok:
+            rng = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f" >= {lo:g}" if lo is not None else "")
+            kind = "an integer" if integer else "a number"
+            self.error(f"'{self.section}.{key}' must be {kind}{rng}, got {value!r}", key, within)
+            return default
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.m.get(key, default)
+        if value not in choices:
+            self.error(f"'{self.section}.{key}' must be one of {', '.join(choices)}, got {value!r}", key,
+                       hint=did_you_mean(str(value), choices))
+            return default
+        return value
+
+
+def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[TrainConfig, list[Diagnostic]]:
+    c = _Checker(file, "train", section)
+    t = TrainConfig()
+    solver = SolverConfig(
+        solver=c.choice("solver", "sgd", SOLVERS),
+        momentum=c.number("momentum", 0.9, 0.0, 1.0),
+        nesterov=bool(section.get("nesterov", False)),
+        eps=c.number("eps", 1e-8, 0.0),
+        weight_decay=c.number("weight_decay", 0.0, 0.0),
+        l1=c.number("l1", 0.0, 0.0),
+        clip_grad_norm=c.number("clip_grad_norm", None, 0.0) if "clip_grad_norm" in section else None,
+    )
+    betas = section.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                for b in betas)):
+        c.error(f"'train.betas' must be two numbers in [0, 1), got {betas!r}", "betas")
+    else:
+        solver.betas = (float(betas[0]), float(betas[1]))
+    t.solver = solver
+    if "lr" in section and "base_lr" in section:
+        c.error("give 'base_lr' or 'lr', not both", "lr")
+    t.base_lr = c.number("base_lr" if "base_lr" in section else "lr", 0.01, 0.0)
+    t.lr_policy = c.choice("lr_policy", "fixed", POLICIES)
+    t.gamma = c.number("gamma", 0.1, 0.0)
+    t.step_size = c.number("step_size", 10.0, 1e-9)
+    steps = section.get("steps", [])
+    if not isinstance(steps, list) or not all(isinstance(s, (int, float)) and s >= 0 for s in steps):
+        c.error(f"'train.steps' must be a list of epochs, got {steps!r}", "steps")
+    else:
+        t.steps = sorted(float(s) for s in steps)
+    if t.lr_policy == "multistep" and not t.steps:
+        c.error("lr_policy multistep needs 'steps' (the epochs at which the rate is multiplied by gamma)",
+                "lr_policy")
+    t.power = c.number("power", 1.0, 0.0)
+    warmup = section.get("warmup")
+    if isinstance(warmup, dict):
+        if "epochs" in warmup and "iterations" in warmup:
+            c.error("warm-up takes 'epochs' or 'iterations', not both", "warmup")
+        t.warmup_epochs = c.number("epochs", 0.0, 0.0, within=warmup)
+        t.warmup_iterations = c.number("iterations", 0, 0, within=warmup, integer=True)
+        t.warmup_start_factor = c.number("start_factor", 0.1, 0.0, 1.0, within=warmup)
+        if warmup.get("type", "linear") != "linear":
+            c.error(f"warm-up type must be linear, got {warmup.get('type')!r}", "type", warmup)
+    t.batch_size = c.number("batch_size", 64, 1, integer=True)
+    t.epochs = c.number("epochs", 10, 1, integer=True)
+    t.max_iter = c.number("max_iter", None, 1, integer=True) if "max_iter" in section else None
+    t.seed = c.number("seed", 0, 0, integer=True)
+    t.snapshot_every = c.number("snapshot_every", 0, 0, integer=True)
+    t.loss = c.choice("loss", "cross_entropy", LOSSES)
+    t.focal_gamma = c.number("focal_gamma", 2.0, 0.0)
+    t.label_smoothing = c.number("label_smoothing", 0.0, 0.0, 0.999)
+    weights = section.get("class_weights")
+    if weights is not None:
+        if weights == "balanced" or (isinstance(weights, list) and weights
+                                     and all(isinstance(w, (int, float)) and w >= 0 for w in weights)):
+            t.class_weights = weights
+        else:
+            c.error(f"'train.class_weights' must be 'balanced' or a list of non-negative numbers, got {weights!r}",
+                    "class_weights")
+    es = section.get("early_stopping")
+    if isinstance(es, dict):
+        monitor = es.get("monitor", "val_loss")
+        if monitor not in MONITORS:
+            c.error(f"early_stopping.monitor must be one of {', '.join(MONITORS)}, got {monitor!r}", "monitor", es,
+                    did_you_mean(str(monitor), MONITORS))
+            monitor = "val_loss"
+        t.early_stopping = EarlyStopping(
+            monitor=monitor, patience=c.number("patience", 5, 1, within=es, integer=True),
+            min_delta=c.number("min_delta", 0.0, 0.0, within=es), restore_best=bool(es.get("restore_best", True)))
+    rules = section.get("layers", {})
+    if not isinstance(rules, dict):
+        c.error("'train.layers' maps layer names (or patterns like 'stage1*') to {lr_mult, freeze}", "layers")
+    else:
+        for pattern, rule in rules.items():
+            if not isinstance(rule, dict) or set(rule) - {"lr_mult", "freeze"}:
+                c.error(f"'train.layers.{pattern}' takes lr_mult (number) and freeze (true/false)", pattern, rules)
+                continue
+            if not any(fnmatch.fnmatchcase(n, str(pattern)) for n in layer_names):
+                c.error(f"'train.layers.{pattern}' matches no layer", pattern, rules,
+                        did_you_mean(str(pattern), layer_names))
+            mult = c.number("lr_mult", 1.0, 0.0, within=rule)
+            t.layer_rules.append((str(pattern), float(mult), bool(rule.get("freeze", False))))
+    return t, c.diags
+
+
+def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagnostic]]:
+    c = _Checker(file, "data", section)
+    if "dataset" not in section:
+        c.error(f"'data.dataset' is missing: one of {', '.join(DATASETS)}", "dataset")
+        return None, c.diags
+    c.choice("dataset", "synthetic", DATASETS)
+    if section.get("dataset") == "imagefolder" and not section.get("root"):
+        c.error("dataset imagefolder needs 'root': a folder with one sub-folder of images per class", "dataset")
+    c.number("val_fraction", 0.2, 0.0, 0.9)
+    c.number("samples", 2000, 10, integer=True)
+    if "num_classes" in section:
+        c.number("num_classes", 2, 2, 12, integer=True)
+    aug = section.get("augment") or {}
+    crop = aug.get("crop", 0) if isinstance(aug, dict) else 0
+    if crop is True:
+        crop = 4
+    if crop is False:
+        crop = 0
+    augment = AugmentConfig(
+        mirror=bool(aug.get("mirror", False)) if isinstance(aug, dict) else False,
+        crop_pad=int(crop) if isinstance(crop, int) and crop >= 0 else 0,
+        pca_color=float(aug.get("pca_color", 0.0)) if isinstance(aug, dict) else 0.0,
+    )
+    if not isinstance(crop, int) or crop < 0:
+        c.error(f"'data.augment.crop' is the padding of a random crop in pixels (e.g. 4), got {crop!r}", "augment")
+    prefetch = c.number("prefetch", 2, 1, 64, integer=True)
+    return DataConfig(dict(section), augment, prefetch), c.diags

@@ -1,0 +1,90 @@
+"""Runs a Graph on dlc's own kernels: forward with a tape, backward in reverse topological order.
+
+In eval mode each intermediate value is dropped as soon as its last reader has run, so memory stays at the
+width of the graph rather than its depth. In training mode each node keeps only what its backward needs
+(`saved`), not every activation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..ops import REGISTRY, OpDef
+from ..ops.base import RunContext
+
+
+class Executor:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes: list[Node] = graph.nodes()
+        self.ops: list[OpDef] = [REGISTRY[n.op] for n in self.nodes]
+        self.inputs = set(graph.input_names)
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for v in node.inputs:
+                last_use[v] = i
+        self._free_after = [[v for v in n.inputs if last_use[v] == i and v not in graph.outputs]
+                            for i, n in enumerate(self.nodes)]
+        self._tape: list[Any] | None = None
+        self._ctx = RunContext()
+
+    def forward(self, feeds: dict[str, np.ndarray] | np.ndarray, train: bool = False,
+                rng: np.random.Generator | None = None, outputs: list[str] | None = None,
+                timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph. `outputs` defaults to the graph's outputs; in train mode a tape is kept for backward.
+        With `timings`, each node's seconds are added to it (for `dlc time`)."""
+        if isinstance(feeds, np.ndarray):
+            feeds = {self.graph.input_names[0]: feeds}
+        wanted = outputs or self.graph.outputs
+        values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        self._ctx = RunContext(train=train, rng=rng if rng is not None else np.random.default_rng(0))
+        tape = [] if train else None
+        for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
+            if timings is not None:
+                start = time.perf_counter()
+                y, saved = op.forward(node, [values[v] for v in node.inputs], self._ctx)
+                timings[node.name] = timings.get(node.name, 0.0) + time.perf_counter() - start
+            else:
+                y, saved = op.forward(node, [values[v] for v in node.inputs], self._ctx)
+            values[node.outputs[0]] = y
+            if tape is not None:
+                tape.append(saved)
+            for v in self._free_after[i]:
+                if v not in wanted:
+                    values.pop(v, None)
+        self._tape = tape
+        return {k: values[k] for k in wanted}
+
+    def backward(self, grad_outputs: dict[str, np.ndarray], input_grads: bool = False,
+                 timings: dict[str, float] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Gradients of the parameters, {node name: {tensor: grad}}, given d(loss)/d(output) per output.
+        With `input_grads`, also fills `self.input_grads` with the gradient of each graph input (otherwise
+        the first layers skip computing it)."""
+        if self._tape is None:
+            raise RuntimeError("backward needs a forward pass with train=True first")
+        grads: dict[str, np.ndarray] = dict(grad_outputs)
+        param_grads: dict[str, dict[str, np.ndarray]] = {}
+        ctx = self._ctx
+        for node, op, saved in zip(reversed(self.nodes), reversed(self.ops), reversed(self._tape)):
+            dy = grads.pop(node.outputs[0], None)
+            if dy is None:
+                continue  # nothing downstream of this node reaches the loss
+            ctx.need_input_grad = [input_grads or v not in self.inputs for v in node.inputs]
+            start = time.perf_counter()
+            input_grads, pgrads = op.backward(node, saved, np.ascontiguousarray(dy, dtype=np.float32), ctx)
+            if timings is not None:
+                timings[node.name] = timings.get(node.name, 0.0) + time.perf_counter() - start
+            if pgrads:
+                param_grads[node.name] = pgrads
+            for v, g in zip(node.inputs, input_grads):
+                if g is None:
+                    continue
+                # Out of place: an op may hand the same array to several inputs (add does).
+                grads[v] = g if v not in grads else grads[v] + g
+        self.input_grads = {v: grads[v] for v in self.inputs if v in grads}
+        self._tape = None
+        return param_grads

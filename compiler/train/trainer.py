@@ -1,0 +1,305 @@
+"""The training loop behind `dlc train`: data, forward, loss, backward, solver, validation, early stopping,
+checkpoints, metrics and curves.
+
+Repeatable bit for bit: the data order, each batch's augmentation and each dropout mask are functions of
+(seed, epoch, iteration), so a run resumed from any checkpoint continues exactly as if never stopped.
+A checkpoint is written atomically after every epoch (and at Ctrl-C, at the end of the current iteration);
+a NaN or inf loss stops the run without touching the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlc._C import loss as _loss
+
+from ..atomic import write_json
+from ..data import BatchLoader, load_dataset
+from ..errors import DlcError
+from ..frontend import LoadedModel
+from ..ops import REGISTRY
+from .checkpoint import graph_tensors, load_params_into, read_checkpoint, save_checkpoint
+from .executor import Executor
+from .metrics import classification_report, plot_curves
+from .schedule import LRSchedule
+from .solver import Solver
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class TrainingDiverged(DlcError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    history: list[dict[str, Any]]
+    stopped: str  # completed | early_stopping | max_iter | interrupted
+    best_epoch: int | None
+    seconds: float
+    classes: list[str]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+class Trainer:
+    def __init__(self, loaded: LoadedModel, out_dir: str | Path, progress: bool = True, console=None):
+        spec, self.graph = loaded.spec, loaded.graph
+        self.spec = spec
+        self.cfg = spec.train
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.console = console
+        if len(self.graph.outputs) != 1:
+            raise DlcError(f"{spec.file}: training needs one model output (the class scores); "
+                           f"this model has {len(self.graph.outputs)}")
+        out = self.graph.outputs[0]
+        shape = self.graph.shapes[out]
+        if len(shape) != 1:
+            raise DlcError(f"{spec.file}: training needs a flat output of class scores, got {shape} from '{out}'")
+        producer = self.graph.producer(out)
+        # A final softmax is folded into the loss (fused softmax + cross-entropy), so train on its input.
+        self.logits = producer.inputs[0] if producer is not None and producer.op == "softmax" else out
+        self.num_outputs = shape[0]
+        self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
+                                                    Path(spec.file).parent)
+        inp = spec.input
+        c = self.cfg
+        self.train_loader = BatchLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed, spec.data.augment,
+                                        prefetch=spec.data.prefetch)
+        self.val_loader = BatchLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
+                                      drop_last=False)
+        self.executor = Executor(self.graph)
+        params, mults = {}, {}
+        for node in self.graph.nodes():
+            for t in REGISTRY[node.op].trainable(node.attrs):
+                if t in node.params:
+                    params[f"{node.name}.{t}"] = node.params[t]
+                    mults[f"{node.name}.{t}"] = c.lr_mult_for(node.name)
+        self.solver = Solver(params, c.solver, mults)
+        self.iters_per_epoch = len(self.train_loader)
+        self.total_iters = c.max_iter or c.epochs * self.iters_per_epoch
+        self.epochs = c.epochs if not c.max_iter else -(-c.max_iter // self.iters_per_epoch)
+        warmup = c.warmup_iterations or int(round(c.warmup_epochs * self.iters_per_epoch))
+        self.schedule = LRSchedule(c.base_lr, c.lr_policy, self.iters_per_epoch, self.total_iters, c.gamma,
+                                   c.step_size, c.steps, c.power, warmup_iters=warmup,
+                                   warmup_start_factor=c.warmup_start_factor)
+        self.class_weights = self._class_weights()
+        self._interrupted = False
+
+    # --- pieces --------------------------------------------------------------------------------------------
+    def _class_weights(self) -> np.ndarray | None:
+        w = self.cfg.class_weights
+        if w is None:
+            return None
+        if w == "balanced":
+            counts = np.bincount(self.train_set.labels, minlength=self.num_outputs).astype(np.float64)
+            return np.where(counts > 0, len(self.train_set) / (self.num_outputs * np.maximum(counts, 1)),
+                            0).astype(np.float32)
+        if len(w) != self.num_outputs:
+            raise DlcError(f"{self.spec.file}: train.class_weights has {len(w)} values for {self.num_outputs} "
+                           "classes")
+        return np.asarray(w, np.float32)
+
+    def loss(self, logits: np.ndarray, labels: np.ndarray, weighted: bool = True) -> tuple[float, np.ndarray]:
+        weights = self.class_weights if weighted else None
+        if self.cfg.loss == "focal":
+            return _loss.focal_loss(logits, labels, self.cfg.focal_gamma, weights)
+        return _loss.softmax_cross_entropy(logits, labels, weights, self.cfg.label_smoothing if weighted else 0.0)
+
+    def evaluate(self) -> dict[str, Any]:
+        losses, preds = [], []
+        for x, y in self.val_loader.epoch(0):
+            logits = self.executor.forward(x, train=False, outputs=[self.logits])[self.logits]
+            loss, _ = self.loss(logits, y, weighted=False)
+            losses.append(loss * len(y))
+            preds.append(np.argmax(logits, axis=1))
+        report = classification_report(self.val_set.labels, np.concatenate(preds), self.val_set.classes)
+        return {"val_loss": float(sum(losses) / len(self.val_set)), "val_accuracy": report["accuracy"],
+                "val_macro_f1": report["macro_f1"], "per_class": report["per_class"],
+                "confusion_matrix": report["confusion_matrix"]}
+
+    def _info(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "yaml_sha256": self.spec.sha256, "solver_steps": self.solver.steps,
+                "classes": self.train_set.classes}
+
+    def _save(self, state: dict[str, Any], best: dict[str, np.ndarray] | None, name: str = CHECKPOINT) -> None:
+        save_checkpoint(self.out_dir / name, self.graph, self.solver.state, self._info(state), best)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._interrupted:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        c = self.cfg
+        state: dict[str, Any] = {"epoch": 0, "iteration": 0, "global_iteration": 0, "history": [],
+                                 "best_value": None, "best_epoch": None, "bad_epochs": 0, "partial": None}
+        best: dict[str, np.ndarray] | None = None
+        if resume:
+            state, best = self._resume()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        handler_installed = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_installed else None
+        started = time.perf_counter()
+        stopped = "completed"
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by the NaN check
+                stopped, best = self._loop(state, best)
+        finally:
+            if handler_installed:
+                signal.signal(signal.SIGINT, previous)
+        if stopped != "interrupted":
+            if c.early_stopping and c.early_stopping.restore_best and best is not None:
+                load_params_into(self.graph, best, "best weights")
+            self._save(state, best)
+            self._write_reports(state, stopped)
+        return TrainResult(self.out_dir, state["history"], stopped, state["best_epoch"],
+                           time.perf_counter() - started, self.train_set.classes)
+
+    def _resume(self) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+        path = self.out_dir / CHECKPOINT
+        params, solver_state, best, info = read_checkpoint(path)
+        if info.get("yaml_sha256") != self.spec.sha256:
+            raise DlcError(f"{path}: the checkpoint was made from a different version of {self.spec.file}; "
+                           "resuming needs the same YAML (train into a new folder instead)")
+        load_params_into(self.graph, params, str(path))
+        # Re-bind the solver to the graph's fresh arrays and restore its buffers.
+        for key in list(self.solver.params):
+            node, tensor = key.rsplit(".", 1)
+            self.solver.params[key] = self.graph.node(node).params[tensor]
+        for key, value in solver_state.items():
+            if key in self.solver.state:
+                self.solver.state[key][...] = value
+        self.solver.steps = info.get("solver_steps", 0)
+        state = {k: v for k, v in info.items() if k not in ("yaml_sha256", "solver_steps", "classes")}
+        return state, (best or None)
+
+    def _loop(self, state: dict[str, Any], best: dict[str, np.ndarray] | None) -> tuple[str, Any]:
+        c = self.cfg
+        bar = self._progress_bar()
+        try:
+            while state["epoch"] < self.epochs:
+                epoch = state["epoch"]
+                partial = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                task = bar.add_task(f"epoch {epoch + 1}/{self.epochs}", total=self.iters_per_epoch,
+                                    completed=state["iteration"], loss=float("nan"), lr=0.0, ips=0.0) if bar else None
+                t0 = time.perf_counter()
+                for x, y in self.train_loader.epoch(epoch, state["iteration"]):
+                    i, g = state["iteration"], state["global_iteration"]
+                    lr = self.schedule(g)
+                    rng = np.random.default_rng([c.seed, epoch, i, 2])
+                    logits = self.executor.forward(x, train=True, rng=rng, outputs=[self.logits])[self.logits]
+                    loss, dlogits = self.loss(logits, y)
+                    if not np.isfinite(loss) or not np.all(np.isfinite(logits)):
+                        raise TrainingDiverged(
+                            f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} (global {g + 1}); "
+                            f"training stopped and the last good checkpoint in {self.out_dir} is kept. "
+                            "Try a lower base_lr, warm-up or clip_grad_norm")
+                    grads = self.executor.backward({self.logits: dlogits})
+                    flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
+                    self.solver.step(flat, lr)
+                    partial["loss_sum"] += loss * len(y)
+                    partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
+                    partial["seen"] += len(y)
+                    state["iteration"] += 1
+                    state["global_iteration"] += 1
+                    elapsed = partial["seconds"] + time.perf_counter() - t0
+                    if bar:
+                        bar.update(task, advance=1, loss=partial["loss_sum"] / partial["seen"], lr=lr,
+                                   ips=partial["seen"] / max(elapsed, 1e-9))
+                    if self._interrupted:
+                        partial["seconds"] = elapsed
+                        state["partial"] = partial
+                        self._save(state, best)
+                        return "interrupted", best
+                    if state["global_iteration"] >= self.total_iters:
+                        break
+                partial["seconds"] += time.perf_counter() - t0
+                record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
+                          "train_accuracy": partial["correct"] / max(partial["seen"], 1),
+                          **self.evaluate(), "lr": self.schedule(max(state["global_iteration"] - 1, 0)),
+                          "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9),
+                          "seconds": partial["seconds"]}
+                state["history"].append(record)
+                state["epoch"] += 1
+                state["iteration"] = 0
+                state["partial"] = None
+                if bar:
+                    bar.remove_task(task)
+                self._say(f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f}  val loss "
+                          f"{record['val_loss']:.4f}  val acc {record['val_accuracy']:.4f}  lr {record['lr']:.3g}  "
+                          f"{record['images_per_s']:.0f} img/s")
+                best, stop = self._early_stopping(state, record, best)
+                self._save(state, best)
+                if c.snapshot_every and state["epoch"] % c.snapshot_every == 0:
+                    self._save(state, best, f"snapshots/epoch_{state['epoch']:04d}.safetensors")
+                if stop:
+                    return "early_stopping", best
+                if state["global_iteration"] >= self.total_iters and c.max_iter:
+                    return "max_iter", best
+            return "completed", best
+        finally:
+            if bar:
+                bar.stop()
+
+    def _early_stopping(self, state, record, best):
+        es = self.cfg.early_stopping
+        if es is None:
+            return best, False
+        value = record[es.monitor]
+        prev = state["best_value"]
+        improved = prev is None or (value < prev - es.min_delta if es.mode == "min" else value > prev + es.min_delta)
+        if improved:
+            state["best_value"], state["best_epoch"], state["bad_epochs"] = value, record["epoch"], 0
+            best = {k: v.copy() for k, v in graph_tensors(self.graph).items()} if es.restore_best else None
+            return best, False
+        state["bad_epochs"] += 1
+        return best, state["bad_epochs"] >= es.patience
+
+    def _write_reports(self, state: dict[str, Any], stopped: str) -> None:
+        history = state["history"]
+        write_json(self.out_dir / "metrics.json", {
+            "model": self.spec.name, "stopped": stopped, "best_epoch": state["best_epoch"],
+            "classes": self.train_set.classes, "train_samples": len(self.train_set),
+            "val_samples": len(self.val_set), "epochs": history,
+        })
+        if history:
+            plot_curves(history, self.out_dir / "curves.png", f"{self.spec.name}: training curves")
+
+    def _say(self, text: str) -> None:
+        if self.progress and self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def _progress_bar(self):
+        if not self.progress or self.console is None:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"),
+                       TimeRemainingColumn(), console=self.console, transient=True)
+        bar.start()
+        return bar
+
+
+def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                console=None) -> TrainResult:
+    return Trainer(loaded, out_dir, progress, console).run(resume=resume)
+
+
+def dumps(result: TrainResult) -> str:
+    return json.dumps({"out_dir": str(result.out_dir), "stopped": result.stopped, "best_epoch": result.best_epoch,
+                       "seconds": result.seconds, "final": result.final})
