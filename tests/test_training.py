@@ -187,3 +187,28 @@ def test_loader_thread_overlaps(tmp_path):
     trainer.train_loader.make_batch = spy
     trainer.run()
     assert names and all(n.startswith("dlc-loader") for n in names)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
+    """A real SIGINT to `dlc train`: exit 130 with a resume hint and a checkpoint on disk (exact resumption
+    from such a checkpoint is tested above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tiny(tmp_path, 200)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlc.compiler.cli", "train", str(path), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    _, _, _, info = read_checkpoint(out / "checkpoint.safetensors")
+    assert 1 <= info["epoch"] < 200  # the run stopped part-way and said where
