@@ -212,3 +212,33 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
     assert "--resume" in stderr and "Traceback" not in stderr
     _, _, _, info = read_checkpoint(out / "checkpoint.safetensors")
     assert 1 <= info["epoch"] < 200  # the run stopped part-way and said where
+
+
+def test_max_iter_and_snapshots(tmp_path):
+    path = tiny(tmp_path, 5)
+    path.write_text(path.read_text() + "  max_iter: 45\n  snapshot_every: 1\n")
+    result = Trainer(load_model(path), tmp_path / "out", progress=False).run()
+    assert result.stopped == "max_iter" and len(result.history) == 2  # 30 iterations an epoch
+    _, state, _, info = read_checkpoint(tmp_path / "out/checkpoint.safetensors")
+    assert info["global_iteration"] == 45
+    snaps = sorted(p.name for p in (tmp_path / "out/snapshots").iterdir())
+    assert snaps == ["epoch_0001.safetensors", "epoch_0002.safetensors"]
+
+
+def test_cli_train_and_time(tmp_path):
+    from typer.testing import CliRunner
+
+    from dlc.compiler.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tiny(tmp_path, 1)), "-o", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["stopped"] == "completed" and 0 <= data["final"]["val_accuracy"] <= 1
+    result = runner.invoke(app, ["time", str(tiny(tmp_path, 1)), "--batch", "8", "--iterations", "2", "--json"])
+    timing = json.loads(result.stdout)
+    assert [r["name"] for r in timing["layers"]][:2] == ["c1", "bn1"]
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] >= 0 for r in timing["layers"])
+    assert timing["layers"][0]["gflops"] > 0
+    result = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
