@@ -39,3 +39,18 @@ def ort_session(graph, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL) 
 
 def random_input(graph, batch=2, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *graph.inputs[0].shape)).astype(np.float32)
+
+
+def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of the scalar f at x, element by element (use float64)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + h
+        up = f(x)
+        flat[i] = keep - h
+        down = f(x)
+        flat[i] = keep
+        gflat[i] = (up - down) / (2 * h)
+    return grad

@@ -10,6 +10,8 @@ from dlc._C.batchnorm_ref import (
     batchnorm_forward_train_ref,
 )
 
+from helpers import numeric_grad
+
 EPS = 1e-5
 SHAPES = [
     pytest.param((4, 3, 5, 6), id="4d"),
@@ -30,21 +32,6 @@ def random_case(shape, seed=0, dtype=np.float32):
     gamma, beta = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
     dy = rng.standard_normal(shape)
     return tuple(a.astype(dtype) for a in (x, gamma, beta, dy))
-
-
-def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central finite differences of the scalar f at x (float64)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f(x)
-        flat[i] = keep - h
-        down = f(x)
-        flat[i] = keep
-        gflat[i] = (up - down) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("shape", SHAPES)

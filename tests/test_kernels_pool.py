@@ -15,6 +15,8 @@ from dlc._C.pool_ref import (
     maxpool_forward_ref,
 )
 
+from helpers import numeric_grad
+
 
 def out_size(n: int, k: int, s: int, p0: int, p1: int, ceil: bool) -> int:
     """Pooling output length; in ceil mode the last window must start inside the input or the top padding."""
@@ -57,21 +59,6 @@ def distinct_input(shape, seed=0) -> np.ndarray:
     """Values 0.1 apart (no near-ties), half of them negative so padding could not win by being 0."""
     size = math.prod(shape)
     return (np.random.default_rng(seed).permutation(size) - size / 2).reshape(shape) * 0.1
-
-
-def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central finite differences of the scalar f at x (float64)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f(x)
-        flat[i] = keep - h
-        down = f(x)
-        flat[i] = keep
-        gflat[i] = (up - down) / (2 * h)
-    return grad
 
 
 # ---------------------------------------------------------------------------------------------------------
