@@ -207,6 +207,61 @@ def time(
 
 
 @app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="ONNX model file to optimize."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the optimized model."),
+    passes: str = typer.Option(None, show_default="the default list (see --list)",
+                               help="Comma-separated passes to run, in order."),
+    check: int = typer.Option(3, min=0, help="Random inputs to compare before vs after (0: no check)."),
+    rtol: float = typer.Option(1e-3, help="Relative tolerance of the check."),
+    atol: float = typer.Option(1e-4, help="Absolute tolerance of the check."),
+    list_passes: bool = typer.Option(False, "--list", help="List the passes and the default order, then exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Optimize any ONNX model with dlc's passes (fold BN, fuse, eliminate, fold constants, CSE, DCE) and prove
+    the result: by default it runs both models on random inputs through onnxruntime (its own optimizations
+    off) and fails loudly if any output differs beyond the tolerance."""
+    import onnx
+
+    from .atomic import write_bytes
+    from .onnx_io import load_onnx
+    from .passes import DEFAULT_PASSES, PASSES, verify
+    from .passes import optimize as run_passes
+
+    if list_passes:
+        out.print("passes: " + ", ".join(sorted(PASSES)))
+        out.print("default order: " + ", ".join(DEFAULT_PASSES))
+        return
+    try:
+        original = load_onnx(model)
+        names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
+        optimized, reports = run_passes(original, names)
+        try:
+            onnx.checker.check_model(optimized, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise DlcError(f"the optimized model fails onnx's checker ({exc}); not written") from None
+        proof = verify(original, optimized, check, rtol, atol) if check else None
+        write_bytes(output, optimized.SerializeToString())
+    except DlcError as exc:
+        _fail(exc)
+    result = {"input": str(model), "output": str(output), "nodes_before": len(original.graph.node),
+              "nodes_after": len(optimized.graph.node), "passes": [r.to_dict() for r in reports],
+              "verification": proof.to_dict() if proof else None}
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for r in reports:
+        out.print(r.line(), highlight=False)
+    out.print(f"[bold green]optimized[/] {model} -> {output}: {result['nodes_before']} -> {result['nodes_after']} "
+              "nodes")
+    if proof:
+        out.print(f"  verified    {proof.runs} random inputs, max abs diff {proof.max_abs_diff:.3g} "
+                  f"(rtol {rtol:g}, atol {atol:g})")
+    else:
+        out.print("  [yellow]not verified[/] (--check 0)")
+
+
+@app.command()
 def run(
     model: Path = typer.Argument(..., help="ONNX model file."),
     random: bool = typer.Option(False, "--random", help="Feed random inputs of the model's shape."),

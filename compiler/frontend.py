@@ -42,6 +42,31 @@ def _training_sections(spec: ModelSpec) -> list[Diagnostic]:
     if "train" in sections and isinstance(sections["train"], dict):
         spec.train, more = parse_train(sections["train"], spec.file, [layer.name for layer in spec.layers])
         diags += more
+    if isinstance(sections.get("optimize"), dict):
+        diags += _check_optimize(spec, sections["optimize"])
+    return diags
+
+
+def _check_optimize(spec: ModelSpec, section) -> list[Diagnostic]:
+    """optimize: {passes: [...], check: N, rtol, atol}: pass names must exist."""
+    from .errors import did_you_mean
+    from .passes import PASSES
+
+    diags = []
+    passes = section.get("passes")
+    if passes is not None:
+        line = section.line_of("passes") if hasattr(section, "line_of") else None
+        if not all(isinstance(p, str) for p in passes):
+            diags.append(Diagnostic("'optimize.passes' must be a list of pass names", file=spec.file, line=line))
+        else:
+            for p in passes:
+                if p not in PASSES:
+                    diags.append(Diagnostic(f"unknown pass '{p}' in 'optimize.passes'", file=spec.file, line=line,
+                                            hint=did_you_mean(p, PASSES) or f"passes: {', '.join(sorted(PASSES))}"))
+    check = section.get("check", 3)
+    if not isinstance(check, int) or isinstance(check, bool) or check < 0:
+        diags.append(Diagnostic(f"'optimize.check' is how many random inputs to compare (0: none), got {check!r}",
+                                file=spec.file, line=section.line_of("check") if hasattr(section, "line_of") else None))
     return diags
 
 

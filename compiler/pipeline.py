@@ -94,6 +94,18 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
                     **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
     model = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, classes), **options)
     check(model)
+    optimization = None
+    if "optimize" in loaded.spec.sections:
+        from .passes import optimize, verify
+
+        section = loaded.spec.sections["optimize"]
+        optimized, reports = optimize(model, section.get("passes"))
+        check(optimized)
+        runs = section.get("check", 3)
+        proof = verify(model, optimized, runs, section.get("rtol", 1e-3), section.get("atol", 1e-4)) if runs else None
+        optimization = {"passes": [r.to_dict() for r in reports], "nodes_before": len(model.graph.node),
+                        "nodes_after": len(optimized.graph.node), "verification": proof.to_dict() if proof else None}
+        model = optimized
     data = model.SerializeToString()
     verification = {"onnx_checker": "passed (full_check)", **verify_on_runtime(data, loaded.graph)}
 
@@ -110,6 +122,7 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "nodes": len(model.graph.node)},
         "verification": verification,
         "training": training,
+        "optimization": optimization,
         "summary": summary.to_dict(),
     }
     report_path = write_json(out_dir / "report.json", report)

@@ -41,10 +41,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 # Sections whose feature is built; the others are validated, then refused.
-SUPPORTED = {"export", "data", "train"}
+SUPPORTED = {"export", "data", "train", "optimize"}
 PLANNED = {
     "prune": "pruning is not built yet",
-    "optimize": "graph optimization passes are not built yet",
 }
 
 _TYPES = {

@@ -1,0 +1,198 @@
+"""A mutable view of an ONNX graph for rewriting: nodes in a list, initializers as numpy arrays, and
+producer/consumer lookups rebuilt on demand."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class OnnxGraph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.nodes: list[onnx.NodeProto] = [copy_node(n) for n in g.node]
+        self.inits: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.inputs = [i for i in g.input if i.name not in self.inits]
+        self.outputs = list(g.output)
+        self._names = itertools.count()
+
+    # --- lookups --------------------------------------------------------------------------------------------
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        return {o: n for n in self.nodes for o in n.output if o}
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        out: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                if i:
+                    out.setdefault(i, []).append(n)
+        return out
+
+    @property
+    def output_names(self) -> set[str]:
+        return {o.name for o in self.outputs}
+
+    def opset(self, domain: str = "") -> int:
+        return next((o.version for o in self.model.opset_import if o.domain in (domain, "ai.onnx")), 0)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of `name` if it is an initializer or the output of a Constant node."""
+        if name in self.inits:
+            return self.inits[name]
+        for n in self.nodes:
+            if n.op_type == "Constant" and n.output[0] == name:
+                return constant_value(n)
+        return None
+
+    def param_count(self) -> int:
+        return int(sum(a.size for a in self.inits.values()))
+
+    # --- edits ----------------------------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        taken = set(self.inits) | {o for n in self.nodes for o in n.output} | {i.name for i in self.inputs}
+        while True:
+            name = f"{base}_{next(self._names)}"
+            if name not in taken:
+                return name
+
+    def add_init(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits[name] = value
+        return name
+
+    def remove(self, *nodes: onnx.NodeProto) -> None:
+        ids = {id(n) for n in nodes}
+        self.nodes = [n for n in self.nodes if id(n) not in ids]
+
+    def bypass(self, node: onnx.NodeProto, keep: str) -> None:
+        """Remove a single-output node whose output equals its input `keep`, rewiring readers to `keep`.
+        If the output is a graph output, the producer of `keep` is renamed instead, so names stay stable."""
+        out = node.output[0]
+        self.remove(node)
+        if out in self.output_names and keep not in self.output_names and keep not in {i.name for i in self.inputs} \
+                and keep not in self.inits and self.producers().get(keep) is not None:
+            self.rename(keep, out)
+        elif out in self.output_names:
+            self.nodes.append(helper.make_node("Identity", [keep], [out], name=f"{out}_identity"))
+        else:
+            self.replace_uses(out, keep)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for n in self.nodes:
+            for k, name in enumerate(n.input):
+                if name == old:
+                    n.input[k] = new
+
+    def rename(self, old: str, new: str) -> None:
+        for n in self.nodes:
+            for k, name in enumerate(n.output):
+                if name == old:
+                    n.output[k] = new
+        self.replace_uses(old, new)
+
+    def topo_sort(self) -> None:
+        """Kahn's algorithm, keeping the current order wherever the dependencies allow (a heap on position)."""
+        import heapq
+
+        known = {i.name for i in self.inputs} | set(self.inits) | {""}
+        producer = {o: k for k, n in enumerate(self.nodes) for o in n.output if o}
+        waiting = [0] * len(self.nodes)
+        readers: dict[int, list[int]] = {}
+        for k, n in enumerate(self.nodes):
+            deps = {producer[i] for i in (*n.input, *outer_reads(n)) if i not in known and i in producer}
+            deps.discard(k)
+            waiting[k] = len(deps)
+            for d in deps:
+                readers.setdefault(d, []).append(k)
+        ready = [k for k, w in enumerate(waiting) if w == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            k = heapq.heappop(ready)
+            order.append(k)
+            for r in readers.get(k, ()):
+                waiting[r] -= 1
+                if waiting[r] == 0:
+                    heapq.heappush(ready, r)
+        if len(order) < len(self.nodes):  # a cycle: keep the rest as they were
+            seen = set(order)
+            order += [k for k in range(len(self.nodes)) if k not in seen]
+        self.nodes = [self.nodes[k] for k in order]
+
+    def to_model(self) -> onnx.ModelProto:
+        used = {i for n in self.nodes for i in n.input} | self.output_names | _subgraph_reads(self.nodes)
+        # np.ascontiguousarray makes 0-d arrays 1-d: reshape keeps scalars scalars
+        inits = [numpy_helper.from_array(np.ascontiguousarray(v).reshape(np.shape(v)), k)
+                 for k, v in self.inits.items() if k in used]
+        inputs = list(self.inputs)
+        if self.model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
+        graph = helper.make_graph(self.nodes, self.model.graph.name, inputs, self.outputs, initializer=inits,
+                                  doc_string=self.model.graph.doc_string)
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                  ir_version=self.model.ir_version, producer_name=self.model.producer_name,
+                                  producer_version=self.model.producer_version, doc_string=self.model.doc_string)
+        for prop in self.model.metadata_props:
+            model.metadata_props.append(prop)
+        return model
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    reads = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        reads |= outer_reads(n)
+    return reads - defined - {""}
+
+
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads implicitly, from inside its If/Loop/Scan bodies."""
+    names: set[str] = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            names |= _free_names(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for g in a.graphs:
+                names |= _free_names(g)
+    return names
+
+
+def _subgraph_reads(nodes: list[onnx.NodeProto]) -> set[str]:
+    return {name for n in nodes for name in outer_reads(n)}
+
+
+def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    return n
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_int"):
+            return np.array(helper.get_attribute_value(a))
+        if a.name in ("value_floats", "value_ints"):
+            return np.array(helper.get_attribute_value(a))
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for k, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[k]
+            break
+    node.attribute.append(helper.make_attribute(name, value))

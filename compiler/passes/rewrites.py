@@ -1,0 +1,3 @@
+"""Imports every pass module, so that importing this registers all passes."""
+
+from . import cleanup, fold, fuse  # noqa: F401
