@@ -19,6 +19,7 @@ class OnnxGraph:
         self.inputs = [i for i in g.input if i.name not in self.inits]
         self.outputs = list(g.output)
         self._names = itertools.count()
+        self._taken: set[str] | None = None
 
     # --- lookups --------------------------------------------------------------------------------------------
     def producers(self) -> dict[str, onnx.NodeProto]:
@@ -53,10 +54,14 @@ class OnnxGraph:
 
     # --- edits ----------------------------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
-        taken = set(self.inits) | {o for n in self.nodes for o in n.output} | {i.name for i in self.inputs}
+        """A name no value in the graph has. The set of taken names is built once and grows with every name
+        handed out (passes name new values through here)."""
+        if self._taken is None:
+            self._taken = set(self.inits) | {o for n in self.nodes for o in n.output} | {i.name for i in self.inputs}
         while True:
             name = f"{base}_{next(self._names)}"
-            if name not in taken:
+            if name not in self._taken and name not in self.inits:
+                self._taken.add(name)
                 return name
 
     def add_init(self, base: str, value: np.ndarray) -> str:
