@@ -126,6 +126,12 @@ def compile_cmd(
     out.print(f"  onnx        {onnx['path']}  (opset {onnx['opset']}, IR {onnx['ir_version']}, "
               f"{onnx['nodes']} nodes, {onnx['bytes'] / 1024:.1f} KiB)")
     out.print(f"  verified    onnx checker + onnxruntime ({report['verification']['provider']})")
+    w = report.get("weights")
+    if w:
+        fresh = w["initialised"]
+        kept = (f"; initialised from fillers: {', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''}"
+                if fresh else "")
+        out.print(f"  weights     {w['file']}: {w['loaded']} of {w['tensors']} tensors loaded{kept}", highlight=False)
     t = report.get("training") or {}
     if "val_accuracy" in t:
         out.print(f"  trained     {t['epochs']} epochs in {t['seconds']:.1f} s ({t['stopped']}): "
@@ -259,6 +265,79 @@ def optimize(
                   f"(rtol {rtol:g}, atol {atol:g})")
     else:
         out.print("  [yellow]not verified[/] (--check 0)")
+
+
+@app.command("import")
+def import_cmd(
+    model: Path = typer.Argument(..., help="ONNX model file to import."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for model.yaml and weights.safetensors."),
+    name: str = typer.Option(None, show_default="dlc's metadata in the file, else the file name",
+                             help="Model name in the YAML."),
+    check: int = typer.Option(3, min=0, help="Random inputs to compare the imported model with the original on "
+                              "onnxruntime (0: no check)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Import an ONNX model (e.g. a pretrained network exported from PyTorch) as a dlc model: DIR/model.yaml, one
+    line per layer, and DIR/weights.safetensors, which the YAML loads through `weights:`.
+
+    Edit the YAML like any other (e.g. the last linear layer's `out` for new classes: that layer starts from its
+    filler, the rest keep their weights), add `data:` and `train:` to fine-tune, and `dlc compile` it. Any op dlc
+    has no layer for is listed, all at once, with the nodes that use it."""
+    from collections import Counter
+
+    from .analysis import summarize
+    from .atomic import write_text
+    from .frontend import load_model
+    from .onnx_import import import_onnx, verify_import
+    from .onnx_io import load_onnx
+    from .train.checkpoint import save_checkpoint
+    from .yaml_writer import graph_to_yaml
+
+    yaml_path, weights_path = output / "model.yaml", output / "weights.safetensors"
+    try:
+        original = load_onnx(model)
+        graph = import_onnx(original, name=name, source=model.name)
+        proof = verify_import(original, graph, check) if check else None
+        save_checkpoint(weights_path, graph, info={"imported_from": model.name})
+        write_text(yaml_path, graph_to_yaml(graph, weights_path.name))
+        reloaded = load_model(yaml_path)
+        if reloaded.graph.meta["weights"]["initialised"]:
+            raise DlcError(f"{yaml_path}: layers {reloaded.graph.meta['weights']['initialised'][:5]} did not load "
+                           "their weights back: a dlc bug, please report it with the model")
+    except DlcError as exc:
+        _fail(exc)
+    summary = summarize(graph)
+    inp = graph.meta["input"]
+    result = {
+        "input": str(model), "model": graph.name, "yaml": str(yaml_path), "weights": str(weights_path),
+        "onnx_nodes": len(original.graph.node), "layers": len(summary.layers),
+        "layer_types": dict(Counter(layer.type for layer in summary.layers)),
+        "total_params": summary.total_params, "total_macs": summary.total_macs,
+        "input_shape": summary.input_shape, "output_shapes": summary.output_shapes,
+        "verification": proof.to_dict() if proof else None,
+    }
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    types = ", ".join(f"{k} ×{v}" for k, v in result["layer_types"].items())
+    out.print(f"[bold green]imported[/] {model}: {result['onnx_nodes']} ONNX nodes -> {result['layers']} layers "
+              f"({types}), {summary.total_params:,} parameters, {summary.total_macs:,} MACs per image",
+              highlight=False)
+
+    def one(v: list[float]) -> str:
+        return f"{v[0]:g}" if len(set(v)) == 1 else ", ".join(f"{x:g}" for x in v)
+
+    plain = set(inp["mean"]) == {0.0} and set(inp["std"]) == {1.0}
+    note = ": set model.input's mean and std to the model's preprocessing" if plain else ""
+    out.print(f"  input       {inp['name']} {'×'.join(map(str, inp['shape']))} (mean {one(inp['mean'])}, std "
+              f"{one(inp['std'])}{note})", highlight=False)
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in summary.output_shapes.items())
+    out.print(f"  output      {shapes}", highlight=False)
+    if proof:
+        out.print(f"  verified    {proof.runs} random inputs against the original on onnxruntime, max abs diff "
+                  f"{proof.max_abs_diff:.3g}")
+    out.print(f"  written     {yaml_path}, {weights_path}", highlight=False)
+    out.print(f"  next        dlc compile {yaml_path}", highlight=False)
 
 
 @app.command()

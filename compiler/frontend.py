@@ -80,4 +80,34 @@ def _load(doc, filename: str, text: str) -> LoadedModel:
     if diagnostics:
         raise DlcError(sorted(diagnostics, key=lambda d: (d.line or 0)))
     initialize(graph, spec.seed)
+    if spec.weights is not None:
+        _load_weights(spec, graph)
     return LoadedModel(spec, graph)
+
+
+def _load_weights(spec: ModelSpec, graph: Graph) -> None:
+    """model.weights: copy the file's tensors into the layers with the same name and shape (the others keep
+    their fillers: a changed head is initialised afresh). Records what was loaded in graph.meta['weights']."""
+    from .train.checkpoint import load_matching, read_checkpoint
+
+    def fail(message: str, hint: str | None = None) -> DlcError:
+        return DlcError(Diagnostic(message, file=spec.file, line=spec.weights_line, hint=hint))
+
+    base = Path(spec.file).parent
+    path = base / spec.weights
+    if not path.is_file():
+        raise fail(f"weights file '{spec.weights}' not found (looked for {path})",
+                   "model.weights is relative to the YAML file's folder")
+    if base.resolve() not in path.resolve().parents:
+        raise fail(f"weights file '{spec.weights}' leads outside the YAML file's folder (a link?)")
+    try:
+        params, _, _, _ = read_checkpoint(path)
+    except DlcError as exc:
+        raise fail(f"cannot read weights file '{spec.weights}': {exc.diagnostics[0].message}",
+                   "is it a complete safetensors file written by dlc (dlc import, dlc train)?") from None
+    result = load_matching(graph, params)
+    if result["loaded"] == 0:
+        raise fail(f"none of the {len(params)} tensors in '{spec.weights}' fits a layer of this model (by layer "
+                   "name and shape)", "the file's tensors are named 'param/<layer>.<tensor>', e.g. "
+                   "'param/conv1.weight'")
+    graph.meta["weights"] = {"file": spec.weights, **result}

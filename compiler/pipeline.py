@@ -123,6 +123,7 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         "verification": verification,
         "training": training,
         "optimization": optimization,
+        "weights": loaded.graph.meta.get("weights") if weights is None else None,
         "summary": summary.to_dict(),
     }
     report_path = write_json(out_dir / "report.json", report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .errors import Diagnostic, did_you_mean
@@ -22,7 +23,7 @@ from .sections import SCHEMAS, check_section
 from .yaml_loader import LDict, LList
 
 TOP_LEVEL_KEYS = ("model", *SCHEMAS)
-MODEL_KEYS = ("name", "seed", "input", "classes", "outputs", "blocks", "layers")
+MODEL_KEYS = ("name", "seed", "input", "classes", "weights", "outputs", "blocks", "layers")
 INPUT_KEYS = ("name", "shape", "mean", "std")
 BLOCK_KEYS = ("params", "inputs", "layers", "output")
 LAYER_KEYS = ("name", "type", "inputs")
@@ -60,6 +61,8 @@ class ModelSpec:
     layers: list[LayerSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     classes: list[str] | None = None
+    weights: str | None = None  # safetensors file of layer tensors, relative to the YAML file's folder
+    weights_line: int | None = None
     export: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
     section_lines: dict[str, int | None] = field(default_factory=dict)
@@ -135,6 +138,8 @@ class _Parser:
                 self.error("'model.classes' must be a non-empty list of class names", m.line_of("classes"))
             else:
                 self.spec.classes = [str(c) for c in classes]
+        if "weights" in m:
+            self.weights(m["weights"], m.line_of("weights"))
         if "input" not in m:
             self.error("'model.input' is missing: give at least its shape, e.g. input: {shape: [3, 32, 32]}",
                        m.line)
@@ -157,6 +162,18 @@ class _Parser:
                        hint="rename the layer or set model.input.name")
         last = self.layer_list(layers, scope, input_name)
         self.outputs(m, scope, last)
+
+    def weights(self, value: Any, line: int | None) -> None:
+        """model.weights: a file inside the YAML file's folder (no absolute path, no '..')."""
+        if not isinstance(value, str) or not value.strip():
+            self.error(f"'model.weights' must be the path of a safetensors file, got {value!r}", line)
+            return
+        posix, windows = PurePosixPath(value.replace("\\", "/")), PureWindowsPath(value)
+        if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts:
+            self.error(f"'model.weights' must be a path inside the YAML file's folder, got '{value}'", line,
+                       hint="give it relative to the YAML file, without '..', e.g. weights: weights.safetensors")
+            return
+        self.spec.weights, self.spec.weights_line = value, line
 
     def input(self, spec: Any, line: int | None) -> None:
         if not isinstance(spec, dict):

@@ -323,6 +323,15 @@ def dce(g: OnnxGraph) -> int:
 def _evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
+    axes = attr(node, "axes")
+    if node.op_type == "Unsqueeze" and axes is not None and len(node.input) == 1:
+        # onnx's reference evaluator fails on Unsqueeze-1/11 (axes as an attribute), the legacy exporters' form
+        x = np.asarray(feeds[node.input[0]])
+        rank = x.ndim + len(axes)
+        try:
+            return [np.expand_dims(x, tuple(sorted(int(a) % rank for a in axes)))]
+        except ValueError:  # numpy.AxisError is one
+            return None
     try:
         names = [o for o in node.output if o]
         results = ReferenceEvaluator(node, opsets={"": opset}).run(names, feeds)

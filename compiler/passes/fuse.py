@@ -209,4 +209,5 @@ def _fuse_pad_once(g: OnnxGraph, pad: onnx.NodeProto) -> bool:
 def fuse_pad(g: OnnxGraph) -> int:
     """A constant Pad on the spatial axes into the `pads` of the Conv, AveragePool or MaxPool after it."""
     pads = [n for n in g.nodes if n.op_type == "Pad" and is_std(n)]
-    return sum(_fuse_pad_once(g, p) for p in pads)
+    # last first: in a chain Pad -> Pad -> Conv (PyTorch's opset-9 export), the second fuses, then the first
+    return sum(_fuse_pad_once(g, p) for p in reversed(pads))

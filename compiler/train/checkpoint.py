@@ -69,3 +69,25 @@ def load_params_into(graph: Graph, params: dict[str, np.ndarray], source: str) -
     for node in graph.nodes():
         for t in node.params:
             node.params[t] = np.array(params[f"{node.name}.{t}"], dtype=np.float32, copy=True)
+
+
+def load_matching(graph: Graph, params: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Copy each checkpoint tensor whose name and shape match one of the graph's; the others keep their
+    initialisation (transfer learning: a changed or new layer starts from its filler). Returns what happened:
+    tensors loaded and in all, the layers with a tensor not loaded ('initialised'), the tensors not used."""
+    loaded, total, initialised, used = 0, 0, [], set()
+    for node in graph.nodes():
+        fresh = False
+        for tensor, current in node.params.items():
+            key = f"{node.name}.{tensor}"
+            total += 1
+            value = params.get(key)
+            if value is not None and value.shape == current.shape:
+                node.params[tensor] = np.array(value, dtype=np.float32, copy=True)
+                loaded += 1
+                used.add(key)
+            else:
+                fresh = True
+        if fresh:
+            initialised.append(node.name)
+    return {"loaded": loaded, "tensors": total, "initialised": initialised, "unused": sorted(set(params) - used)}

@@ -1,0 +1,938 @@
+"""ONNX import: an onnx.ModelProto -> dlc's Graph IR, for pretrained networks, transfer learning and `dlc import`.
+
+The model is first normalised with dlc's own ONNX passes (constant folding, no-op elimination, a Pad into the
+padding of the Conv or pool after it, a bias Add into the Conv or MatMul before it, per-channel scales into
+weights, CSE, DCE). Batch norm is not folded: it stays a batchnorm layer, so an imported network fine-tunes
+with it. Then each ONNX node becomes one IR layer, a few patterns become one layer as a whole (x * Sigmoid(x)
+is silu; MatMul + Add of a bias is linear; ReduceMean over H, W is global average pooling), and Identity and
+Dropout are left out. Every node that does not map is collected, and one error lists them all.
+
+IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
+layer's output value is named after the layer, as in a model YAML.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .analysis import infer_shapes
+from .errors import Diagnostic, DlcError
+from .export_onnx import read_metadata
+from .graph import Graph, Node, Source, ValueInfo
+from .ops import REGISTRY, Shape, ShapeError, fmt_shape
+from .ops.window import resolve_pads, window_output
+from .passes import optimize
+from .passes.fold import channel_vector
+from .passes.graph import attr, constant_value
+
+MIN_OPSET = 9
+MAX_OPSET = onnx.defs.onnx_opset_version()
+# BatchNormalization is kept (no fold_bn): fine-tuning needs it.
+NORMALIZE = [
+    "constant_folding",
+    "eliminate",
+    "fuse_pad",
+    "fuse_bias",
+    "fold_scale",
+    "cse",
+    "eliminate",
+    "dce",
+]
+SUPPORTED = (
+    "Add, AveragePool, BatchNormalization, Concat, Conv, Dropout, Flatten, Gemm, GlobalAveragePool, "
+    "GlobalMaxPool, Identity, LeakyRelu, MatMul, MaxPool, Mul (x * Sigmoid(x)), ReduceMean (over H, W), Relu, "
+    "Reshape (to flatten), Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
+)
+_ODD = re.compile(r"[^A-Za-z0-9_]+")
+
+
+class _Unsupported(Exception):
+    """This node does not map to a dlc layer; the reason says why (None: dlc has no such op at all)."""
+
+    def __init__(self, reason: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Skip(Exception):
+    """This node reads the output of one that did not map: it is not reported on its own."""
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _round(value: float, complement: bool = False) -> float:
+    """An ONNX float attribute (stored as float32) as the shortest decimal that was meant: 0.0010000000475 ->
+    0.001. With `complement`, 1 - value the same way (batch norm's momentum: 0.9499999881 -> 0.05)."""
+    want = np.float32(value)
+    for digits in range(1, 10):
+        short = float(f"{1.0 - float(value) if complement else float(value):.{digits}g}")
+        if np.float32(1.0 - short if complement else short) == want:
+            return short
+    return 1.0 - float(value) if complement else float(value)
+
+
+def plain_name(name: str) -> str:
+    """A layer name dlc's YAML accepts: letters, digits and '_' ('/', '.' and other characters become '_').
+    Empty when nothing usable is left."""
+    return _ODD.sub("_", name).strip("_")
+
+
+def _scope(name: str, op_type: str) -> tuple[tuple[str, ...], str | None]:
+    """An exporter's node name as (scope, op part). PyTorch names nodes '/layer1/layer1.0/conv1/Conv': the
+    scope's qualified names collapse ('layer1', 'layer1.0' -> 'layer1.0') and a last part that names the op
+    type ('Conv', 'Relu_1') comes apart, to be left out where the scope alone names one layer."""
+    parts = [p for p in name.split("/") if p]
+    op_part = None
+    if len(parts) > 1 and re.fullmatch(re.escape(op_type) + r"(_\d+)?", parts[-1]):
+        op_part = parts.pop()
+    scope: list[str] = []
+    for p in parts:
+        if scope and p.startswith(scope[-1] + "."):
+            scope[-1] = p
+        else:
+            scope.append(p)
+    return tuple(scope), op_part
+
+
+def _value_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """ONNX value name -> dims (None where unknown or symbolic), from ONNX shape inference where it works."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - shapes are a cross-check only: without them, dlc's own inference stands
+        pass
+    dims = {}
+    g = model.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape"):
+            dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return dims
+
+
+def _nearest_is_floor(ctm: str, nearest_mode: str, size: int, scale: int) -> bool:
+    """Whether ONNX Resize (nearest, this coordinate transformation and rounding) picks input pixel
+    floor(i / scale) for every output pixel i of an axis of `size` pixels: dlc's upsample."""
+    out = size * scale
+    for i in range(out):
+        if ctm in ("half_pixel", "half_pixel_symmetric"):  # the same for an integer scale
+            x = (i + 0.5) / scale - 0.5
+        elif ctm == "pytorch_half_pixel":
+            x = (i + 0.5) / scale - 0.5 if out > 1 else 0.0
+        elif ctm == "asymmetric":
+            x = i / scale
+        elif ctm == "align_corners":
+            x = i * (size - 1) / (out - 1) if out > 1 else 0.0
+        elif ctm == "tf_half_pixel_for_nn":
+            x = (i + 0.5) / scale
+        else:
+            return False
+        if nearest_mode == "floor":
+            k = math.floor(x)
+        elif nearest_mode == "ceil":
+            k = math.ceil(x)
+        elif nearest_mode in ("round_prefer_floor", "round_prefer_ceil"):
+            half = x == math.floor(x) + 0.5
+            k = (
+                (math.floor(x) if nearest_mode == "round_prefer_floor" else math.ceil(x))
+                if half
+                else round(x)
+            )
+        else:
+            return False
+        if min(max(k, 0), size - 1) != i // scale:
+            return False
+    return True
+
+
+def _max_pool_ends(raw: dict[str, Any], shape: Shape) -> dict[str, Any]:
+    """A max pool whose end padding is more than half its window (how exporters write ceil_mode for opsets
+    before 10) as the same windows with ceil_mode and less padding: dlc, like PyTorch, pads at most half a window.
+    The padding is -inf for a max pool, so only where the windows start and how many there are matters."""
+    kernel, stride, pads = raw["kernel"], raw["stride"], raw["pad"]
+    if all(max(pads[a], pads[a + 2]) * 2 <= kernel[a] for a in range(2)) or any(
+        pads[a] * 2 > kernel[a] for a in range(2)
+    ):
+        return raw
+    try:
+        want = window_output(shape, tuple(kernel), tuple(stride), tuple(pads), ceil_mode=raw["ceil_mode"])
+    except ShapeError:
+        return raw
+    for ceil in (False, True):
+        ends = []
+        for a in range(2):
+            for end in range(kernel[a] // 2 + 1):
+                trial = [pads[0], pads[1], end, end] if a == 0 else [pads[0], pads[1], pads[2], end]
+                try:
+                    got = window_output(shape, tuple(kernel), tuple(stride), tuple(trial), ceil_mode=ceil)
+                except ShapeError:
+                    continue
+                if got[a] == want[a]:
+                    ends.append(end)
+                    break
+        if len(ends) == 2:
+            return {**raw, "pad": [pads[0], pads[1], ends[0], ends[1]], "ceil_mode": ceil}
+    return raw
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, name: str | None, source: str | None):
+        self.source = source
+        self.file = source or "<onnx model>"
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise DlcError(
+                Diagnostic(
+                    f"opset {self.opset}: dlc imports ONNX opsets {MIN_OPSET} to {MAX_OPSET}",
+                    file=self.file,
+                    hint="convert it with onnx.version_converter first",
+                )
+            )
+        self.meta = self._metadata(model)
+        self.onnx_nodes = len(model.graph.node)
+        try:
+            model, _ = optimize(model, NORMALIZE)
+        except DlcError:
+            raise
+        except Exception:  # noqa: BLE001 - normalising is a help, not a must: map the graph as it is
+            pass
+        self.model = model
+        g = model.graph
+        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                value = constant_value(n)
+                if value is not None:
+                    self.consts[n.output[0]] = value
+        self.dims = _value_dims(model)
+        self.producers = {o: n for n in g.node for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.output_names = [o.name for o in g.output]
+        self.alias: dict[str, str] = {}  # ONNX value -> IR value
+        self.origin: dict[str, str] = {}  # IR value -> the ONNX value it stands for
+        self.broken: set[str] = set()
+        self.unsupported: dict[tuple[str, str | None], list[str]] = {}
+        self.taken: set[str] = set()
+        self.graph = self._graph(name)
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _metadata(self, model: onnx.ModelProto) -> dict[str, Any]:
+        try:
+            meta = read_metadata(model)
+        except ValueError:  # not JSON: not dlc's
+            meta = None
+        return meta if isinstance(meta, dict) else {}
+
+    def _graph(self, name: str | None) -> Graph:
+        g = self.model.graph
+        inputs = [i for i in g.input if i.name not in self.consts]
+        if len(inputs) != 1:
+            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
+            raise DlcError(
+                Diagnostic(
+                    f"the model has {len(inputs)} inputs ({names}); dlc imports models with "
+                    "exactly one image input N×C×H×W",
+                    file=self.file,
+                )
+            )
+        vi = inputs[0]
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or t.elem_type != TensorProto.FLOAT:
+            kind = (
+                TensorProto.DataType.Name(t.elem_type) if vi.type.HasField("tensor_type") else "not a tensor"
+            )
+            raise DlcError(
+                Diagnostic(
+                    f"input '{vi.name}' is {kind}; dlc imports a float32 image input N×C×H×W", file=self.file
+                )
+            )
+        dims = (
+            [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if t.HasField("shape")
+            else None
+        )
+        if dims is None or len(dims) != 4:
+            rank = "of unknown rank" if dims is None else f"of rank {len(dims)}"
+            raise DlcError(
+                Diagnostic(f"input '{vi.name}' is {rank}; dlc imports an image input N×C×H×W", file=self.file)
+            )
+        if any(not d for d in dims[1:]):
+            shown = [d if d else "?" for d in dims]
+            raise DlcError(
+                Diagnostic(
+                    f"input '{vi.name}' has shape {shown}: C, H and W must be fixed numbers (the "
+                    "batch may be dynamic)",
+                    file=self.file,
+                    hint="export the model again with a fixed image size",
+                )
+            )
+        self.batch = dims[0] or None
+        shape = tuple(int(d) for d in dims[1:])
+        input_name = plain_name(vi.name)
+        if not input_name or input_name[0].isdigit():
+            input_name = "input"
+        self.taken.add(input_name)
+        self.alias[vi.name] = input_name
+        self.shapes: dict[str, Shape] = {input_name: shape}
+        channels = shape[0]
+        norm = {}
+        for key, default in (("mean", 0.0), ("std", 1.0)):
+            value = (
+                (self.meta.get("input") or {}).get(key) if isinstance(self.meta.get("input"), dict) else None
+            )
+            ok = (
+                isinstance(value, list)
+                and len(value) == channels
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            )
+            norm[key] = [float(v) for v in value] if ok else [default] * channels
+        classes = self.meta.get("classes")
+        classes = [str(c) for c in classes] if isinstance(classes, list) and classes else None
+        name = (
+            name
+            or self.meta.get("model")
+            or (Path(self.source).stem if self.source else None)
+            or g.name
+            or "model"
+        )
+        return Graph(
+            str(name),
+            [ValueInfo(input_name, shape)],
+            meta={
+                "input": {"name": input_name, "shape": list(shape), **norm},
+                "classes": classes,
+                "source": {
+                    "file": self.source,
+                    "opset": self.opset,
+                    "onnx_nodes": self.onnx_nodes,
+                    "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
+                },
+            },
+        )
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def value(self, name: str) -> str:
+        """The IR value an ONNX value stands for."""
+        if name in self.alias:
+            return self.alias[name]
+        if name in self.broken:
+            raise _Skip
+        if name in self.consts:
+            raise _Unsupported("reads a constant where dlc expects a feature map")
+        raise _Unsupported(f"reads '{name}', which no node computes")
+
+    def const(self, node: onnx.NodeProto, k: int) -> np.ndarray | None:
+        if len(node.input) <= k or not node.input[k]:
+            return None
+        return self.consts.get(node.input[k])
+
+    def shape(self, value: str) -> Shape:
+        return self.shapes[value]
+
+    def feature_map(self, node: onnx.NodeProto) -> str:
+        x = self.value(node.input[0])
+        if len(self.shape(x)) != 3:
+            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not a C×H×W feature map")
+        return x
+
+    def layer_name(self, node: onnx.NodeProto, op: str, suffix: str = "") -> str:
+        base = ""
+        if node.name:
+            scope, op_part = _scope(node.name, node.op_type)
+            if op_part is not None and self.scope_count.get(scope, 0) > 1:
+                scope += (op_part.lower(),)  # several layers in one scope: 'layer1_0_relu', 'layer1_0_add'
+            base = plain_name("_".join(scope))
+        base = base or plain_name(node.output[0] if node.output else "")
+        if not base:
+            base = f"{op}_{len(self.graph) + 1}"
+        elif base[0].isdigit():
+            base = f"{op}_{base}"
+        base += suffix
+        name, k = base, 2
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def emit(
+        self,
+        node: onnx.NodeProto,
+        op: str,
+        inputs: list[str],
+        raw: dict[str, Any],
+        params: dict[str, np.ndarray] | None = None,
+        out: str | None = None,
+        suffix: str = "",
+    ) -> str:
+        """Add one IR layer made from `node`; its value stands for ONNX value `out` (the node's first output)."""
+        opdef = REGISTRY[op]
+        attrs, errors = opdef.parse_attrs(raw)
+        if errors:
+            raise _Unsupported("; ".join(message for _, message in errors))
+        in_shapes = [self.shape(v) for v in inputs]
+        try:
+            out_shape, attrs = opdef.infer(attrs, in_shapes)
+        except ShapeError as exc:
+            raise _Unsupported(str(exc)) from None
+        params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (params or {}).items()}
+        want = opdef.param_shapes(attrs, in_shapes)
+        got = {k: tuple(v.shape) for k, v in params.items()}
+        if got != want:
+            raise _Unsupported(f"its tensors have shapes {got}; the layer needs {want}")
+        name = self.layer_name(node, op, suffix)
+        self.graph.add_node(
+            Node(
+                name,
+                op,
+                list(inputs),
+                [name],
+                attrs=attrs,
+                params=params,
+                source=Source(self.source, None, f"ONNX node '{node.name or node.output[0]}'"),
+            )
+        )
+        self.shapes[name] = out_shape
+        self.graph.shapes[name] = out_shape
+        onnx_value = node.output[0] if out is None else out
+        self.alias[onnx_value] = name
+        self.origin[name] = onnx_value
+        return name
+
+    def pads(
+        self,
+        node: onnx.NodeProto,
+        hw: tuple[int, int],
+        kernel: list[int],
+        strides: list[int],
+        dilations: list[int],
+    ) -> list[int]:
+        auto = _text(attr(node, "auto_pad", "NOTSET"))
+        if auto in ("NOTSET", ""):
+            pads = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]
+            if len(pads) != 4 or min(pads) < 0:
+                raise _Unsupported(f"pads {pads}")
+            return pads
+        if auto == "VALID":
+            return [0, 0, 0, 0]
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            t, left, b, r = resolve_pads("same", hw, tuple(kernel), tuple(strides), tuple(dilations))
+            return [t, left, b, r] if auto == "SAME_UPPER" else [b, r, t, left]
+        raise _Unsupported(f"auto_pad {auto}")
+
+    def axes(self, node: onnx.NodeProto, input_from: int) -> list[int] | None:
+        """Squeeze/ReduceMean axes: an attribute in older opsets, the second input from opset `input_from` on."""
+        if self.opset < input_from:
+            axes = attr(node, "axes")
+            return None if axes is None else [int(a) for a in axes]
+        value = self.const(node, 1)
+        if value is None and len(node.input) > 1 and node.input[1]:
+            raise _Unsupported("its axes are computed at run time")
+        return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+
+    # --- ops ------------------------------------------------------------------------------------------------
+    def conv(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        w = self.const(node, 1)
+        if w is None:
+            raise _Unsupported("its weight is not a constant")
+        if w.ndim != 4:
+            raise _Unsupported(f"{w.ndim - 2}-D convolution (dlc convolves in 2-D)")
+        if len(self.shape(x)) != 3:
+            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not a C×H×W feature map")
+        b = self.const(node, 2)
+        if b is None and len(node.input) > 2 and node.input[2]:
+            raise _Unsupported("its bias is not a constant")
+        kernel = [int(k) for k in attr(node, "kernel_shape", w.shape[2:])]
+        if kernel != list(w.shape[2:]):
+            raise _Unsupported(f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+        strides = [int(s) for s in attr(node, "strides", [1, 1])]
+        dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
+        pads = self.pads(node, self.shape(x)[1:], kernel, strides, dilations)
+        params = {"weight": w} if b is None else {"weight": w, "bias": b}
+        self.emit(
+            node,
+            "conv",
+            [x],
+            {
+                "out": int(w.shape[0]),
+                "kernel": kernel,
+                "stride": strides,
+                "pad": pads,
+                "dilation": dilations,
+                "groups": int(attr(node, "group", 1)),
+                "bias": b is not None,
+            },
+            params,
+        )
+
+    def batchnorm(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        tensors = [self.const(node, k) for k in range(1, 5)]
+        if any(t is None for t in tensors):
+            raise _Unsupported("its scale, bias, mean or variance is not a constant")
+        if attr(node, "training_mode", 0) or any(
+            self.consumers.get(o) or o in self.output_names for o in node.output[1:] if o
+        ):
+            raise _Unsupported("training mode (its batch statistics are used)")
+        eps, momentum = (
+            _round(attr(node, "epsilon", 1e-5)),
+            _round(attr(node, "momentum", 0.9), complement=True),
+        )
+        self.emit(
+            node,
+            "batchnorm",
+            [x],
+            {"eps": eps, "momentum": momentum},
+            dict(zip(("scale", "bias", "mean", "var"), tensors)),
+        )
+
+    def unary(self, node: onnx.NodeProto) -> None:
+        op = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}[node.op_type]
+        if node.op_type == "Sigmoid" and node.output[0] in self.silu_sigmoids:
+            return  # only read as x * sigmoid(x): the Mul becomes the silu layer
+        self.emit(node, op, [self.value(node.input[0])], {})
+
+    def leaky_relu(self, node: onnx.NodeProto) -> None:
+        self.emit(
+            node, "leaky_relu", [self.value(node.input[0])], {"slope": _round(attr(node, "alpha", 0.01))}
+        )
+
+    def _silu_input(self, node: onnx.NodeProto) -> str | None:
+        """For Mul(x, Sigmoid(x)) (either order): x."""
+        if len(node.input) != 2:
+            return None
+        for a, b in (node.input, reversed(node.input)):
+            sig = self.producers.get(b)
+            if (
+                sig is not None
+                and sig.op_type == "Sigmoid"
+                and sig.domain in ("", "ai.onnx")
+                and sig.input[0] == a
+            ):
+                return a
+        return None
+
+    def mul(self, node: onnx.NodeProto) -> None:
+        x = self._silu_input(node)
+        if x is None:
+            raise _Unsupported("dlc imports Mul only as x * Sigmoid(x) (silu)")
+        self.emit(node, "silu", [self.value(x)], {})
+
+    def pool(self, node: onnx.NodeProto) -> None:
+        x = self.feature_map(node)
+        kernel = [int(k) for k in attr(node, "kernel_shape", [])]
+        if len(kernel) != 2:
+            raise _Unsupported(f"{len(kernel)}-D pooling (dlc pools in 2-D)")
+        if any(int(d) != 1 for d in attr(node, "dilations", [1, 1])):
+            raise _Unsupported("dilated pooling")
+        if (
+            node.op_type == "MaxPool"
+            and len(node.output) > 1
+            and node.output[1]
+            and (self.consumers.get(node.output[1]) or node.output[1] in self.output_names)
+        ):
+            raise _Unsupported("its Indices output is used")
+        strides = [int(s) for s in attr(node, "strides", [1, 1])]
+        raw = {
+            "kernel": kernel,
+            "stride": strides,
+            "pad": self.pads(node, self.shape(x)[1:], kernel, strides, [1, 1]),
+            "ceil_mode": bool(attr(node, "ceil_mode", 0)),
+        }
+        if node.op_type == "AveragePool":
+            raw["count_include_pad"] = bool(attr(node, "count_include_pad", 0))
+        else:
+            raw = _max_pool_ends(raw, self.shape(x))
+        self.emit(node, "maxpool" if node.op_type == "MaxPool" else "avgpool", [x], raw)
+
+    def global_pool(self, node: onnx.NodeProto) -> None:
+        x = self.feature_map(node)
+        if node.op_type == "GlobalAveragePool":
+            self.emit(node, "global_avgpool", [x], {})
+        else:  # a max over the whole map is a max pool with the map's size as its window
+            self.emit(node, "maxpool", [x], {"kernel": list(self.shape(x)[1:])})
+
+    def reduce_mean(self, node: onnx.NodeProto) -> None:
+        x = self.feature_map(node)
+        axes = self.axes(node, 18)
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            raise _Unsupported(f"over axes {axes} (dlc averages over H and W only: global pooling)")
+        if attr(node, "keepdims", 1):
+            self.emit(node, "global_avgpool", [x], {})
+        else:
+            pooled = self.emit(
+                node, "global_avgpool", [x], {}, out=f"{node.output[0]} (pooled)", suffix="_pool"
+            )
+            self.emit(node, "flatten", [pooled], {})
+
+    def gemm(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        if len(self.shape(x)) != 1:
+            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not N×features")
+        if attr(node, "transA", 0):
+            raise _Unsupported("transA")
+        b = self.const(node, 1)
+        if b is None or b.ndim != 2:
+            raise _Unsupported("its B is not a constant matrix")
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+        weight = (b if attr(node, "transB", 0) else b.T).astype(np.float64) * alpha
+        params = {"weight": weight}
+        c = self.const(node, 2)
+        if len(node.input) > 2 and node.input[2]:
+            if c is None:
+                raise _Unsupported("its C is not a constant")
+            bias = channel_vector(c, 2, weight.shape[0])
+            if bias is None:
+                raise _Unsupported(f"its C of shape {list(c.shape)} is not a bias vector")
+            params["bias"] = bias * beta
+        self.emit(node, "linear", [x], {"out": int(weight.shape[0]), "bias": "bias" in params}, params)
+
+    def matmul(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        b = self.const(node, 1)
+        if b is None or b.ndim != 2:
+            raise _Unsupported("dlc imports MatMul only with a constant 2-D right operand (a linear layer)")
+        if len(self.shape(x)) != 1:
+            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not N×features")
+        self.emit(node, "linear", [x], {"out": int(b.shape[1]), "bias": False}, {"weight": b.T})
+
+    def add(self, node: onnx.NodeProto) -> None:
+        names = [i for i in node.input if i]
+        constant = [k for k, i in enumerate(names) if i in self.consts]
+        if len(names) == 2 and len(constant) == 1:
+            return self.bias_add(node, names[1 - constant[0]], self.consts[names[constant[0]]])
+        if constant:
+            raise _Unsupported("adds a constant")
+        values = [self.value(i) for i in names]
+        if len(values) == 1:
+            self.alias[node.output[0]] = values[0]
+            return None
+        shapes = [self.shape(v) for v in values]
+        if any(s != shapes[0] for s in shapes):
+            raise _Unsupported(
+                f"broadcasts {', '.join(fmt_shape(s) for s in shapes)} (dlc adds equal shapes)"
+            )
+        self.emit(node, "add", values, {})
+        return None
+
+    def bias_add(self, node: onnx.NodeProto, y: str, c: np.ndarray) -> None:
+        """layer(x) + constant bias, where the layer is a conv or linear layer whose output nothing else reads."""
+        value = self.value(y)
+        layer = self.graph.producer(value)
+        ok = (
+            layer is not None
+            and layer.op in ("conv", "linear")
+            and self.origin.get(value) == y
+            and len(self.consumers.get(y, [])) == 1
+            and y not in self.output_names
+        )
+        vec = channel_vector(c, len(self.shape(value)) + 1, layer.attrs["out"]) if ok else None
+        if vec is None:
+            raise _Unsupported("adds a constant (dlc folds only a bias right after Conv, Gemm or MatMul)")
+        layer.params["bias"] = (layer.params.get("bias", 0.0) + vec).astype(np.float32)
+        layer.attrs["bias"] = True
+        self.alias[node.output[0]] = value
+        self.origin[value] = node.output[0]
+
+    def concat(self, node: onnx.NodeProto) -> None:
+        values = [self.value(i) for i in node.input if i]
+        ranks = {len(self.shape(v)) + 1 for v in values}
+        axis = attr(node, "axis")
+        if len(ranks) != 1 or axis is None or int(axis) % ranks.pop() != 1:
+            raise _Unsupported(f"along axis {axis} (dlc concatenates channels: axis 1)")
+        if len(values) == 1:
+            self.alias[node.output[0]] = values[0]
+        else:
+            self.emit(node, "concat", values, {})
+
+    def softmax(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        axis = int(attr(node, "axis", 1 if self.opset < 13 else -1))
+        if len(self.shape(x)) != 1 or axis not in (1, -1):
+            raise _Unsupported(f"on {fmt_shape(self.shape(x))} along axis {axis} (dlc: N×classes, axis 1)")
+        self.emit(node, "softmax", [x], {})
+
+    def flatten(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        rank = len(self.shape(x)) + 1
+        axis = int(attr(node, "axis", 1))
+        if axis % rank != 1:
+            raise _Unsupported(f"axis {axis} (dlc flattens from axis 1)")
+        self._flat(node, x)
+
+    def _flat(self, node: onnx.NodeProto, x: str) -> None:
+        if len(self.shape(x)) == 1:
+            self.alias[node.output[0]] = x
+        else:
+            self.emit(node, "flatten", [x], {})
+
+    def reshape(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        target = self.const(node, 1)
+        if target is None:
+            raise _Unsupported("its target shape is computed at run time")
+        t = [int(v) for v in np.asarray(target).reshape(-1)]
+        n = math.prod(self.shape(x))
+        batch_ok = len(t) == 2 and (
+            (t[0] == 0 and not attr(node, "allowzero", 0))
+            or (t[0] == self.batch)
+            or (t[0] == -1 and t[1] == n)
+        )
+        if not batch_ok or t[1] not in (-1, n):
+            raise _Unsupported(f"to {t} (dlc reshapes only to [N, -1]: flatten)")
+        self._flat(node, x)
+
+    def squeeze(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        axes = self.axes(node, 13)
+        shape = self.shape(x)
+        if axes is None or len(shape) != 3 or shape[1:] != (1, 1) or sorted(a % 4 for a in axes) != [2, 3]:
+            raise _Unsupported(f"axes {axes} of {fmt_shape(shape)} (dlc: a C×1×1 map to C, i.e. flatten)")
+        self._flat(node, x)
+
+    def resize(self, node: onnx.NodeProto) -> None:
+        mode = _text(attr(node, "mode", "nearest"))
+        if mode != "nearest":
+            raise _Unsupported(f"mode '{mode}' (dlc upsamples nearest only)")
+        x = self.feature_map(node)
+        c, h, w = self.shape(x)
+        legacy = node.op_type == "Upsample" or self.opset < 11
+        scales, sizes = (self.const(node, 1), None) if legacy else (self.const(node, 2), self.const(node, 3))
+        scales = None if scales is None or scales.size == 0 else [float(s) for s in scales.reshape(-1)]
+        sizes = None if sizes is None or sizes.size == 0 else [int(s) for s in sizes.reshape(-1)]
+        axes = attr(node, "axes")
+        if axes is not None and not legacy:  # opset 18: scales or sizes for these axes only
+            full = [1.0, 1.0, float(h), float(w)] if sizes is not None else [1.0] * 4
+            values = sizes if sizes is not None else scales
+            if values is None or len(values) != len(axes):
+                raise _Unsupported("its axes and scales disagree")
+            for a, v in zip(axes, values):
+                full[int(a) % 4] = v
+            if sizes is not None:
+                sizes = [int(v) for v in full]
+                sizes[:2] = [self.batch or 1, c]
+            else:
+                scales = full
+        if legacy:
+            ctm, rounding = "asymmetric", "floor"
+        else:
+            ctm = _text(attr(node, "coordinate_transformation_mode", "half_pixel"))
+            rounding = _text(attr(node, "nearest_mode", "round_prefer_floor"))
+            if sizes is not None and _text(attr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch":
+                raise _Unsupported("keep_aspect_ratio_policy")
+        if scales is not None:
+            if len(scales) != 4 or scales[:2] != [1.0, 1.0]:
+                raise _Unsupported(f"scales {scales} (dlc upsamples H and W)")
+            factors = scales[2:]
+        else:
+            if sizes is None:
+                dims = self.dims.get(node.output[0])
+                if dims is None or len(dims) != 4 or None in dims[1:]:
+                    raise _Unsupported("its output size is computed at run time")
+                sizes = [0, *dims[1:]]
+            if len(sizes) != 4 or sizes[1] != c or (sizes[0] and sizes[0] != self.batch):
+                raise _Unsupported(f"sizes {sizes} (dlc upsamples H and W, whatever the batch)")
+            factors = [sizes[2] / h, sizes[3] / w]
+        if any(f != int(f) or f < 1 for f in factors):
+            raise _Unsupported(f"scale factors {factors} (dlc upsamples by whole numbers)")
+        sh, sw = int(factors[0]), int(factors[1])
+        if not (_nearest_is_floor(ctm, rounding, h, sh) and _nearest_is_floor(ctm, rounding, w, sw)):
+            raise _Unsupported(
+                f"coordinate_transformation_mode '{ctm}' with nearest_mode '{rounding}' does not "
+                "repeat each pixel (dlc's nearest upsampling)"
+            )
+        self.emit(node, "upsample", [x], {"scale": [sh, sw]})
+
+    def passthrough(self, node: onnx.NodeProto) -> None:
+        if (
+            node.op_type == "Dropout"
+            and len(node.output) > 1
+            and node.output[1]
+            and (self.consumers.get(node.output[1]) or node.output[1] in self.output_names)
+        ):
+            raise _Unsupported("its mask output is used")
+        self.alias[node.output[0]] = self.value(node.input[0])
+
+    HANDLERS = {
+        "Conv": conv,
+        "BatchNormalization": batchnorm,
+        "Relu": unary,
+        "Sigmoid": unary,
+        "Tanh": unary,
+        "LeakyRelu": leaky_relu,
+        "Mul": mul,
+        "MaxPool": pool,
+        "AveragePool": pool,
+        "GlobalAveragePool": global_pool,
+        "GlobalMaxPool": global_pool,
+        "ReduceMean": reduce_mean,
+        "Gemm": gemm,
+        "MatMul": matmul,
+        "Add": add,
+        "Sum": add,
+        "Concat": concat,
+        "Softmax": softmax,
+        "Flatten": flatten,
+        "Reshape": reshape,
+        "Squeeze": squeeze,
+        "Resize": resize,
+        "Upsample": resize,
+        "Identity": passthrough,
+        "Dropout": passthrough,
+    }
+
+    # --- the whole graph ------------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        g = self.model.graph
+        # Sigmoids read only as x * Sigmoid(x): the Mul becomes one silu layer and the Sigmoid goes.
+        self.silu_sigmoids = set()
+        for n in g.node:
+            if n.op_type != "Sigmoid" or n.domain not in ("", "ai.onnx") or n.output[0] in self.output_names:
+                continue
+            readers = self.consumers.get(n.output[0], [])
+            if readers and all(r.op_type == "Mul" and self._silu_input(r) == n.input[0] for r in readers):
+                self.silu_sigmoids.add(n.output[0])
+        # How many layer-making nodes share each name scope (see _scope).
+        self.scope_count: dict[tuple[str, ...], int] = {}
+        for n in g.node:
+            if (
+                n.name
+                and n.op_type not in ("Constant", "Identity", "Dropout")
+                and n.output[0] not in self.silu_sigmoids
+            ):
+                key = _scope(n.name, n.op_type)[0]
+                self.scope_count[key] = self.scope_count.get(key, 0) + 1
+        for node in g.node:
+            std = node.domain in ("", "ai.onnx")
+            if std and node.op_type == "Constant":
+                continue
+            handler = self.HANDLERS.get(node.op_type) if std else None
+            try:
+                if handler is None:
+                    raise _Unsupported(None)
+                handler(self, node)
+            except _Skip:
+                self.broken.update(o for o in node.output if o)
+            except _Unsupported as exc:
+                op = node.op_type if std else f"{node.domain}.{node.op_type}"
+                self.unsupported.setdefault((op, exc.reason), []).append(node.name or node.output[0])
+                self.broken.update(o for o in node.output if o)
+        if self.unsupported:
+            raise DlcError(self.unsupported_diagnostic())
+        return self.finish()
+
+    def unsupported_diagnostic(self) -> Diagnostic:
+        groups = []
+        for (op, reason), names in self.unsupported.items():
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            groups.append(f"{op} ×{len(names)} ({shown})" + (f" [{reason}]" if reason else ""))
+        return Diagnostic(
+            "unsupported ONNX ops: " + ", ".join(groups),
+            file=self.file,
+            hint=f"dlc imports {SUPPORTED}",
+        )
+
+    def finish(self) -> Graph:
+        graph = self.graph
+        outputs = {}
+        for name in self.output_names:
+            value = self.alias.get(name)
+            if value is None or value in graph.input_names:
+                what = "the model input itself" if value else "not computed by any layer"
+                raise DlcError(
+                    Diagnostic(
+                        f"graph output '{name}' is {what}; dlc needs each output to be a layer's",
+                        file=self.file,
+                    )
+                )
+            outputs[name] = value
+        graph.outputs = list(dict.fromkeys(outputs.values()))
+        graph.meta["source"]["outputs"] = outputs
+        infer_shapes(graph)
+        graph.check()
+        for onnx_value, value in self.alias.items():
+            dims, shape = self.dims.get(onnx_value), graph.shapes.get(value)
+            if dims is None or shape is None or None in dims[1:]:
+                continue
+            if tuple(dims[1:]) != tuple(shape) or len(dims) != len(shape) + 1:
+                raise DlcError(
+                    Diagnostic(
+                        f"value '{onnx_value}': dlc infers N×{fmt_shape(shape)} for layer '{value}', the ONNX model "
+                        f"says {list(dims)}",
+                        file=self.file,
+                        hint="a dlc import bug: please report it with the model",
+                    )
+                )
+        return graph
+
+
+def import_onnx(model: onnx.ModelProto, name: str | None = None, source: str | None = None) -> Graph:
+    """Map an ONNX model to dlc's Graph IR (weights as layer parameters). `name` names the model (default: the
+    name in dlc's metadata, else the file's stem); `source` is the file, for messages. Raises DlcError naming
+    every unsupported node at once, or the input or output that dlc cannot take."""
+    return _Importer(model, name, source).run()
+
+
+def verify_import(
+    original: onnx.ModelProto,
+    graph: Graph,
+    runs: int = 3,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    seed: int = 0,
+):
+    """Run the original model and dlc's export of the imported graph on the same random inputs through
+    onnxruntime (its optimizations off); raise DlcError if an output differs beyond tolerance."""
+    from .export_onnx import to_onnx
+    from .passes.verify import Verification, _session, random_feeds
+
+    try:
+        a = _session(original)
+    except Exception as exc:  # noqa: BLE001 - e.g. an opset newer than the installed onnxruntime runs
+        raise DlcError(
+            f"onnxruntime cannot run the original model to compare ({exc}); import with --check 0 "
+            "to skip the comparison"
+        ) from None
+    b = _session(to_onnx(graph))
+    names = [o.name for o in a.get_outputs()]
+    outputs = (graph.meta.get("source") or {}).get("outputs") or dict(zip(names, graph.outputs))
+    rng = np.random.default_rng(seed)
+    worst_abs = worst_rel = 0.0
+    for _ in range(runs):
+        feeds = random_feeds(a, rng)
+        x = next(iter(feeds.values()))
+        try:
+            theirs = a.run(names, feeds)
+        except Exception as exc:  # noqa: BLE001 - the original model fails on onnxruntime: not ours to prove
+            raise DlcError(
+                f"onnxruntime cannot run the original model to compare ({exc}); import with --check 0 "
+                "to skip the comparison"
+            ) from None
+        mine = b.run([outputs[n] for n in names], {graph.input_names[0]: x})
+        for name, want, got in zip(names, theirs, mine):
+            if want.shape != got.shape:
+                raise DlcError(
+                    f"output '{name}': the imported model gives shape {got.shape}, the original {want.shape}"
+                )
+            diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+            worst_abs = max(worst_abs, float(diff.max(initial=0)))
+            worst_rel = max(worst_rel, float((diff / (np.abs(want) + 1e-12)).max(initial=0)))
+            if not np.allclose(got, want, rtol=rtol, atol=atol):
+                raise DlcError(
+                    f"the imported model differs from the original on output '{name}': max abs diff "
+                    f"{diff.max():.3g} (rtol {rtol:g}, atol {atol:g}); a dlc import bug: please report "
+                    "it with the model"
+                )
+    return Verification(runs, worst_abs, worst_rel, rtol, atol)
