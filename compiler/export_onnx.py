@@ -32,7 +32,9 @@ METADATA_KEY = "dlc"
 class OnnxBuilder:
     """Collects nodes and initializers while each op's `to_onnx` describes itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, opset: int = DEFAULT_OPSET) -> None:
+        self.opset = opset  # the opset being written: an op may export differently below the one it needs
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per-sample shape of each graph value
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
@@ -57,7 +59,8 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True
             metadata: dict[str, Any] | None = None) -> onnx.ModelProto:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise DlcError(f"opset {opset} is not supported: dlc exports opsets {MIN_OPSET} to {MAX_OPSET}")
-    b = OnnxBuilder()
+    b = OnnxBuilder(opset)
+    b.shapes = dict(graph.shapes)
     for v in (*graph.input_names, *graph.shapes):
         b._names.add(v)
     for node in graph.nodes():

@@ -3,9 +3,9 @@
 The model is first normalised with dlc's own ONNX passes (constant folding, no-op elimination, a Pad into the
 padding of the Conv or pool after it, a bias Add into the Conv or MatMul before it, per-channel scales into
 weights, CSE, DCE). Batch norm is not folded: it stays a batchnorm layer, so an imported network fine-tunes
-with it. Then each ONNX node becomes one IR layer, a few patterns become one layer as a whole (x * Sigmoid(x)
-is silu; MatMul + Add of a bias is linear; ReduceMean over H, W is global average pooling), and Identity and
-Dropout are left out. Every node that does not map is collected, and one error lists them all.
+with it. Then each ONNX node becomes one IR layer (ReLU6, a Clip, is a clip layer), a few patterns become one layer
+as a whole (x * Sigmoid(x) is silu; MatMul + Add of a bias is linear; ReduceMean over H, W is global average
+pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
 
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
 layer's output value is named after the layer, as in a model YAML.
@@ -46,10 +46,12 @@ NORMALIZE = [
     "dce",
 ]
 SUPPORTED = (
-    "Add, AveragePool, BatchNormalization, Concat, Conv, Dropout, Flatten, Gemm, GlobalAveragePool, "
-    "GlobalMaxPool, Identity, LeakyRelu, MatMul, MaxPool, Mul (x * Sigmoid(x)), ReduceMean (over H, W), Relu, "
-    "Reshape (to flatten), Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
+    "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, Dropout, Flatten, Gemm, "
+    "GlobalAveragePool, GlobalMaxPool, HardSigmoid, HardSwish, Identity, LeakyRelu, MatMul, MaxPool, "
+    "Mul (x * Sigmoid(x)), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, Reshape (to flatten), "
+    "Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
 )
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
 
 
@@ -386,7 +388,8 @@ class _Importer:
             out_shape, attrs = opdef.infer(attrs, in_shapes)
         except ShapeError as exc:
             raise _Unsupported(str(exc)) from None
-        params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (params or {}).items()}
+        # Own, writable copies: training updates them in place (batch norm's running statistics).
+        params = {k: np.array(v, dtype=np.float32, order="C") for k, v in (params or {}).items()}
         want = opdef.param_shapes(attrs, in_shapes)
         got = {k: tuple(v.shape) for k, v in params.items()}
         if got != want:
@@ -508,6 +511,42 @@ class _Importer:
         self.emit(
             node, "leaky_relu", [self.value(node.input[0])], {"slope": _round(attr(node, "alpha", 0.01))}
         )
+
+    def clip(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        if self.opset < 11:  # bounds are attributes before opset 11
+            lo, hi = attr(node, "min", -_FLOAT32_MAX), attr(node, "max", _FLOAT32_MAX)
+        else:
+            bounds = []
+            for k, default in ((1, -_FLOAT32_MAX), (2, _FLOAT32_MAX)):
+                value = self.const(node, k)
+                if value is None and len(node.input) > k and node.input[k]:
+                    raise _Unsupported("its min or max is computed at run time")
+                if value is not None and np.asarray(value).size != 1:
+                    raise _Unsupported(f"its bound of shape {list(np.shape(value))} is not a scalar")
+                bounds.append(default if value is None else float(np.asarray(value).reshape(-1)[0]))
+            lo, hi = bounds
+        lo, hi = (max(min(float(v), _FLOAT32_MAX), -_FLOAT32_MAX) for v in (lo, hi))  # -inf/inf: open
+        lo, hi = (_round(v) if abs(v) < _FLOAT32_MAX else v for v in (lo, hi))
+        self.emit(node, "clip", [x], {"min": lo, "max": hi})
+
+    def hard_sigmoid(self, node: onnx.NodeProto) -> None:
+        raw = {"alpha": _round(attr(node, "alpha", 0.2)), "beta": _round(attr(node, "beta", 0.5))}
+        self.emit(node, "hard_sigmoid", [self.value(node.input[0])], raw)
+
+    def hard_swish(self, node: onnx.NodeProto) -> None:
+        self.emit(node, "hard_swish", [self.value(node.input[0])], {})
+
+    def prelu(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        slope = self.const(node, 1)
+        if slope is None:
+            raise _Unsupported("its slope is not a constant")
+        shape = self.shape(x)
+        vec = channel_vector(np.asarray(slope), len(shape) + 1, shape[0])
+        if vec is None:
+            raise _Unsupported(f"its slope of shape {list(np.shape(slope))} is not per channel or a scalar")
+        self.emit(node, "prelu", [x], {}, {"slope": vec})
 
     def _silu_input(self, node: onnx.NodeProto) -> str | None:
         """For Mul(x, Sigmoid(x)) (either order): x."""
@@ -772,6 +811,10 @@ class _Importer:
         "Sigmoid": unary,
         "Tanh": unary,
         "LeakyRelu": leaky_relu,
+        "Clip": clip,
+        "HardSigmoid": hard_sigmoid,
+        "HardSwish": hard_swish,
+        "PRelu": prelu,
         "Mul": mul,
         "MaxPool": pool,
         "AveragePool": pool,

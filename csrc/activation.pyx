@@ -17,6 +17,12 @@ Softmax sums in double.
                 dx = dy * (y * (1 - y))
     tanh        dx = dy * (1 - y * y)
     silu        y = x * s, s = sigmoid(x)        dx = dy * (s * (1 + x * (1 - s)))
+    clip        y = x < lo ? lo : (x > hi ? hi : x)   dx = lo < x < hi ? dy : 0   (relu6: lo 0, hi 6)
+    hard_sigmoid  t = alpha * x + beta, y = t < 0 ? 0 : (t > 1 ? 1 : t)   dx = 0 < t < 1 ? dy * alpha : 0
+    hard_swish  y = x * hard_sigmoid(x) with alpha 1/6, beta 1/2
+                dx = dy * (t <= 0 ? 0 : (t >= 1 ? 1 : t + alpha * x))
+    prelu       per channel c (axis 1): y = x > 0 ? x : slope[c] * x   dx as leaky_relu with slope[c]
+                dslope[c] = sum over x <= 0 of dy * x, summed in double
     dropout     y = (x * mask) / (1 - ratio)     dx = (dy * mask) / (1 - ratio)
     softmax     over axis 1 of (N, C, ...):      y = e^(x - max) / sum_c e^(x - max)
                 dx = y * (dy - sum_c dy * y)
@@ -274,6 +280,181 @@ def silu_backward(dy, x, out=None):
     for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
         ov[i] = _silu_grad(dv[i], xv[i])
     return out_arr
+
+
+def clip_forward(x, lo, hi, out=None):
+    """y = x clamped to [lo, hi] (relu6 with lo 0, hi 6); NaN stays NaN."""
+    x_arr = _as_f32(x)
+    cdef float a = <float>float(lo), b = <float>float(hi)
+    if not a <= b:
+        raise ValueError(f"clip_forward: lo {lo!r} must not exceed hi {hi!r}")
+    out_arr = _out_for(x_arr, out, "clip_forward")
+    cdef const float[::1] xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef Py_ssize_t i, n = xv.shape[0]
+    cdef float v, w
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        v = xv[i]
+        w = a if v < a else v
+        ov[i] = b if w > b else w
+    return out_arr
+
+
+def clip_backward(dy, x, lo, hi, out=None):
+    """dx = dy where lo < x < hi, else 0 (`x` is clip's input)."""
+    dy_arr, x_arr = _pair(dy, x, "clip_backward", "dy", "x")
+    out_arr = _out_for(dy_arr, out, "clip_backward")
+    cdef const float[::1] dv = dy_arr.reshape(-1), xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef float a = <float>float(lo), b = <float>float(hi), d, v
+    cdef Py_ssize_t i, n = dv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        d = dv[i]
+        v = xv[i]
+        ov[i] = d if (v > a) & (v < b) else 0
+    return out_arr
+
+
+def hard_sigmoid_forward(x, alpha, beta, out=None):
+    """y = max(0, min(1, alpha * x + beta)) (ONNX HardSigmoid; PyTorch's is alpha 1/6, beta 1/2)."""
+    x_arr = _as_f32(x)
+    out_arr = _out_for(x_arr, out, "hard_sigmoid_forward")
+    cdef const float[::1] xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef float a = <float>float(alpha), c = <float>float(beta), t
+    cdef Py_ssize_t i, n = xv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        t = a * xv[i] + c
+        t = 0 if t < 0 else t
+        ov[i] = 1 if t > 1 else t
+    return out_arr
+
+
+def hard_sigmoid_backward(dy, x, alpha, beta, out=None):
+    """dx = alpha * dy where 0 < alpha * x + beta < 1, else 0 (`x` is hard_sigmoid's input)."""
+    dy_arr, x_arr = _pair(dy, x, "hard_sigmoid_backward", "dy", "x")
+    out_arr = _out_for(dy_arr, out, "hard_sigmoid_backward")
+    cdef const float[::1] dv = dy_arr.reshape(-1), xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef float a = <float>float(alpha), c = <float>float(beta), t, ad
+    cdef Py_ssize_t i, n = dv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        t = a * xv[i] + c
+        ad = dv[i] * a
+        ov[i] = ad if (t > 0) & (t < 1) else 0
+    return out_arr
+
+
+# hard_swish's hard sigmoid: ONNX HardSwish's alpha (1/6 rounded to float32) and beta.
+cdef float _HSWISH_ALPHA = <float>(1.0 / 6.0)
+cdef float _HSWISH_BETA = 0.5
+
+
+def hard_swish_forward(x, out=None):
+    """y = x * max(0, min(1, x / 6 + 1/2)) (ONNX HardSwish, PyTorch's Hardswish)."""
+    x_arr = _as_f32(x)
+    out_arr = _out_for(x_arr, out, "hard_swish_forward")
+    cdef const float[::1] xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef float a = _HSWISH_ALPHA, c = _HSWISH_BETA, v, t
+    cdef Py_ssize_t i, n = xv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        v = xv[i]
+        t = a * v + c
+        t = 0 if t < 0 else t
+        t = 1 if t > 1 else t
+        ov[i] = v * t
+    return out_arr
+
+
+def hard_swish_backward(dy, x, out=None):
+    """dx = dy * (0 where t <= 0, 1 where t >= 1, else t + x / 6), t = x / 6 + 1/2 (`x` is the input)."""
+    dy_arr, x_arr = _pair(dy, x, "hard_swish_backward", "dy", "x")
+    out_arr = _out_for(dy_arr, out, "hard_swish_backward")
+    cdef const float[::1] dv = dy_arr.reshape(-1), xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef float a = _HSWISH_ALPHA, c = _HSWISH_BETA, v, t, g
+    cdef Py_ssize_t i, n = dv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        v = xv[i]
+        t = a * v + c
+        g = t + a * v
+        g = 0 if t <= 0 else g
+        g = 1 if t >= 1 else g
+        ov[i] = dv[i] * g
+    return out_arr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PReLU: a learned slope per channel (axis 1). The input is viewed as (N, C, S), S = H * W (1 for (N, C)).
+
+
+cdef tuple _prelu_args(x, slope, str fn):
+    x_arr = _as_f32(x)
+    s_arr = _as_f32(slope).reshape(-1)
+    if x_arr.ndim < 2:
+        raise ValueError(f"{fn}: expected (N, C) or (N, C, H, W) input, got shape {x_arr.shape}")
+    if s_arr.shape[0] != x_arr.shape[1]:
+        raise ValueError(f"{fn}: slope has {s_arr.shape[0]} values for {x_arr.shape[1]} channels")
+    return x_arr, s_arr
+
+
+cdef double _prelu_grad_channel(const float[::1] dy, const float[::1] x, float[::1] out, float a, Py_ssize_t c,
+                                Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """dx for channel c of every sample, written to `out`; returns sum over x <= 0 of dy * x."""
+    cdef Py_ssize_t n, s, at
+    cdef double total = 0.0
+    cdef float d, v, ad
+    for n in range(N):
+        at = (n * C + c) * S
+        for s in range(S):
+            d = dy[at + s]
+            v = x[at + s]
+            ad = a * d
+            out[at + s] = d if v > 0 else ad
+            total += <double>d * (0.0 if v > 0 else <double>v)  # the product in double, as the reference
+    return total
+
+
+def prelu_forward(x, slope, out=None):
+    """y = x where x > 0, else slope[c] * x, c the channel (axis 1) of (N, C) or (N, C, H, W) input."""
+    x_arr, s_arr = _prelu_args(x, slope, "prelu_forward")
+    out_arr = _out_for(x_arr, out, "prelu_forward")
+    cdef Py_ssize_t N, C, S
+    N, C, S = _ncs(x_arr.shape, "prelu_forward")
+    if x_arr.size == 0:
+        return out_arr
+    cdef const float[::1] xv = x_arr.reshape(-1), sv = s_arr
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef Py_ssize_t t, s, at
+    cdef float a, v, av
+    for t in prange(N * C, nogil=True, schedule="static", use_threads_if=N * C * S > _PARALLEL_MIN):
+        a = sv[t % C]
+        at = t * S
+        for s in range(S):
+            v = xv[at + s]
+            av = a * v
+            ov[at + s] = v if v > 0 else av
+    return out_arr
+
+
+def prelu_backward(dy, x, slope, out=None):
+    """(dx, dslope): dx = dy where x > 0, else slope[c] * dy; dslope[c] = sum over x <= 0 of dy * x (double)."""
+    x_arr, s_arr = _prelu_args(x, slope, "prelu_backward")
+    dy_arr, x_arr = _pair(dy, x_arr, "prelu_backward", "dy", "x")
+    out_arr = _out_for(dy_arr, out, "prelu_backward")
+    cdef Py_ssize_t N, C, S
+    N, C, S = _ncs(x_arr.shape, "prelu_backward")
+    total = np.zeros(C, dtype=np.float64)
+    if x_arr.size == 0:
+        return out_arr, total.astype(np.float32)
+    cdef const float[::1] dv = dy_arr.reshape(-1), xv = x_arr.reshape(-1), sv = s_arr
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef double[::1] tv = total
+    cdef Py_ssize_t c
+    for c in prange(C, nogil=True, schedule="static", use_threads_if=N * C * S > _PARALLEL_MIN):
+        tv[c] = _prelu_grad_channel(dv, xv, ov, sv[c], c, N, C, S)
+    return out_arr, total.astype(np.float32)
 
 
 cdef object _masked_scale(x, mask, ratio, out, str fn):

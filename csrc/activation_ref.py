@@ -99,3 +99,74 @@ def softmax_backward_ref(dy, y) -> np.ndarray:
     """y * (dy - sum_c dy * y) over axis 1, y being softmax's output."""
     dy, y = _floating(dy), _floating(y)
     return y * (dy - (dy * y).sum(axis=1, keepdims=True))
+
+
+def clip_forward_ref(x, lo: float, hi: float) -> np.ndarray:
+    """x clamped to [lo, hi] (relu6: lo 0, hi 6); NaN stays NaN."""
+    x = _floating(x)
+    t = x.dtype.type
+    w = np.where(x < t(lo), t(lo), x)
+    return np.where(w > t(hi), t(hi), w)
+
+
+def clip_backward_ref(dy, x, lo: float, hi: float) -> np.ndarray:
+    """dy where lo < x < hi (x being clip's input), else 0."""
+    dy = _floating(dy)
+    x = np.asarray(x)
+    return np.where((x > x.dtype.type(lo)) & (x < x.dtype.type(hi)), dy, dy.dtype.type(0))
+
+
+def _hard_sigmoid(x: np.ndarray, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(t, clamp(t, 0, 1)) with t = alpha * x + beta."""
+    t = x.dtype.type(alpha) * x + x.dtype.type(beta)
+    return t, np.minimum(np.maximum(t, x.dtype.type(0)), x.dtype.type(1))
+
+
+def hard_sigmoid_forward_ref(x, alpha: float, beta: float) -> np.ndarray:
+    """max(0, min(1, alpha * x + beta))."""
+    return _hard_sigmoid(_floating(x), alpha, beta)[1]
+
+
+def hard_sigmoid_backward_ref(dy, x, alpha: float, beta: float) -> np.ndarray:
+    """alpha * dy where 0 < alpha * x + beta < 1, else 0."""
+    dy, x = _floating(dy), _floating(x)
+    t, _ = _hard_sigmoid(x, alpha, beta)
+    return np.where((t > 0) & (t < 1), dy * dy.dtype.type(alpha), dy.dtype.type(0))
+
+
+HARD_SWISH_ALPHA, HARD_SWISH_BETA = 1.0 / 6.0, 0.5
+
+
+def hard_swish_forward_ref(x) -> np.ndarray:
+    """x * hard_sigmoid(x) with alpha 1/6, beta 1/2."""
+    x = _floating(x)
+    return x * _hard_sigmoid(x, HARD_SWISH_ALPHA, HARD_SWISH_BETA)[1]
+
+
+def hard_swish_backward_ref(dy, x) -> np.ndarray:
+    """dy * (0 where t <= 0, 1 where t >= 1, else t + x / 6), t = x / 6 + 1/2."""
+    dy, x = _floating(dy), _floating(x)
+    a = x.dtype.type(HARD_SWISH_ALPHA)
+    t, _ = _hard_sigmoid(x, HARD_SWISH_ALPHA, HARD_SWISH_BETA)
+    g = np.where(t <= 0, x.dtype.type(0), np.where(t >= 1, x.dtype.type(1), t + a * x))
+    return dy * g
+
+
+def _per_channel(slope, x: np.ndarray) -> np.ndarray:
+    """slope (C,) shaped to broadcast along axis 1 of (N, C, ...)."""
+    return np.asarray(slope, dtype=x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def prelu_forward_ref(x, slope) -> np.ndarray:
+    """x where x > 0, else slope[c] * x, c the channel (axis 1)."""
+    x = _floating(x)
+    return np.where(x > 0, x, _per_channel(slope, x) * x)
+
+
+def prelu_backward_ref(dy, x, slope) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dslope): dx = dy where x > 0, else slope[c] * dy; dslope[c] = sum over x <= 0 of dy * x."""
+    dy, x = _floating(dy), _floating(x)
+    dx = np.where(x > 0, dy, _per_channel(slope, x) * dy)
+    axes = (0, *range(2, x.ndim))
+    dslope = np.where(x > 0, 0.0, dy.astype(np.float64) * x).sum(axis=axes)
+    return dx, dslope.astype(dy.dtype)

@@ -1,12 +1,15 @@
-"""Activations and other shape-preserving ops: relu, leaky_relu, sigmoid, tanh, silu, softmax, dropout."""
+"""Activations and other shape-preserving ops: relu, leaky_relu, sigmoid, tanh, silu, clip (relu6), hard_sigmoid,
+hard_swish, prelu, softmax, dropout."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from dlc._C import activation as _k
 
-from .base import OpDef, Param, register
+from .base import OpDef, Param, ParamError, Shape, ShapeError, fmt_shape, register
 
 
 class _Unary(OpDef):
@@ -78,6 +81,92 @@ class Silu(_Unary):
         sig = b.fresh(f"{node.name}.sigmoid")
         b.node("Sigmoid", [node.inputs[0]], [sig], f"{node.name}/sigmoid")
         b.node("Mul", [node.inputs[0], sig], node.outputs, node.name)
+
+
+@register
+class Clip(OpDef):
+    type = "clip"
+    doc = "x clamped to [min, max]; relu6 by default"
+    params = (Param("min", "float", 0.0), Param("max", "float", 6.0))
+
+    def check_attrs(self, attrs: dict[str, Any]) -> None:
+        if attrs["min"] > attrs["max"]:
+            raise ParamError(f"'min' ({attrs['min']:g}) must not exceed 'max' ({attrs['max']:g})")
+
+    def forward(self, node, inputs, ctx):
+        a = node.attrs
+        return _k.clip_forward(inputs[0], a["min"], a["max"]), (inputs[0] if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        return [_k.clip_backward(dy, saved, node.attrs["min"], node.attrs["max"])], {}
+
+    def to_onnx(self, node, b) -> None:
+        # Opset 11 on, min and max are inputs (dlc exports 13 and up).
+        lo = b.initializer(f"{node.name}.min", np.array(node.attrs["min"], np.float32))
+        hi = b.initializer(f"{node.name}.max", np.array(node.attrs["max"], np.float32))
+        b.node("Clip", [node.inputs[0], lo, hi], node.outputs, node.name)
+
+
+@register
+class HardSigmoid(OpDef):
+    type = "hard_sigmoid"
+    doc = "max(0, min(1, alpha * x + beta)); ONNX's defaults (PyTorch's Hardsigmoid is alpha 1/6)"
+    params = (Param("alpha", "float", 0.2), Param("beta", "float", 0.5))
+
+    def forward(self, node, inputs, ctx):
+        a = node.attrs
+        return _k.hard_sigmoid_forward(inputs[0], a["alpha"], a["beta"]), (inputs[0] if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        return [_k.hard_sigmoid_backward(dy, saved, node.attrs["alpha"], node.attrs["beta"])], {}
+
+    def to_onnx(self, node, b) -> None:
+        b.node("HardSigmoid", [node.inputs[0]], node.outputs, node.name, alpha=node.attrs["alpha"],
+               beta=node.attrs["beta"])
+
+
+@register
+class HardSwish(_Unary):
+    type = "hard_swish"
+    doc = "x * hard_sigmoid(x) with alpha 1/6, beta 1/2 (MobileNetV3)"
+    saves_output = False
+
+    def to_onnx(self, node, b) -> None:
+        if b.opset >= 14:
+            b.node("HardSwish", [node.inputs[0]], node.outputs, node.name)
+            return
+        # HardSwish is opset 14: before it, HardSigmoid + Mul (the same function).
+        gate = b.fresh(f"{node.name}.gate")
+        b.node("HardSigmoid", [node.inputs[0]], [gate], f"{node.name}/gate", alpha=1.0 / 6.0, beta=0.5)
+        b.node("Mul", [node.inputs[0], gate], node.outputs, node.name)
+
+
+@register
+class PRelu(OpDef):
+    type = "prelu"
+    doc = "x if x > 0 else slope[c] * x, a learned slope per channel"
+    fillable = {"slope": {"type": "constant", "value": 0.25}}
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        if len(in_shapes[0]) not in (1, 3):
+            raise ShapeError(f"expects C×H×W or a flat vector, got {fmt_shape(in_shapes[0])}")
+        return in_shapes[0], attrs
+
+    def param_shapes(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+        return {"slope": (in_shapes[0][0],)}
+
+    def forward(self, node, inputs, ctx):
+        return _k.prelu_forward(inputs[0], node.params["slope"]), (inputs[0] if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        dx, dslope = _k.prelu_backward(dy, saved, node.params["slope"])
+        return [dx], {"slope": dslope}
+
+    def to_onnx(self, node, b) -> None:
+        slope = node.params["slope"]
+        # PRelu broadcasts the slope against N×C×H×W from the right: C×1×1 for a feature map.
+        shaped = slope.reshape(-1, 1, 1) if len(b.shapes[node.inputs[0]]) == 3 else slope
+        b.node("PRelu", [node.inputs[0], b.initializer(f"{node.name}.slope", shaped)], node.outputs, node.name)
 
 
 @register
