@@ -3,9 +3,10 @@
 The model is first normalised with dlc's own ONNX passes (constant folding, no-op elimination, a Pad into the
 padding of the Conv or pool after it, a bias Add into the Conv or MatMul before it, per-channel scales into
 weights, CSE, DCE). Batch norm is not folded: it stays a batchnorm layer, so an imported network fine-tunes
-with it. Then each ONNX node becomes one IR layer (ReLU6, a Clip, is a clip layer), a few patterns become one layer
-as a whole (x * Sigmoid(x) is silu; MatMul + Add of a bias is linear; ReduceMean over H, W is global average
-pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
+with it. Then each ONNX node becomes one IR layer (ReLU6, a Clip, is a clip layer; a Pad that fuse_pad left is a
+pad layer; ConvTranspose is conv_transpose, LRN is lrn), a few patterns become one layer as a whole (x * Sigmoid(x)
+is silu, while other products of two tensors, equal in shape or C×H×W by a C×1×1 gate, are mul; MatMul + Add of a
+bias is linear; ReduceMean over H, W is global average pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
 
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
 layer's output value is named after the layer, as in a model YAML.
@@ -46,10 +47,11 @@ NORMALIZE = [
     "dce",
 ]
 SUPPORTED = (
-    "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, Dropout, Flatten, Gemm, "
-    "GlobalAveragePool, GlobalMaxPool, HardSigmoid, HardSwish, Identity, LeakyRelu, MatMul, MaxPool, "
-    "Mul (x * Sigmoid(x)), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, Reshape (to flatten), "
-    "Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
+    "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, ConvTranspose (explicit pads), "
+    "Dropout, Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, "
+    "MatMul, MaxPool, Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
+    "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
+    "Reshape (to flatten), Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
@@ -480,6 +482,105 @@ class _Importer:
             params,
         )
 
+    def conv_transpose(self, node: onnx.NodeProto) -> None:
+        x = self.feature_map(node)
+        w = self.const(node, 1)
+        if w is None:
+            raise _Unsupported("its weight is not a constant")
+        if w.ndim != 4:
+            raise _Unsupported(f"{w.ndim - 2}-D transposed convolution (dlc convolves in 2-D)")
+        b = self.const(node, 2)
+        if b is None and len(node.input) > 2 and node.input[2]:
+            raise _Unsupported("its bias is not a constant")
+        kernel = [int(k) for k in attr(node, "kernel_shape", w.shape[2:])]
+        if kernel != list(w.shape[2:]):
+            raise _Unsupported(f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+        auto = _text(attr(node, "auto_pad", "NOTSET"))
+        if auto not in ("NOTSET", ""):
+            raise _Unsupported(f"auto_pad {auto} (dlc imports explicit pads)")
+        pads = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]
+        if len(pads) != 4 or min(pads) < 0:
+            raise _Unsupported(f"pads {pads}")
+        group = int(attr(node, "group", 1))
+        strides = [int(s) for s in attr(node, "strides", [1, 1])]
+        output_padding = [int(p) for p in attr(node, "output_padding", [0, 0])]
+        dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
+        wanted = attr(node, "output_shape")
+        if wanted is not None:
+            # ONNX then ignores pads and works them out: the odd pixel of padding at the start (auto_pad NOTSET).
+            wanted = [int(v) for v in wanted][-2:]
+            hw = self.shape(x)[1:]
+            total = [
+                strides[a] * (hw[a] - 1) + output_padding[a] + (kernel[a] - 1) * dilations[a] + 1 - wanted[a]
+                for a in range(2)
+            ]
+            implied = [t - t // 2 for t in total] + [t // 2 for t in total]
+            if min(total) < 0 or (attr(node, "pads") is not None and pads != implied):
+                raise _Unsupported(f"output_shape {wanted} does not agree with its pads {pads}")
+            pads = implied
+        raw = {
+            "out": int(w.shape[1]) * group,
+            "kernel": kernel,
+            "stride": strides,
+            "pad": pads,
+            "output_padding": output_padding,
+            "dilation": dilations,
+            "groups": group,
+            "bias": b is not None,
+        }
+        params = {"weight": w} if b is None else {"weight": w, "bias": b}
+        self.emit(node, "conv_transpose", [x], raw, params)
+
+    def pad(self, node: onnx.NodeProto) -> None:
+        """A Pad that fuse_pad left (not before a Conv or pool, or not constant): spatial axes only."""
+        x = self.feature_map(node)
+        mode = _text(attr(node, "mode", "constant"))
+        if mode not in ("constant", "reflect", "edge"):
+            raise _Unsupported(f"mode {mode} (dlc pads constant, reflect or edge)")
+        if self.opset < 11:
+            pads, value, axes = attr(node, "pads"), float(attr(node, "value", 0.0)), None
+        else:
+            pads, value, axes = self.const(node, 1), 0.0, self.const(node, 3)
+            for k, what in ((1, "pads"), (2, "value"), (3, "axes")):
+                if len(node.input) > k and node.input[k] and self.const(node, k) is None:
+                    raise _Unsupported(f"its {what} are computed at run time")
+            v = self.const(node, 2)
+            if v is not None:
+                if np.asarray(v).size != 1:
+                    raise _Unsupported(f"its value of shape {list(np.shape(v))} is not a scalar")
+                value = float(np.asarray(v).reshape(-1)[0])
+        if pads is None:
+            raise _Unsupported("it has no pads")
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        rank = 4
+        if axes is not None:
+            axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+            if len(pads) != 2 * len(axes):
+                raise _Unsupported(f"pads {pads} do not match axes {axes}")
+            full = [0] * (2 * rank)
+            for j, a in enumerate(axes):
+                full[a], full[a + rank] = pads[j], pads[j + len(axes)]
+            pads = full
+        if len(pads) != 2 * rank:
+            raise _Unsupported(f"pads {pads} are not for an N×C×H×W tensor")
+        if pads[0] or pads[1] or pads[4] or pads[5]:
+            raise _Unsupported(f"pads {pads} pad the batch or channel axis (dlc pads H and W)")
+        if min(pads) < 0:
+            raise _Unsupported(f"pads {pads} crop (negative)")
+        raw = {"pads": [pads[2], pads[3], pads[6], pads[7]], "mode": mode}
+        if mode == "constant":
+            raw["value"] = _round(value) if np.isfinite(value) else value
+        self.emit(node, "pad", [x], raw)
+
+    def lrn(self, node: onnx.NodeProto) -> None:
+        raw = {
+            "size": int(attr(node, "size", 0)),
+            "alpha": _round(attr(node, "alpha", 1e-4)),
+            "beta": _round(attr(node, "beta", 0.75)),
+            "bias": _round(attr(node, "bias", 1.0)),
+        }
+        self.emit(node, "lrn", [self.feature_map(node)], raw)
+
     def batchnorm(self, node: onnx.NodeProto) -> None:
         x = self.value(node.input[0])
         tensors = [self.const(node, k) for k in range(1, 5)]
@@ -565,9 +666,21 @@ class _Importer:
 
     def mul(self, node: onnx.NodeProto) -> None:
         x = self._silu_input(node)
-        if x is None:
-            raise _Unsupported("dlc imports Mul only as x * Sigmoid(x) (silu)")
-        self.emit(node, "silu", [self.value(x)], {})
+        if x is not None:
+            self.emit(node, "silu", [self.value(x)], {})
+            return
+        names = [i for i in node.input if i]
+        if len(names) != 2 or any(i in self.consts for i in names):
+            raise _Unsupported("multiplies by a constant (dlc folds only a per-channel scale after Conv or BN)")
+        a, b = (self.value(i) for i in names)
+        sa, sb = self.shape(a), self.shape(b)
+        if len(sb) == 3 and sa == (sb[0], 1, 1):
+            a, b, sa, sb = b, a, sb, sa  # the gate second
+        if not (sa == sb or (len(sa) == 3 and sb == (sa[0], 1, 1))):
+            raise _Unsupported(
+                f"broadcasts {fmt_shape(sa)} with {fmt_shape(sb)} (dlc multiplies equal shapes or C×H×W by C×1×1)"
+            )
+        self.emit(node, "mul", [a, b], {})
 
     def pool(self, node: onnx.NodeProto) -> None:
         x = self.feature_map(node)
@@ -806,6 +919,7 @@ class _Importer:
 
     HANDLERS = {
         "Conv": conv,
+        "ConvTranspose": conv_transpose,
         "BatchNormalization": batchnorm,
         "Relu": unary,
         "Sigmoid": unary,
@@ -826,6 +940,8 @@ class _Importer:
         "Add": add,
         "Sum": add,
         "Concat": concat,
+        "LRN": lrn,
+        "Pad": pad,
         "Softmax": softmax,
         "Flatten": flatten,
         "Reshape": reshape,

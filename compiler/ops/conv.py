@@ -1,8 +1,11 @@
-"""2-D convolution (ONNX Conv): any kernel shape, stride, padding incl. 'same', dilation, groups."""
+"""2-D convolution (ONNX Conv): any kernel shape, stride, padding incl. 'same', dilation, groups; and its
+transpose (ONNX ConvTranspose)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from dlc._C import conv as _k
 
@@ -82,3 +85,115 @@ class Conv(OpDef):
         a = node.attrs
         b.node("Conv", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
                strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"])
+
+
+@register
+class ConvTranspose(OpDef):
+    type = "conv_transpose"
+    doc = "2-D transposed convolution (ONNX ConvTranspose); weight C×(out/groups)×kh×kw"
+    params = (
+        Param("out", "int", minimum=1, help="number of output channels"),
+        Param("kernel", "pair", minimum=1, help="kernel size: k or [kh, kw]"),
+        Param("stride", "pair", 1, minimum=1),
+        Param("pad", "pad", 0),
+        Param("output_padding", "pair", 0, minimum=0),
+        Param("dilation", "pair", 1, minimum=1),
+        Param("groups", "int", 1, minimum=1),
+        Param("bias", "bool", True),
+    )
+    fillable = {"weight": {"type": "kaiming"}, "bias": {"type": "constant", "value": 0.0}}
+
+    def check_attrs(self, attrs: dict[str, Any]) -> None:
+        if attrs["pad"] == "same":
+            raise ParamError("'pad' of a conv_transpose must be explicit: an integer, [h, w] or [t, l, b, r]")
+        if attrs["out"] % attrs["groups"]:
+            raise ParamError(f"out ({attrs['out']}) must be divisible by groups ({attrs['groups']})")
+        for a in range(2):
+            if attrs["output_padding"][a] >= attrs["stride"][a]:
+                raise ParamError(
+                    f"output_padding {list(attrs['output_padding'])} must be smaller than the stride "
+                    f"{list(attrs['stride'])}"
+                )
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        shape = in_shapes[0]
+        if len(shape) != 3:
+            raise ShapeError(f"expects a C×H×W feature map, got {fmt_shape(shape)}")
+        if shape[0] % attrs["groups"]:
+            raise ShapeError(f"input channels ({shape[0]}) must be divisible by groups ({attrs['groups']})")
+        pads = (0, 0, 0, 0) if attrs["pad"] == "valid" else tuple(attrs["pad"])
+        hw = []
+        for a in range(2):
+            k = (attrs["kernel"][a] - 1) * attrs["dilation"][a] + 1
+            n = (shape[a + 1] - 1) * attrs["stride"][a] - pads[a] - pads[a + 2] + k + attrs["output_padding"][a]
+            if n < 1:
+                raise ShapeError(
+                    f"output {'height' if a == 0 else 'width'} would be {n} for input {fmt_shape(shape)} "
+                    f"with pads {list(pads)}; reduce the padding"
+                )
+            hw.append(n)
+        return (attrs["out"], hw[0], hw[1]), {**attrs, "pads": pads}
+
+    def param_shapes(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+        kh, kw = attrs["kernel"]
+        shapes = {"weight": (in_shapes[0][0], attrs["out"] // attrs["groups"], kh, kw)}
+        if attrs["bias"]:
+            shapes["bias"] = (attrs["out"],)
+        return shapes
+
+    def fan(self, attrs: dict[str, Any], in_shapes: list[Shape], out_shape: Shape) -> tuple[int, int]:
+        # Each output pixel sums about C/groups * kh * kw / (sh * sw) inputs.
+        kh, kw = attrs["kernel"]
+        sh, sw = attrs["stride"]
+        g = attrs["groups"]
+        return max(1, in_shapes[0][0] // g * kh * kw // (sh * sw)), attrs["out"] // g * kh * kw
+
+    def macs(self, attrs: dict[str, Any], in_shapes: list[Shape], out_shape: Shape) -> int:
+        kh, kw = attrs["kernel"]
+        c, h, w = in_shapes[0]
+        return c * h * w * (attrs["out"] // attrs["groups"]) * kh * kw
+
+    def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
+        f = in_fields[0]
+        size, jump, start = [], [], []
+        for a in range(2):
+            k = (attrs["kernel"][a] - 1) * attrs["dilation"][a] + 1
+            s = attrs["stride"][a]
+            size.append(f.size[a] + (k - 1) / s * f.jump[a])  # an output sees about (k - 1) / s + 1 inputs
+            jump.append(f.jump[a] / s)
+            start.append(f.start[a] + (attrs["pads"][a] - (k - 1) / 2) / s * f.jump[a])
+        return RField(tuple(size), tuple(jump), tuple(start))
+
+    # y = convT(x, w) is the input gradient of the convolution z = conv(y', w) that maps out -> C channels:
+    # forward is that conv's backward-input, backward-input is its forward, and the weight gradient is its
+    # weight gradient with the roles of input and upstream gradient swapped.
+    def forward(self, node, inputs, ctx):
+        a, x = node.attrs, inputs[0]
+        out_shape = self.infer(a, [x.shape[1:]])[0]
+        w = node.params["weight"]
+        shell = np.zeros((x.shape[0], *out_shape), np.float32)  # only its shape is read into dx
+        y, _, _ = _k.conv2d_backward(shell, w, x, a["stride"], a["pads"], a["dilation"], a["groups"], True, False)
+        if "bias" in node.params:
+            y += node.params["bias"].reshape(1, -1, 1, 1)
+        return y, (x if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        a, x = node.attrs, saved
+        w = node.params["weight"]
+        dx = None
+        if ctx.need_input_grad[0]:
+            dx = _k.conv2d_forward(dy, w, None, a["stride"], a["pads"], a["dilation"], a["groups"], x.shape[2:])
+        _, dw, _ = _k.conv2d_backward(dy, w, x, a["stride"], a["pads"], a["dilation"], a["groups"], False, False)
+        grads = {"weight": dw}
+        if "bias" in node.params:
+            grads["bias"] = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+        return [dx], grads
+
+    def to_onnx(self, node, b) -> None:
+        inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
+        if "bias" in node.params:
+            inputs.append(b.initializer(f"{node.name}.bias", node.params["bias"]))
+        a = node.attrs
+        b.node("ConvTranspose", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
+               strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"],
+               output_padding=list(a["output_padding"]))

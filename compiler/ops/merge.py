@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import OpDef, Shape, ShapeError, fmt_shape, register
+from .base import OpDef, RField, Shape, ShapeError, fmt_shape, register
 
 
 def _shape_list(in_shapes: list[Shape]) -> str:
@@ -63,3 +63,45 @@ class Concat(OpDef):
 
     def to_onnx(self, node, b) -> None:
         b.node("Concat", list(node.inputs), node.outputs, node.name, axis=1)
+
+
+@register
+class Mul(OpDef):
+    type = "mul"
+    doc = "elementwise product of two inputs of one shape, or C×H×W times a C×1×1 gate (squeeze-excite)"
+    min_inputs = 2
+    max_inputs = 2
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        a, b = in_shapes
+        if a == b or (len(a) == 3 and b == (a[0], 1, 1)):
+            return a, attrs
+        raise ShapeError(
+            f"inputs must have the same shape, or the second must be C×1×1 against a C×H×W first; "
+            f"got {_shape_list(in_shapes)}"
+        )
+
+    def receptive(self, attrs: dict[str, Any], in_fields: list[RField], in_shapes: list[Shape]) -> RField:
+        # Positions follow the first input (a broadcast gate has no positions of its own); each sees both fields.
+        a, b = in_fields
+        size = tuple(max(a.size[k], b.size[k]) for k in range(2))
+        start = tuple(a.start[k] if a.size[k] >= b.size[k] else b.start[k] for k in range(2))
+        return RField(size, a.jump, start)
+
+    def forward(self, node, inputs, ctx):
+        a, b = inputs
+        return a * b, ((a, b) if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        a, b = saved
+        need = ctx.need_input_grad or [True, True]
+        da = dy * b if need[0] else None
+        db = None
+        if need[1]:
+            db = dy * a
+            if db.shape != b.shape:  # the gate was broadcast over H×W: sum it back
+                db = db.sum(axis=(2, 3), keepdims=True, dtype=np.float32)
+        return [da, db], {}
+
+    def to_onnx(self, node, b) -> None:
+        b.node("Mul", list(node.inputs), node.outputs, node.name)

@@ -1,4 +1,5 @@
-"""Batch normalization (ONNX BatchNormalization, inference form with running statistics)."""
+"""Batch normalization (ONNX BatchNormalization, inference form with running statistics) and local response
+normalisation across channels (ONNX LRN)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,57 @@ class BatchNorm(OpDef):
         names = [b.initializer(f"{node.name}.{p}", node.params[p]) for p in ("scale", "bias", "mean", "var")]
         b.node("BatchNormalization", [node.inputs[0], *names], node.outputs, node.name, epsilon=node.attrs["eps"],
                momentum=1.0 - node.attrs["momentum"])  # ONNX's momentum weighs the old statistics
+
+
+def _window_sum(s: np.ndarray, below: int, above: int) -> np.ndarray:
+    """out[:, c] = sum of s[:, c - below ... c + above] over the channels inside [0, C), via a cumulative sum."""
+    c = s.shape[1]
+    cum = np.zeros((s.shape[0], c + 1, *s.shape[2:]), np.float64)
+    np.cumsum(s, axis=1, dtype=np.float64, out=cum[:, 1:])
+    idx = np.arange(c)
+    return cum[:, np.minimum(idx + above, c - 1) + 1] - cum[:, np.maximum(idx - below, 0)]
+
+
+@register
+class LRN(OpDef):
+    type = "lrn"
+    doc = "local response normalisation across channels (ONNX LRN): x / (bias + alpha/size * window sum x²)^beta"
+    params = (
+        Param("size", "int", 5, minimum=1, help="channels in the window"),
+        Param("alpha", "float", 1e-4),
+        Param("beta", "float", 0.75),
+        Param("bias", "float", 1.0),
+    )
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        if len(in_shapes[0]) != 3:
+            raise ShapeError(f"expects a C×H×W feature map, got {fmt_shape(in_shapes[0])}")
+        return in_shapes[0], attrs
+
+    @staticmethod
+    def _reach(size: int) -> tuple[int, int]:
+        return (size - 1) // 2, size // 2  # channels below and above the centre (ONNX: floor and ceil)
+
+    def forward(self, node, inputs, ctx):
+        a, x = node.attrs, inputs[0]
+        below, above = self._reach(a["size"])
+        x64 = x.astype(np.float64)
+        d = a["bias"] + a["alpha"] / a["size"] * _window_sum(x64 * x64, below, above)
+        y = (x64 * d ** -a["beta"]).astype(np.float32)
+        return y, ((x, d) if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        a = node.attrs
+        x, d = saved
+        below, above = self._reach(a["size"])
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        scale = d ** -a["beta"]
+        g = dy64 * x64 * scale / d * (-a["beta"] * a["alpha"] / a["size"])
+        # d[c] reads x[c'] for c' in [c - below, c + above]: the transpose window sums c in [c' - above, c' + below].
+        dx = dy64 * scale + 2.0 * x64 * _window_sum(g, above, below)
+        return [dx.astype(np.float32)], {}
+
+    def to_onnx(self, node, b) -> None:
+        a = node.attrs
+        b.node("LRN", [node.inputs[0]], node.outputs, node.name, size=a["size"], alpha=a["alpha"], beta=a["beta"],
+               bias=a["bias"])

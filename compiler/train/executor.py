@@ -75,12 +75,12 @@ class Executor:
                 continue  # nothing downstream of this node reaches the loss
             ctx.need_input_grad = [input_grads or v not in self.inputs for v in node.inputs]
             start = time.perf_counter()
-            input_grads, pgrads = op.backward(node, saved, np.ascontiguousarray(dy, dtype=np.float32), ctx)
+            grads_in, pgrads = op.backward(node, saved, np.ascontiguousarray(dy, dtype=np.float32), ctx)
             if timings is not None:
                 timings[node.name] = timings.get(node.name, 0.0) + time.perf_counter() - start
             if pgrads:
                 param_grads[node.name] = pgrads
-            for v, g in zip(node.inputs, input_grads):
+            for v, g in zip(node.inputs, grads_in):
                 if g is None:
                     continue
                 # Out of place: an op may hand the same array to several inputs (add does).
