@@ -5,7 +5,8 @@ padding of the Conv or pool after it, a bias Add into the Conv or MatMul before 
 weights, CSE, DCE). Batch norm is not folded: it stays a batchnorm layer, so an imported network fine-tunes
 with it. Then each ONNX node becomes one IR layer (ReLU6, a Clip, is a clip layer; a Pad that fuse_pad left is a
 pad layer; ConvTranspose is conv_transpose, LRN is lrn), a few patterns become one layer as a whole (x * Sigmoid(x)
-is silu, while other products of two tensors, equal in shape or C×H×W by a C×1×1 gate, are mul; MatMul + Add of a
+is silu, while other products of two tensors, equal in shape or C×H×W by a C×1×1 gate, are mul, and likewise
+Sub and Div of two tensors are sub and div; MatMul + Add of a
 bias is linear; ReduceMean over H, W is global average pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
 
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
@@ -48,10 +49,12 @@ NORMALIZE = [
 ]
 SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, ConvTranspose (explicit pads), "
-    "Dropout, Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, "
-    "MatMul, MaxPool, Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
+    "Div (two tensors of one shape, or C×H×W by C×1×1), Dropout, Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, "
+    "HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, MatMul, MaxPool, "
+    "Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
     "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
-    "Reshape (to flatten), Resize (nearest), Sigmoid, Softmax, Squeeze (to flatten), Sum, Tanh, Upsample"
+    "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Softmax, Squeeze (not the batch axis), "
+    "Sub (as Div), Sum, Tanh, Transpose (batch axis kept first), Unsqueeze (not before the batch axis), Upsample"
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
@@ -669,18 +672,28 @@ class _Importer:
         if x is not None:
             self.emit(node, "silu", [self.value(x)], {})
             return
+        self._binary(node, "mul", "multiplies by", "multiplies")
+
+    def _binary(self, node: onnx.NodeProto, op: str, by_const: str, verb: str) -> None:
+        """Mul, Sub or Div of two computed tensors: equal shapes, or C×H×W with a C×1×1 second operand."""
         names = [i for i in node.input if i]
         if len(names) != 2 or any(i in self.consts for i in names):
-            raise _Unsupported("multiplies by a constant (dlc folds only a per-channel scale after Conv or BN)")
+            raise _Unsupported(f"{by_const} a constant (dlc folds only a per-channel scale after Conv or BN)")
         a, b = (self.value(i) for i in names)
         sa, sb = self.shape(a), self.shape(b)
-        if len(sb) == 3 and sa == (sb[0], 1, 1):
-            a, b, sa, sb = b, a, sb, sa  # the gate second
+        if op == "mul" and len(sb) == 3 and sa == (sb[0], 1, 1):
+            a, b, sa, sb = b, a, sb, sa  # the gate second (a product commutes; a difference or quotient does not)
         if not (sa == sb or (len(sa) == 3 and sb == (sa[0], 1, 1))):
             raise _Unsupported(
-                f"broadcasts {fmt_shape(sa)} with {fmt_shape(sb)} (dlc multiplies equal shapes or C×H×W by C×1×1)"
+                f"broadcasts {fmt_shape(sa)} with {fmt_shape(sb)} (dlc {verb} equal shapes or C×H×W by C×1×1)"
             )
-        self.emit(node, "mul", [a, b], {})
+        self.emit(node, op, [a, b], {})
+
+    def sub(self, node: onnx.NodeProto) -> None:
+        self._binary(node, "sub", "subtracts", "subtracts")
+
+    def div(self, node: onnx.NodeProto) -> None:
+        self._binary(node, "div", "divides by", "divides")
 
     def pool(self, node: onnx.NodeProto) -> None:
         x = self.feature_map(node)
@@ -830,29 +843,74 @@ class _Importer:
         else:
             self.emit(node, "flatten", [x], {})
 
+    def _reshape_to(self, node: onnx.NodeProto, x: str, shape: Shape) -> None:
+        """x under a new per-sample shape: flatten where that is what it is, nothing where nothing changes."""
+        if tuple(shape) == self.shape(x):
+            self.alias[node.output[0]] = x
+        elif len(shape) == 1:
+            self._flat(node, x)
+        else:
+            self.emit(node, "reshape", [x], {"shape": list(shape)})
+
     def reshape(self, node: onnx.NodeProto) -> None:
         x = self.value(node.input[0])
         target = self.const(node, 1)
         if target is None:
             raise _Unsupported("its target shape is computed at run time")
         t = [int(v) for v in np.asarray(target).reshape(-1)]
-        n = math.prod(self.shape(x))
-        batch_ok = len(t) == 2 and (
-            (t[0] == 0 and not attr(node, "allowzero", 0))
-            or (t[0] == self.batch)
-            or (t[0] == -1 and t[1] == n)
-        )
-        if not batch_ok or t[1] not in (-1, n):
-            raise _Unsupported(f"to {t} (dlc reshapes only to [N, -1]: flatten)")
-        self._flat(node, x)
+        shape = self.shape(x)
+        n = math.prod(shape)
+        allowzero = bool(attr(node, "allowzero", 0))
+        if allowzero and 0 in t:
+            raise _Unsupported(f"to {t} with allowzero (a zero-sized tensor)")
+        # Entries 0 copy the input's dimension (allowzero off); the batch entry must keep the batch.
+        rest = [shape[k] if d == 0 and k < len(shape) else d for k, d in enumerate(t[1:])]
+        static = bool(rest) and 0 not in rest and -1 not in rest and math.prod(rest) == n
+        if not t or not (t[0] == 0 or (self.batch is not None and t[0] == self.batch) or (t[0] == -1 and static)):
+            raise _Unsupported(f"to {t}: it does not keep the batch axis first (dlc reshapes per sample)")
+        if not rest or 0 in rest or rest.count(-1) > 1 or any(d < -1 for d in rest):
+            raise _Unsupported(f"to {t}")
+        known = math.prod(d for d in rest if d != -1)
+        if (-1 in rest and n % known) or (-1 not in rest and known != n):
+            raise _Unsupported(f"to {t}: {fmt_shape(shape)} has {n} elements per sample")
+        self._reshape_to(node, x, tuple(n // known if d == -1 else d for d in rest))
 
     def squeeze(self, node: onnx.NodeProto) -> None:
         x = self.value(node.input[0])
         axes = self.axes(node, 13)
         shape = self.shape(x)
-        if axes is None or len(shape) != 3 or shape[1:] != (1, 1) or sorted(a % 4 for a in axes) != [2, 3]:
-            raise _Unsupported(f"axes {axes} of {fmt_shape(shape)} (dlc: a C×1×1 map to C, i.e. flatten)")
-        self._flat(node, x)
+        rank = len(shape) + 1
+        if axes is None or any(not -rank <= a < rank for a in axes):
+            raise _Unsupported(f"axes {axes} of {fmt_shape(shape)} (dlc squeezes named axes, not the batch)")
+        drop = {a % rank for a in axes}
+        if 0 in drop or any(shape[a - 1] != 1 for a in drop):
+            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)} (dlc squeezes axes of size 1, not the batch)")
+        self._reshape_to(node, x, tuple(d for k, d in enumerate(shape) if k + 1 not in drop))
+
+    def unsqueeze(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        axes = self.axes(node, 13)
+        shape = self.shape(x)
+        rank = len(shape) + 1 + len(axes or [])
+        if not axes or any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)}")
+        add = {a % rank for a in axes}
+        if 0 in add:
+            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)} (a new axis before the batch)")
+        dims = iter(shape)
+        self._reshape_to(node, x, tuple(1 if k in add else next(dims) for k in range(1, rank)))
+
+    def transpose(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        rank = len(self.shape(x)) + 1
+        perm = attr(node, "perm")
+        perm = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]
+        if sorted(perm) != list(range(rank)) or perm[0] != 0:
+            raise _Unsupported(f"perm {perm} (dlc transposes per sample: the batch axis stays first)")
+        if perm == sorted(perm):
+            self.alias[node.output[0]] = x
+        else:
+            self.emit(node, "transpose", [x], {"perm": [p - 1 for p in perm[1:]]})
 
     def resize(self, node: onnx.NodeProto) -> None:
         mode = _text(attr(node, "mode", "nearest"))
@@ -930,6 +988,8 @@ class _Importer:
         "HardSwish": hard_swish,
         "PRelu": prelu,
         "Mul": mul,
+        "Sub": sub,
+        "Div": div,
         "MaxPool": pool,
         "AveragePool": pool,
         "GlobalAveragePool": global_pool,
@@ -946,6 +1006,8 @@ class _Importer:
         "Flatten": flatten,
         "Reshape": reshape,
         "Squeeze": squeeze,
+        "Unsqueeze": unsqueeze,
+        "Transpose": transpose,
         "Resize": resize,
         "Upsample": resize,
         "Identity": passthrough,

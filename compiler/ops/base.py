@@ -47,7 +47,7 @@ class Param:
     """One YAML parameter of a layer.
 
     kind: 'int' | 'float' | 'bool' | 'choice' | 'pair' (int or [h, w]) | 'pad' (int, [h, w], [t, l, b, r],
-    'same' or 'valid').
+    'same' or 'valid') | 'ints' (a non-empty list of integers, e.g. a shape or a permutation).
     """
 
     name: str
@@ -90,6 +90,12 @@ class Param:
             for v in pair:
                 self._check_range(v)
             return tuple(pair)
+        if kind == "ints":
+            if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) for v in value):
+                raise ParamError(f"'{self.name}' must be a non-empty list of integers, got {value!r}")
+            for v in value:
+                self._check_range(v)
+            return tuple(int(v) for v in value)
         if kind == "pad":
             if value in ("same", "valid"):
                 return value

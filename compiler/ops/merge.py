@@ -1,4 +1,5 @@
-"""Ops that join branches: elementwise add (residuals) and channel concat (inception)."""
+"""Ops that join branches: elementwise add (residuals), channel concat (inception), and mul, sub and div of two
+inputs (equal shapes, or a C×1×1 second input broadcast over a C×H×W first)."""
 
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ class Concat(OpDef):
         b.node("Concat", list(node.inputs), node.outputs, node.name, axis=1)
 
 
-@register
-class Mul(OpDef):
-    type = "mul"
-    doc = "elementwise product of two inputs of one shape, or C×H×W times a C×1×1 gate (squeeze-excite)"
+class _Broadcast(OpDef):
+    """Two inputs of one shape, or C×H×W against a C×1×1 second input broadcast over H×W (mul, sub, div)."""
+
     min_inputs = 2
     max_inputs = 2
+    onnx_op: str
 
     def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
         a, b = in_shapes
@@ -88,20 +89,70 @@ class Mul(OpDef):
         start = tuple(a.start[k] if a.size[k] >= b.size[k] else b.start[k] for k in range(2))
         return RField(size, a.jump, start)
 
+    @staticmethod
+    def _reduce(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The gradient of a second input that was broadcast over H×W: summed back to N×C×1×1."""
+        if g.shape != shape:
+            g = g.sum(axis=(2, 3), keepdims=True, dtype=np.float32)
+        return g
+
     def forward(self, node, inputs, ctx):
         a, b = inputs
-        return a * b, ((a, b) if ctx.train else None)
+        return self.compute(a, b), ((a, b) if ctx.train else None)
 
     def backward(self, node, saved, dy, ctx):
         a, b = saved
         need = ctx.need_input_grad or [True, True]
-        da = dy * b if need[0] else None
-        db = None
-        if need[1]:
-            db = dy * a
-            if db.shape != b.shape:  # the gate was broadcast over H×W: sum it back
-                db = db.sum(axis=(2, 3), keepdims=True, dtype=np.float32)
-        return [da, db], {}
+        da, db = self.grads(a, b, dy, need[0], need[1])
+        return [da, None if db is None else self._reduce(db, b.shape)], {}
+
+    def compute(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def grads(self, a, b, dy, need_a: bool, need_b: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(d/da, d/db before reducing over broadcast axes); None where not needed."""
+        raise NotImplementedError
 
     def to_onnx(self, node, b) -> None:
-        b.node("Mul", list(node.inputs), node.outputs, node.name)
+        b.node(self.onnx_op, list(node.inputs), node.outputs, node.name)
+
+
+@register
+class Mul(_Broadcast):
+    type = "mul"
+    doc = "elementwise product of two inputs of one shape, or C×H×W times a C×1×1 gate (squeeze-excite)"
+    onnx_op = "Mul"
+
+    def compute(self, a, b):
+        return a * b
+
+    def grads(self, a, b, dy, need_a, need_b):
+        return (dy * b if need_a else None), (dy * a if need_b else None)
+
+
+@register
+class Sub(_Broadcast):
+    type = "sub"
+    doc = "elementwise difference a - b of two inputs of one shape, or C×H×W minus a C×1×1 second input"
+    onnx_op = "Sub"
+
+    def compute(self, a, b):
+        return a - b
+
+    def grads(self, a, b, dy, need_a, need_b):
+        return (dy if need_a else None), (-dy if need_b else None)
+
+
+@register
+class Div(_Broadcast):
+    type = "div"
+    doc = "elementwise quotient a / b of two inputs of one shape, or C×H×W divided by a C×1×1 second input"
+    onnx_op = "Div"
+
+    def compute(self, a, b):
+        return a / b
+
+    def grads(self, a, b, dy, need_a, need_b):
+        da = dy / b if need_a else None
+        db = -(dy * a) / (b * b) if need_b else None
+        return da, db

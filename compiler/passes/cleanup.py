@@ -423,10 +423,51 @@ def _through_identity(c: _Ctx, name: str) -> str:
     return name
 
 
-def _reshape_target(c: _Ctx, node: onnx.NodeProto) -> np.ndarray | None:
+_BATCH_KEEPING = {
+    "Identity", "Dropout", "Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish",
+    "BatchNormalization", "Conv", "ConvTranspose", "MaxPool", "AveragePool", "Softmax",
+}
+
+
+def _keeps_batch(c: _Ctx, name: str, origin: str, depth: int = 0) -> bool:
+    """Whether value `name` has the batch axis (axis 0) of value `origin`: `origin` itself, or computed from it
+    by ops that keep axis 0 (per-sample ops, Transpose with perm[0] = 0, Reshape copying dim 0)."""
+    while depth < 64:
+        name = _through_identity(c, name)
+        if name == origin:
+            return True
+        src = c.producers.get(name)
+        if src is None or src.domain not in ("", "ai.onnx"):
+            return False
+        if src.op_type == "Transpose":
+            perm = attr(src, "perm")
+            if perm is None or int(perm[0]) != 0:
+                return False
+        elif src.op_type == "Reshape":
+            target = c.consts.get(src.input[1])
+            if target is None:
+                target = _reshape_target(c, src, depth + 1)
+            if target is None or target.size == 0 or int(target.reshape(-1)[0]) != 0 or attr(src, "allowzero", 0):
+                return False
+        elif src.op_type in ("Squeeze", "Unsqueeze"):
+            axes = _axes(src, c.consts, c.opset)
+            rank = c.rank(src.input[0] if src.op_type == "Squeeze" else src.output[0])
+            if not axes or any(a == 0 or (a < 0 and (rank is None or a % rank == 0)) for a in axes):
+                return False
+        elif src.op_type == "Flatten":
+            if attr(src, "axis", 1) != 1:
+                return False
+        elif src.op_type not in _BATCH_KEEPING:
+            return False
+        name, depth = src.input[0], depth + 1
+    return False
+
+
+def _reshape_target(c: _Ctx, node: onnx.NodeProto, depth: int = 0) -> np.ndarray | None:
     """A constant target for a Reshape with a computed one: its output shape where that is static, or for
     Reshape(x, Concat(..., Shape(x)[i], ...)) where each non-constant piece is dim i of x at position i: the
-    target with 0 ("copy this dim") at those positions, e.g. x.view(x.size(0), -1) -> Reshape(x, [0, -1])."""
+    target with 0 ("copy this dim") at those positions, e.g. x.view(x.size(0), -1) -> Reshape(x, [0, -1]). A
+    leading Shape(y)[0] also counts where x keeps y's batch axis (see _keeps_batch)."""
     if node.input[1] in c.consts:
         return None
     out_dims = c.dims(node.output[0])
@@ -449,8 +490,15 @@ def _reshape_target(c: _Ctx, node: onnx.NodeProto) -> np.ndarray | None:
         if src is not None and src.op_type == "Unsqueeze" and _axes(src, c.consts, c.opset) in ([0], [-1]):
             src = c.producers.get(src.input[0])  # a scalar Gather made 1-D
         picked = _positions(c, src) if src is not None else None
-        if picked is None or _through_identity(c, picked[0].input[0]) != _through_identity(c, node.input[0]):
+        if picked is None:
             return None
+        if _through_identity(c, picked[0].input[0]) != _through_identity(c, node.input[0]):
+            # Shape(y)[0] where x's batch axis is y's, through ops that keep it (the channel shuffle's second
+            # view(n, -1, h, w) takes n from the tensor before the first view and the transpose).
+            if picked[1].reshape(-1).tolist() != [0] or len(pieces) != 0 or attr(picked[0], "start", 0) != 0:
+                return None
+            if not _keeps_batch(c, node.input[0], _through_identity(c, picked[0].input[0]), depth):
+                return None
         start = attr(picked[0], "start", 0)
         rank = c.rank(node.input[0])
         if start < 0 and rank is None:
