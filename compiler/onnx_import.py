@@ -6,7 +6,8 @@ weights, CSE, DCE). Batch norm is not folded: it stays a batchnorm layer, so an 
 with it. Then each ONNX node becomes one IR layer (ReLU6, a Clip, is a clip layer; a Pad that fuse_pad left is a
 pad layer; ConvTranspose is conv_transpose, LRN is lrn), a few patterns become one layer as a whole (x * Sigmoid(x)
 is silu, while other products of two tensors, equal in shape or C×H×W by a C×1×1 gate, are mul, and likewise
-Sub and Div of two tensors are sub and div; MatMul + Add of a
+Sub and Div of two tensors are sub and div; Mul, Div, Add and Sub of a tensor and a scalar or per-channel constant
+that no Conv took, such as input normalisation (x - mean) / std, are affine; MatMul + Add of a
 bias is linear; ReduceMean over H, W is global average pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
 
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
@@ -54,7 +55,8 @@ SUPPORTED = (
     "Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
     "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
     "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Softmax, Squeeze (not the batch axis), "
-    "Sub (as Div), Sum, Tanh, Transpose (batch axis kept first), Unsqueeze (not before the batch axis), Upsample"
+    "Sub (as Div), Sum, Tanh, Transpose (batch axis kept first), Unsqueeze (not before the batch axis), Upsample; "
+    "Add, Sub, Mul and Div of a tensor and a scalar or per-channel constant (as affine; not a constant / x)"
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
@@ -677,8 +679,12 @@ class _Importer:
     def _binary(self, node: onnx.NodeProto, op: str, by_const: str, verb: str) -> None:
         """Mul, Sub or Div of two computed tensors: equal shapes, or C×H×W with a C×1×1 second operand."""
         names = [i for i in node.input if i]
-        if len(names) != 2 or any(i in self.consts for i in names):
-            raise _Unsupported(f"{by_const} a constant (dlc folds only a per-channel scale after Conv or BN)")
+        constant = [k for k, i in enumerate(names) if i in self.consts]
+        if len(names) == 2 and len(constant) == 1:
+            k = constant[0]
+            return self.affine(node, op, names[1 - k], self.consts[names[k]], const_first=k == 0)
+        if len(names) != 2 or constant:
+            raise _Unsupported(f"{by_const} a constant (dlc takes only a scalar or per-channel constant)")
         a, b = (self.value(i) for i in names)
         sa, sb = self.shape(a), self.shape(b)
         if op == "mul" and len(sb) == 3 and sa == (sb[0], 1, 1):
@@ -688,6 +694,30 @@ class _Importer:
                 f"broadcasts {fmt_shape(sa)} with {fmt_shape(sb)} (dlc {verb} equal shapes or C×H×W by C×1×1)"
             )
         self.emit(node, op, [a, b], {})
+        return None
+
+    def affine(self, node: onnx.NodeProto, op: str, x: str, c: np.ndarray, const_first: bool) -> None:
+        """x * c, x / c, x + c, x - c or c - x with a constant c that is a scalar or varies only along the
+        channel axis: one affine layer (scale and shift per channel)."""
+        value = self.value(x)
+        shape = self.shape(value)
+        verb = {"mul": "multiplies by", "div": "divides by", "add": "adds", "sub": "subtracts"}[op]
+        if op == "div" and const_first:
+            raise _Unsupported("divides a constant by a tensor (dlc divides only by a constant)")
+        vec = channel_vector(np.asarray(c), len(shape) + 1, shape[0]) if shape else None
+        if vec is None:
+            raise _Unsupported(
+                f"{verb} a constant of shape {list(np.shape(c))} (dlc takes only a scalar or per-channel constant: "
+                "(), (1,), (C,) for a flat input, (C, 1, 1) or (1, C, 1, 1))"
+            )
+        ones, zeros = np.ones_like(vec), np.zeros_like(vec)
+        scale, shift = {
+            "mul": (vec, zeros),
+            "div": (1.0 / vec, zeros),
+            "add": (ones, vec),
+            "sub": (-ones, vec) if const_first else (ones, -vec),
+        }[op]
+        self.emit(node, "affine", [value], {}, {"scale": scale, "shift": shift})
 
     def sub(self, node: onnx.NodeProto) -> None:
         self._binary(node, "sub", "subtracts", "subtracts")
@@ -793,7 +823,8 @@ class _Importer:
         return None
 
     def bias_add(self, node: onnx.NodeProto, y: str, c: np.ndarray) -> None:
-        """layer(x) + constant bias, where the layer is a conv or linear layer whose output nothing else reads."""
+        """layer(x) + constant bias, where the layer is a conv or linear layer whose output nothing else reads;
+        any other tensor plus a scalar or per-channel constant is an affine layer."""
         value = self.value(y)
         layer = self.graph.producer(value)
         ok = (
@@ -804,12 +835,13 @@ class _Importer:
             and y not in self.output_names
         )
         vec = channel_vector(c, len(self.shape(value)) + 1, layer.attrs["out"]) if ok else None
-        if vec is None:
-            raise _Unsupported("adds a constant (dlc folds only a bias right after Conv, Gemm or MatMul)")
+        if vec is None:  # not a bias to fold: a shift of its own
+            return self.affine(node, "add", y, c, False)
         layer.params["bias"] = (layer.params.get("bias", 0.0) + vec).astype(np.float32)
         layer.attrs["bias"] = True
         self.alias[node.output[0]] = value
         self.origin[value] = node.output[0]
+        return None
 
     def concat(self, node: onnx.NodeProto) -> None:
         values = [self.value(i) for i in node.input if i]

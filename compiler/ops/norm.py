@@ -1,5 +1,5 @@
 """Batch normalization (ONNX BatchNormalization, inference form with running statistics) and local response
-normalisation across channels (ONNX LRN)."""
+normalisation across channels (ONNX LRN), and a per-channel affine scale and shift (ONNX Mul + Add)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,47 @@ class LRN(OpDef):
         a = node.attrs
         b.node("LRN", [node.inputs[0]], node.outputs, node.name, size=a["size"], alpha=a["alpha"], beta=a["beta"],
                bias=a["bias"])
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A (C,) vector shaped to broadcast along axis 1 of an N×C×... tensor of rank `ndim`."""
+    return v.reshape((-1,) + (1,) * (ndim - 2))
+
+
+@register
+class Affine(OpDef):
+    type = "affine"
+    doc = "y = x * scale[c] + shift[c], a learned scale and shift per channel (e.g. input normalisation)"
+    fillable = {"scale": {"type": "constant", "value": 1.0}, "shift": {"type": "constant", "value": 0.0}}
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        if len(in_shapes[0]) not in (1, 3):
+            raise ShapeError(f"expects C×H×W or a flat vector, got {fmt_shape(in_shapes[0])}")
+        return in_shapes[0], attrs
+
+    def param_shapes(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+        c = (in_shapes[0][0],)
+        return {"scale": c, "shift": c}
+
+    def forward(self, node, inputs, ctx):
+        x, p = inputs[0], node.params
+        y = x * _per_channel(p["scale"], x.ndim) + _per_channel(p["shift"], x.ndim)
+        return y.astype(np.float32, copy=False), (x if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        x = saved
+        axes = tuple(k for k in range(dy.ndim) if k != 1)
+        dx = (dy * _per_channel(node.params["scale"], dy.ndim)).astype(np.float32, copy=False)
+        dscale = np.sum(dy.astype(np.float64) * x, axis=axes).astype(np.float32)
+        dshift = np.sum(dy, axis=axes, dtype=np.float64).astype(np.float32)
+        return [dx], {"scale": dscale, "shift": dshift}
+
+    def to_onnx(self, node, b) -> None:
+        # Mul then Add, both broadcasting from the right: C×1×1 for a feature map, C for a flat vector.
+        spatial = len(b.shapes[node.inputs[0]]) == 3
+        scale, shift = (node.params[p].reshape(-1, 1, 1) if spatial else node.params[p] for p in ("scale", "shift"))
+        scale_name = b.initializer(f"{node.name}.scale", scale)
+        shift_name = b.initializer(f"{node.name}.shift", shift)
+        scaled = b.fresh(f"{node.name}.scaled")
+        b.node("Mul", [node.inputs[0], scale_name], [scaled], f"{node.name}/mul")
+        b.node("Add", [scaled, shift_name], node.outputs, node.name)
