@@ -12,21 +12,25 @@ from dlc._C import conv as _k
 from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
 from .window import resolve_pads, window_output
 
+# Shared by conv and conv_transpose (which adds output_padding after pad).
+_CONV_PARAMS = (
+    Param("out", "int", minimum=1, help="number of output channels"),
+    Param("kernel", "pair", minimum=1, help="kernel size: k or [kh, kw]"),
+    Param("stride", "pair", 1, minimum=1),
+    Param("pad", "pad", 0),
+    Param("dilation", "pair", 1, minimum=1),
+    Param("groups", "int", 1, minimum=1),
+    Param("bias", "bool", True),
+)
+_FILLERS = {"weight": {"type": "kaiming"}, "bias": {"type": "constant", "value": 0.0}}
+
 
 @register
 class Conv(OpDef):
     type = "conv"
     doc = "2-D convolution; weight O×(C/groups)×kh×kw"
-    params = (
-        Param("out", "int", minimum=1, help="number of output channels"),
-        Param("kernel", "pair", minimum=1, help="kernel size: k or [kh, kw]"),
-        Param("stride", "pair", 1, minimum=1),
-        Param("pad", "pad", 0),
-        Param("dilation", "pair", 1, minimum=1),
-        Param("groups", "int", 1, minimum=1),
-        Param("bias", "bool", True),
-    )
-    fillable = {"weight": {"type": "kaiming"}, "bias": {"type": "constant", "value": 0.0}}
+    params = _CONV_PARAMS
+    fillable = _FILLERS
 
     def check_attrs(self, attrs: dict[str, Any]) -> None:
         if attrs["out"] % attrs["groups"]:
@@ -91,17 +95,8 @@ class Conv(OpDef):
 class ConvTranspose(OpDef):
     type = "conv_transpose"
     doc = "2-D transposed convolution (ONNX ConvTranspose); weight C×(out/groups)×kh×kw"
-    params = (
-        Param("out", "int", minimum=1, help="number of output channels"),
-        Param("kernel", "pair", minimum=1, help="kernel size: k or [kh, kw]"),
-        Param("stride", "pair", 1, minimum=1),
-        Param("pad", "pad", 0),
-        Param("output_padding", "pair", 0, minimum=0),
-        Param("dilation", "pair", 1, minimum=1),
-        Param("groups", "int", 1, minimum=1),
-        Param("bias", "bool", True),
-    )
-    fillable = {"weight": {"type": "kaiming"}, "bias": {"type": "constant", "value": 0.0}}
+    params = _CONV_PARAMS[:4] + (Param("output_padding", "pair", 0, minimum=0),) + _CONV_PARAMS[4:]
+    fillable = _FILLERS
 
     def check_attrs(self, attrs: dict[str, Any]) -> None:
         if attrs["pad"] == "same":
