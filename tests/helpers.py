@@ -54,3 +54,14 @@ def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
         flat[i] = keep
         gflat[i] = (up - down) / (2 * h)
     return grad
+
+
+def onnx_model(nodes, inits=(), shape=(4, 6, 6), opset=17):
+    """A one-input ONNX model (dynamic batch, input 'x' of per-sample `shape`) around hand-built nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *shape])
+    out = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [out],
+                              initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)

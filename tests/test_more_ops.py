@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from dlc.compiler.errors import DlcError
 from dlc.compiler.export_onnx import check, to_onnx
 from dlc.compiler.onnx_import import import_onnx, verify_import
 from dlc.compiler.train.executor import Executor
 
-from helpers import errors_of, load, model_yaml
+from helpers import errors_of, load, model_yaml, onnx_model
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -79,17 +79,7 @@ def _check_gradients(graph, x, seed=5, expect=()):
     assert _agrees(lambda eps: loss(x + eps * d, proj)[0], analytic, 3e-2)
 
 
-def _model(nodes, inits=(), shape=(4, 6, 6), opset=17):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *shape])
-    out = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [x],
-        [out],
-        initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+_model = onnx_model
 
 
 def _check_import(model, types, shape=(4, 6, 6)):

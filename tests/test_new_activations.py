@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from dlc.compiler.errors import DlcError
 from dlc.compiler.export_onnx import check, to_onnx
@@ -17,7 +17,7 @@ from dlc.compiler.onnx_import import import_onnx, verify_import
 from dlc.compiler.train.executor import Executor
 from dlc.compiler.yaml_writer import graph_to_yaml
 
-from helpers import errors_of, load, model_yaml
+from helpers import errors_of, load, model_yaml, onnx_model
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -178,17 +178,7 @@ def test_whole_graph_gradients_match_finite_differences():
 # ONNX import
 
 
-def _model(nodes, inits=(), opset=17, channels=4):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", channels, 6, 6])
-    out = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [x],
-        [out],
-        initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+_model = onnx_model
 
 
 def _check_import(model, types):
