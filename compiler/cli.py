@@ -379,6 +379,61 @@ def run(
     out.print(f"  latency median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms over {latency.runs} runs")
 
 
+@app.command()
+def bench(
+    models: list[Path] = typer.Argument(..., help="ONNX model files; the first is the baseline."),
+    batch: str = typer.Option("1", help="Comma-separated batch sizes, e.g. 1,32."),
+    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    min_time: float = typer.Option(2.0, "--min-time", min=0.0,
+                                   help="Seconds of measured time per model and batch (at least 20 runs)."),
+    warmup: int = typer.Option(5, min=0, help="Warm-up runs per model and batch."),
+    plot: Path = typer.Option(None, "--plot", help="Also write a PNG bar chart of the latencies here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Benchmark ONNX models side by side on one runtime: latency percentiles, throughput, size, parameters,
+    MACs and the speed-up against the first model.
+
+    Runs are interleaved (A, B, A, B, ...) so machine drift hits every model alike; the speed-up is the ratio
+    of minimum latencies, which is steady on shared machines where the ratio of medians (shown beside it) is
+    not. Runs above Q3 + 3·IQR are clipped from the percentiles."""
+    from dlc.runtime.bench import bench as run_bench
+    from dlc.runtime.bench import plot_bench
+
+    try:
+        try:
+            batches = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            raise DlcError(f"--batch: expected comma-separated integers such as 1,32, got '{batch}'") from None
+        result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup)
+        if plot is not None:
+            plot_bench(result, plot)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"dlc bench: input {'×'.join(map(str, result.input_shape[0]))}, interleaved runs, "
+                  f"≥{min_time:g} s per model and batch", title_justify="left")
+    for col in ("model", "batch", "provider", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "speed-up (min)",
+                "median ratio", "size KiB", "params", "MACs"):
+        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
+    for i, r in enumerate(result.rows):
+        if i and r.batch != result.rows[i - 1].batch:
+            table.add_section()
+        table.add_row(r.model, str(r.batch), r.provider.removesuffix("ExecutionProvider"), f"{r.p50_ms:.3f}",
+                      f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.min_ms:.3f}", f"{r.throughput:,.0f}",
+                      f"{r.speedup:.2f}×", f"{r.median_ratio:.2f}×", f"{r.file_bytes / 1024:,.1f}", f"{r.params:,}",
+                      f"{r.macs:,}")
+    out.print(table)
+    runs = ", ".join(f"{r.model} b{r.batch}: {r.runs} runs" + (f", {r.clipped} clipped" if r.clipped else "")
+                     for r in result.rows)
+    out.print(f"  runs        {runs}", highlight=False)
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if plot is not None:
+        out.print(f"  plot        {plot}", highlight=False)
+
+
 def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)

@@ -1,0 +1,306 @@
+"""Side-by-side benchmarking of ONNX models (`dlc bench`): one harness, runs interleaved, robust ratios.
+
+Every model is loaded on the same runtime, warmed up, then run in turn (A, B, C, A, B, C, ...) until each has
+at least `min_time_s` of measured time and at least `MIN_RUNS` runs, so drift on a shared machine (another job,
+clock changes) hits all models alike. Runs far above the rest (over Q3 + 3·IQR) are clipped from the
+percentiles and counted. The speed-up against the first model is the ratio of minimum latencies, which holds
+within about ±10 % on shared machines where the ratio of medians of sub-millisecond runs swings 1.3-2.6×;
+the ratio of medians is reported beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dlc.compiler.errors import DlcError
+
+from .session import Session
+
+MIN_RUNS = 20
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+@dataclass
+class LatencyStats:
+    """Latency percentiles (ms) after clipping runs above Q3 + 3·IQR; `min_ms` is over all runs."""
+
+    runs: int
+    clipped: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    mean_ms: float
+
+
+def latency_stats(times_ms: Sequence[float]) -> LatencyStats:
+    """Percentiles of the runs that remain after dropping those above Q3 + 3·IQR (outliers: a preempted run)."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("no timed runs")
+    q1, q3 = np.percentile(t, [25, 75])
+    kept = t[t <= q3 + 3.0 * (q3 - q1)]
+    p50, p90, p99 = np.percentile(kept, [50, 90, 99])
+    return LatencyStats(
+        runs=int(t.size),
+        clipped=int(t.size - kept.size),
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        min_ms=float(t.min()),
+        mean_ms=float(kept.mean()),
+    )
+
+
+@dataclass
+class ModelCost:
+    """What a model file costs: bytes on disk, float parameters (initializers) and MACs per image."""
+
+    file_bytes: int
+    params: int
+    macs: int
+
+
+def model_cost(path: str | Path) -> ModelCost:
+    """File size, float initializer elements, and Conv/ConvTranspose/Gemm/MatMul MACs for one image."""
+    from dlc.compiler.onnx_io import load_onnx
+
+    model = load_onnx(path)
+    params = sum(
+        int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES
+    )
+    return ModelCost(file_bytes=Path(path).stat().st_size, params=params, macs=count_macs(model))
+
+
+def count_macs(model: onnx.ModelProto) -> int:
+    """MACs per image from onnx shape inference with the batch dimension fixed to 1.
+
+    Conv: output elements × C_in/groups × kh × kw; ConvTranspose: input elements × C_out/groups × kh × kw;
+    Gemm and MatMul: M × K × N (times any batch dimensions of MatMul). Other ops count zero.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference can fail on unusual graphs: count what the file's own shapes allow
+        pass
+    shapes: dict[str, list[int] | None] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            shapes[vi.name] = None if None in dims else dims
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+
+    def shape(name: str) -> list[int] | None:
+        return shapes.get(name)
+
+    total = 0
+    for node in model.graph.node:
+        op = node.op_type
+        if op in ("Conv", "ConvTranspose"):
+            w = shape(node.input[1])
+            ref = shape(node.output[0] if op == "Conv" else node.input[0])
+            if w and ref:
+                total += int(np.prod(ref, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+        elif op == "Gemm":
+            a, y = shape(node.input[0]), shape(node.output[0])
+            if a and y and len(a) == 2:
+                trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+                k = a[0] if trans_a else a[1]
+                total += y[0] * y[1] * k
+        elif op == "MatMul":
+            a, y = shape(node.input[0]), shape(node.output[0])
+            if a and y:
+                total += int(np.prod(y, dtype=np.int64)) * a[-1]
+    return total
+
+
+@dataclass
+class BenchRow:
+    model: str
+    path: str
+    batch: int
+    provider: str
+    runs: int
+    clipped: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    mean_ms: float
+    throughput: float  # images per second at the median latency
+    file_bytes: int
+    params: int
+    macs: int
+    speedup: float  # vs the first model at the same batch: ratio of minimum latencies (robust)
+    median_ratio: float  # vs the first model: ratio of median latencies (noisy on shared machines)
+
+
+@dataclass
+class BenchResult:
+    device: str
+    min_time_s: float
+    warmup: int
+    input_shape: list
+    rows: list[BenchRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Short names: the file name, or parent/name where two files share a name (e.g. build/*/model.onnx)."""
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def bench(
+    paths: Sequence[str | Path],
+    batches: Sequence[int] = (1,),
+    device: str = "auto",
+    min_time_s: float = 2.0,
+    warmup: int = 5,
+    on_run: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
+
+    on_run(model index, batch), if given, is called after every timed run (tests use it to see the order).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DlcError("give at least one ONNX model to benchmark")
+    if not batches or any(b < 1 for b in batches):
+        raise DlcError(f"batch sizes must be positive integers, got {list(batches)}")
+    if min_time_s < 0:
+        raise DlcError(f"--min-time must be >= 0, got {min_time_s}")
+    sessions = [Session(p, device=device) for p in paths]
+    costs = [model_cost(p) for p in paths]
+    labels = _labels(paths)
+
+    def sample_shape(s: Session) -> list:
+        return [list(a.shape[1:]) for a in s.inputs]
+
+    first_shape = sample_shape(sessions[0])
+    for path, s in zip(paths[1:], sessions[1:]):
+        if sample_shape(s) != first_shape:
+            raise DlcError(
+                f"input shapes differ: {paths[0]} takes {_fmt(first_shape)} but {path} takes "
+                f"{_fmt(sample_shape(s))}; benchmark models of the same input"
+            )
+    for path, s in zip(paths, sessions):
+        for a in s.inputs:
+            fixed = a.shape[0] if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 0 else None
+            bad = [b for b in batches if fixed is not None and b != fixed]
+            if bad:
+                raise DlcError(
+                    f"{path}: input '{a.name}' has a fixed batch size of {fixed}, cannot run batch "
+                    f"{bad[0]}; export it with a dynamic batch axis"
+                )
+
+    result = BenchResult(device=device, min_time_s=min_time_s, warmup=warmup, input_shape=first_shape)
+    for batch in batches:
+        feeds = [s.random_inputs(batch, seed=0) for s in sessions]
+        for s, f in zip(sessions, feeds):
+            for _ in range(warmup):
+                s.run(f)
+        times: list[list[float]] = [[] for _ in sessions]
+        spent = [0.0] * len(sessions)
+        while min(spent) < min_time_s or min(len(t) for t in times) < MIN_RUNS:
+            for i, (s, f) in enumerate(zip(sessions, feeds)):
+                start = time.perf_counter()
+                s.run(f)
+                elapsed = time.perf_counter() - start
+                spent[i] += elapsed
+                times[i].append(elapsed * 1e3)
+                if on_run is not None:
+                    on_run(i, batch)
+        stats = [latency_stats(t) for t in times]
+        base = stats[0]
+        for i, (st, cost, s) in enumerate(zip(stats, costs, sessions)):
+            speedup = 1.0 if i == 0 else base.min_ms / st.min_ms
+            median_ratio = 1.0 if i == 0 else base.p50_ms / st.p50_ms
+            result.rows.append(
+                BenchRow(
+                    model=labels[i],
+                    path=str(paths[i]),
+                    batch=batch,
+                    provider=s.provider,
+                    runs=st.runs,
+                    clipped=st.clipped,
+                    p50_ms=st.p50_ms,
+                    p90_ms=st.p90_ms,
+                    p99_ms=st.p99_ms,
+                    min_ms=st.min_ms,
+                    mean_ms=st.mean_ms,
+                    throughput=batch / (st.p50_ms / 1e3),
+                    file_bytes=cost.file_bytes,
+                    params=cost.params,
+                    macs=cost.macs,
+                    speedup=speedup,
+                    median_ratio=median_ratio,
+                )
+            )
+            if i and speedup < 1.0:
+                result.warnings.append(
+                    f"{labels[i]} is not faster than {labels[0]} at batch {batch}: speed-up {speedup:.2f}× by "
+                    f"minimum latency ({median_ratio:.2f}× by median)"
+                )
+    return result
+
+
+def _fmt(shapes: list) -> str:
+    return ", ".join("×".join(map(str, s)) for s in shapes)
+
+
+def plot_bench(result: BenchResult, path: str | Path) -> None:
+    """Median latency per model and batch as grouped bars (whiskers: minimum to p90), written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dlc.compiler.atomic import write_bytes
+
+    batches = sorted({r.batch for r in result.rows})
+    models = list(dict.fromkeys(r.model for r in result.rows))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(batches) * len(models) ** 0.5 + 2), 4))
+    for j, model in enumerate(models):
+        rows = {r.batch: r for r in result.rows if r.model == model}
+        xs = [k + (j - (len(models) - 1) / 2) * width for k in range(len(batches))]
+        p50 = [rows[b].p50_ms for b in batches]
+        low = [rows[b].p50_ms - rows[b].min_ms for b in batches]
+        high = [rows[b].p90_ms - rows[b].p50_ms for b in batches]
+        ax.bar(xs, p50, width, yerr=[low, high], capsize=3, label=model)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("latency (ms): median, whiskers min to p90")
+    ax.set_title(f"dlc bench ({result.rows[0].provider if result.rows else result.device})")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
