@@ -1,0 +1,282 @@
+"""Structured channel pruning with dependency groups (compiler/prune)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from dlc.compiler.analysis import summarize
+from dlc.compiler.export_onnx import to_onnx
+from dlc.compiler.frontend import load_model
+from dlc.compiler.prune import channel_groups, importance, prune, prune_channels
+from dlc.compiler.prune.structured import _Analysis
+from dlc.compiler.train.executor import Executor
+
+from helpers import ROOT, load, random_input
+
+EXAMPLES = ["resnet20", "inception_small", "mobilenet_small"]
+
+
+def example(name):
+    return load_model(ROOT / "examples" / f"{name}.yaml").graph
+
+
+def randomize_norms(graph, seed=1):
+    rng = np.random.default_rng(seed)
+    for node in graph.nodes():
+        if node.op == "batchnorm":
+            c = node.params["scale"].shape[0]
+            node.params["scale"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            node.params["bias"] = rng.standard_normal(c).astype(np.float32)
+            node.params["mean"] = rng.standard_normal(c).astype(np.float32) * 0.1
+            node.params["var"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        elif node.op in ("conv", "linear") and "bias" in node.params:
+            node.params["bias"] = rng.standard_normal(node.params["bias"].shape).astype(np.float32) * 0.1
+
+
+def zero_channels(graph, group, indices):
+    """Make the group's `indices` exactly zero after every producer / BN / depthwise conv of the group."""
+    an = _Analysis(graph)
+    root = an.root_of(group)
+    for b in an.bindings:
+        node = graph.node(b.node)
+        consumer_side = (
+            (node.op == "conv" and node.attrs["groups"] == 1 and b.axis == 1)
+            or (node.op == "linear" and b.axis == 1)
+            or (node.op == "batchnorm" and b.param in ("mean", "var"))
+        )
+        if consumer_side:
+            continue
+        spaces, idx = an.labels[b.value]
+        sel = (an.roots(spaces) == root) & np.isin(idx, indices)
+        p = node.params[b.param]
+        slicer = [slice(None)] * p.ndim
+        slicer[b.axis] = np.flatnonzero(sel)
+        p[tuple(slicer)] = 0.0
+
+
+def group_of(graph, producer):
+    return next(g for g in channel_groups(graph) if producer in g.producers)
+
+
+def check_zero_pruning(graph, spec):
+    """spec: producer -> indices to zero and prune. Outputs before and after must agree exactly."""
+    randomize_norms(graph)
+    for producer, indices in spec.items():
+        zero_channels(graph, group_of(graph, producer), indices)
+    x = random_input(graph, batch=3)
+    before = Executor(graph).forward(x)[graph.outputs[0]]
+    for producer, indices in spec.items():
+        group = group_of(graph, producer)
+        assert group.prunable
+        assert np.all(importance(graph, group, "l1")[indices] == 0)
+        prune_channels(graph, group, [i for i in range(group.size) if i not in indices])
+        assert group_of(graph, producer).size == group.size - len(indices)
+    after = Executor(graph).forward(x)[graph.outputs[0]]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+    return graph
+
+
+def test_zero_channels_residual_block():
+    g = load(
+        """
+        - {name: c0, type: conv, out: 8, kernel: 3, pad: 1}
+        - {name: b0, type: batchnorm}
+        - {name: r0, type: relu}
+        - {name: c1, type: conv, out: 8, kernel: 3, pad: 1}
+        - {name: b1, type: batchnorm}
+        - {name: add, type: add, inputs: [b1, r0]}
+        - {name: r1, type: relu}
+        - {name: c2, type: conv, out: 4, kernel: 1}
+        - {name: gap, type: global_avgpool}
+        - {name: flat, type: flatten}
+        - {name: fc, type: linear, out: 3}
+    """,
+        shape=(3, 8, 8),
+    ).graph
+    assert group_of(g, "c0").producers == ["c0", "c1"]
+    check_zero_pruning(g, {"c0": [1, 4, 6]})
+    assert g.node("c0").params["weight"].shape == (5, 3, 3, 3)
+    assert g.node("c1").params["weight"].shape == (5, 5, 3, 3)
+    assert g.node("c2").params["weight"].shape == (4, 5, 1, 1)
+    assert g.shapes["add"] == (5, 8, 8)
+
+
+def test_zero_channels_resnet20_stage_group():
+    g = example("resnet20")
+    check_zero_pruning(g, {"conv1": [0, 5, 15], "stage2_down/proj": [3, 31], "stage1_1/conv1": [2]})
+    assert g.shapes["stage1_2/add"] == (13, 32, 32)
+
+
+def test_zero_channels_concat():
+    g = load(
+        """
+        - {name: a, type: conv, out: 4, kernel: 3, pad: 1, inputs: input}
+        - {name: ra, type: relu}
+        - {name: b, type: conv, out: 6, kernel: 1, inputs: input}
+        - {name: bb, type: batchnorm}
+        - {name: rb, type: relu}
+        - {name: cat, type: concat, inputs: [ra, rb]}
+        - {name: pool, type: maxpool, kernel: 2, stride: 2}
+        - {name: c, type: conv, out: 5, kernel: 3, pad: 1}
+        - {name: gap, type: global_avgpool}
+        - {name: flat, type: flatten}
+        - {name: fc, type: linear, out: 3}
+    """,
+        shape=(3, 8, 8),
+    ).graph
+    check_zero_pruning(g, {"a": [2], "b": [0, 3, 5]})
+    assert g.shapes["cat"] == (6, 8, 8)
+    assert g.node("c").params["weight"].shape == (5, 6, 3, 3)
+
+
+def test_zero_channels_inception():
+    g = example("inception_small")
+    check_zero_pruning(g, {"inc1/b3": [0, 7], "inc1/pool_proj": [1], "inc3/b5b": [4, 5], "stem": [9]})
+
+
+def test_zero_channels_depthwise():
+    g = load(
+        """
+        - {name: c0, type: conv, out: 8, kernel: 3, pad: 1}
+        - {name: b0, type: batchnorm}
+        - {name: r0, type: relu}
+        - {name: dw, type: conv, out: 8, kernel: 3, pad: 1, groups: 8}
+        - {name: b1, type: batchnorm}
+        - {name: r1, type: relu}
+        - {name: pw, type: conv, out: 6, kernel: 1}
+        - {name: gap, type: global_avgpool}
+        - {name: flat, type: flatten}
+        - {name: fc, type: linear, out: 3}
+    """,
+        shape=(3, 8, 8),
+    ).graph
+    group = group_of(g, "c0")
+    assert {"dw", "b1", "pw"} <= set(group.members)
+    check_zero_pruning(g, {"c0": [0, 7]})
+    dw = g.node("dw")
+    assert dw.attrs["out"] == dw.attrs["groups"] == 6
+    assert dw.params["weight"].shape == (6, 1, 3, 3) and dw.params["bias"].shape == (6,)
+
+
+def test_zero_channels_mobilenet():
+    check_zero_pruning(example("mobilenet_small"), {"stem": [1, 2], "sep3/pw": [0, 100]})
+
+
+def test_zero_channels_conv_flatten_linear():
+    g = load(
+        """
+        - {name: c0, type: conv, out: 4, kernel: 3}
+        - {name: r0, type: relu}
+        - {name: pool, type: maxpool, kernel: 2, stride: 2}
+        - {name: flat, type: flatten}
+        - {name: fc1, type: linear, out: 6}
+        - {name: r1, type: relu}
+        - {name: fc2, type: linear, out: 3}
+    """,
+        shape=(3, 6, 6),
+    ).graph
+    assert not group_of(g, "fc2").prunable
+    assert group_of(g, "fc1").prunable
+    check_zero_pruning(g, {"c0": [1, 3], "fc1": [0, 4]})
+    assert g.node("fc1").params["weight"].shape == (4, 8)  # 2 channels × 2×2 positions
+    assert g.node("fc2").params["weight"].shape == (3, 4)
+
+
+def test_barriers_make_groups_fixed():
+    g = load(
+        """
+        - {name: c0, type: conv, out: 8, kernel: 3, pad: 1}
+        - {name: n0, type: lrn, size: 3}
+        - {name: c1, type: conv, out: 8, kernel: 3, pad: 1, groups: 2}
+        - {name: c2, type: conv, out: 4, kernel: 1}
+    """,
+        shape=(3, 8, 8),
+    ).graph
+    assert not group_of(g, "c0").prunable  # lrn
+    assert not group_of(g, "c1").prunable  # grouped conv
+    assert not group_of(g, "c2").prunable  # graph output
+
+
+def test_resnet20_groups():
+    groups = channel_groups(example("resnet20"))
+    stage1 = group_of_list(groups, "conv1")
+    assert stage1.producers == ["conv1", "stage1_0/conv2", "stage1_1/conv2", "stage1_2/conv2"]
+    stage3 = group_of_list(groups, "stage3_down/proj")
+    assert set(stage3.producers) == {
+        "stage3_down/conv2",
+        "stage3_down/proj",
+        "stage3_0/conv2",
+        "stage3_1/conv2",
+    }
+    assert "fc" in stage3.members
+    fc = group_of_list(groups, "fc")
+    assert not fc.prunable
+    assert sum(g.prunable for g in groups) == 12
+
+
+def group_of_list(groups, producer):
+    return next(g for g in groups if producer in g.producers)
+
+
+def run_ort(graph, x):
+    model = to_onnx(graph)
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, {graph.input_names[0]: x})[0]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_prune_half(name):
+    g = example(name)
+    before = summarize(g)
+    report = prune(g, 0.5)
+    after = summarize(g)
+    assert after.total_macs < 0.5 * before.total_macs
+    assert after.total_params < 0.5 * before.total_params
+    assert report and all(1 <= r["after"] <= r["before"] for r in report)
+    assert all(r["after"] == -(-r["before"] // 2) for r in report)
+    for node in g.nodes():
+        if node.op == "conv":
+            assert node.attrs["out"] >= 1
+    assert g.node("fc").attrs["out"] == 10
+    x = random_input(g, batch=2)
+    y = run_ort(g, x)
+    assert y.shape == (2, 10)
+    np.testing.assert_allclose(y, Executor(g).forward(x)[g.outputs[0]], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["l1", "l2", "bn_scale", "random"])
+def test_prune_methods_round_to_and_skip(method):
+    g = example("resnet20")
+    prune(g, 0.6, method=method, round_to=8, skip=("stage2_0/conv1",))
+    for node in g.nodes():
+        if node.op == "conv":
+            assert node.attrs["out"] % 8 == 0, node.name
+    assert g.node("stage2_0/conv1").attrs["out"] == 32  # skipped
+    assert g.node("stage3_0/conv1").attrs["out"] == 32  # ceil(0.4 * 64) = 26 -> 32
+    assert g.node("conv1").attrs["out"] == 8
+    assert run_ort(g, random_input(g)).shape == (2, 10)
+
+
+def test_importance_prefers_large_filters():
+    g = example("resnet20")
+    group = group_of(g, "stage1_0/conv1")
+    g.node("stage1_0/conv1").params["weight"][3] *= 100.0
+    g.node("stage1_0/bn1").params["scale"][5] = 50.0
+    assert np.argmax(importance(g, group, "l1")) == 3
+    assert np.argmax(importance(g, group, "l2")) == 3
+    assert np.argmax(importance(g, group, "bn_scale")) == 5
+    prune(g, 0.9, min_channels=2)
+    assert g.node("stage1_0/conv1").attrs["out"] == 2
+
+
+def test_min_channels_never_zero():
+    g = example("mobilenet_small")
+    prune(g, 0.99)
+    assert min(n.attrs["out"] for n in g.nodes() if n.op == "conv") >= 1
+    assert run_ort(g, random_input(g)).shape == (2, 10)
