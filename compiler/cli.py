@@ -341,6 +341,65 @@ def import_cmd(
 
 
 @app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Model YAML (with model.weights or a --weights checkpoint) or ONNX file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the pruned ONNX model."),
+    ratio: float = typer.Option(0.5, min=0.0, max=0.99, help="Fraction of channels to remove in every prunable group."),
+    method: str = typer.Option("l1", help="Channel importance: l1, l2, bn_scale or random."),
+    round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels (e.g. 8)."),
+    skip: str = typer.Option("", help="Comma-separated layer names whose groups are left whole."),
+    weights: Path = typer.Option(None, help="Checkpoint with the YAML model's weights (e.g. from dlc train)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Structured pruning: remove whole channels, with every coupled tensor (batch norm, the next layer's inputs,
+    residual adds, concat offsets, depthwise convs) pruned alike, so the ONNX file is physically smaller.
+
+    Fine-tuning after pruning is not built yet: the pruned model is exported as is, and accuracy may drop."""
+    from .analysis import summarize
+    from .atomic import write_bytes
+    from .export_onnx import check, to_onnx
+    from .frontend import load_model
+    from .onnx_import import import_onnx
+    from .onnx_io import load_onnx
+    from .prune import prune as prune_graph
+
+    methods = ("l1", "l2", "bn_scale", "random")
+    try:
+        if method not in methods:
+            raise DlcError(f"unknown importance method '{method}': use one of {', '.join(methods)}")
+        if model.suffix.lower() == ".onnx":
+            graph = import_onnx(load_onnx(model), source=str(model))
+        else:
+            graph = load_model(model).graph
+            if weights is not None:
+                from .train.checkpoint import load_params_into, read_checkpoint
+
+                load_params_into(graph, read_checkpoint(weights)[0], str(weights))
+        before = summarize(graph)
+        report = prune_graph(graph, ratio, method, round_to, [s.strip() for s in skip.split(",") if s.strip()])
+        after = summarize(graph)
+        exported = to_onnx(graph)
+        check(exported)
+        write_bytes(output, exported.SerializeToString())
+    except DlcError as exc:
+        _fail(exc)
+    result = {"input": str(model), "output": str(output), "ratio": ratio, "method": method,
+              "params": [before.total_params, after.total_params], "macs": [before.total_macs, after.total_macs],
+              "groups": report, "fine_tuned": False}
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    pruned = [g for g in report if g["after"] < g["before"]]
+    out.print(f"[bold green]pruned[/] {model} -> {output}: {len(pruned)} of {len(report)} channel groups")
+    out.print(f"  params      {before.total_params:,} -> {after.total_params:,} "
+              f"({after.total_params / max(before.total_params, 1):.0%})")
+    out.print(f"  MACs        {before.total_macs:,} -> {after.total_macs:,} "
+              f"({after.total_macs / max(before.total_macs, 1):.0%})")
+    out.print("  [yellow]not fine-tuned[/]: fine-tuning after pruning is not built yet; compare accuracy before "
+              "shipping, and `dlc bench` the two files for the speed-up")
+
+
+@app.command()
 def run(
     model: Path = typer.Argument(..., help="ONNX model file."),
     random: bool = typer.Option(False, "--random", help="Feed random inputs of the model's shape."),
