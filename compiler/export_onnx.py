@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import __version__
 from .atomic import write_bytes
 from .errors import DlcError
-from .graph import Graph
+from .graph import Graph, Node
 from .ops import REGISTRY
 
 DEFAULT_OPSET = 17
@@ -50,6 +50,13 @@ class OnnxBuilder:
         name = self.fresh(base)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def weight_inputs(self, node: Node) -> list[str]:
+        """The node's data input followed by its weight and, when it has one, its bias, as initializers."""
+        names = [node.inputs[0], self.initializer(f"{node.name}.weight", node.params["weight"])]
+        if "bias" in node.params:
+            names.append(self.initializer(f"{node.name}.bias", node.params["bias"]))
+        return names
 
     def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> None:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))

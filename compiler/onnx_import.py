@@ -452,21 +452,26 @@ class _Importer:
         return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
 
     # --- ops ------------------------------------------------------------------------------------------------
-    def conv(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
+    def conv_weights(self, node: onnx.NodeProto, what: str) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+        """A (transposed) convolution's constant 2-D weight, optional constant bias and kernel size."""
         w = self.const(node, 1)
         if w is None:
             raise _Unsupported("its weight is not a constant")
         if w.ndim != 4:
-            raise _Unsupported(f"{w.ndim - 2}-D convolution (dlc convolves in 2-D)")
-        if len(self.shape(x)) != 3:
-            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not a C×H×W feature map")
+            raise _Unsupported(f"{w.ndim - 2}-D {what} (dlc convolves in 2-D)")
         b = self.const(node, 2)
         if b is None and len(node.input) > 2 and node.input[2]:
             raise _Unsupported("its bias is not a constant")
         kernel = [int(k) for k in attr(node, "kernel_shape", w.shape[2:])]
         if kernel != list(w.shape[2:]):
             raise _Unsupported(f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+        return w, b, kernel
+
+    def conv(self, node: onnx.NodeProto) -> None:
+        x = self.value(node.input[0])
+        w, b, kernel = self.conv_weights(node, "convolution")
+        if len(self.shape(x)) != 3:
+            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not a C×H×W feature map")
         strides = [int(s) for s in attr(node, "strides", [1, 1])]
         dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
         pads = self.pads(node, self.shape(x)[1:], kernel, strides, dilations)
@@ -489,17 +494,7 @@ class _Importer:
 
     def conv_transpose(self, node: onnx.NodeProto) -> None:
         x = self.feature_map(node)
-        w = self.const(node, 1)
-        if w is None:
-            raise _Unsupported("its weight is not a constant")
-        if w.ndim != 4:
-            raise _Unsupported(f"{w.ndim - 2}-D transposed convolution (dlc convolves in 2-D)")
-        b = self.const(node, 2)
-        if b is None and len(node.input) > 2 and node.input[2]:
-            raise _Unsupported("its bias is not a constant")
-        kernel = [int(k) for k in attr(node, "kernel_shape", w.shape[2:])]
-        if kernel != list(w.shape[2:]):
-            raise _Unsupported(f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+        w, b, kernel = self.conv_weights(node, "transposed convolution")
         auto = _text(attr(node, "auto_pad", "NOTSET"))
         if auto not in ("NOTSET", ""):
             raise _Unsupported(f"auto_pad {auto} (dlc imports explicit pads)")

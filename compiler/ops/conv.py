@@ -83,9 +83,7 @@ class Conv(OpDef):
         return [dx], grads
 
     def to_onnx(self, node, b) -> None:
-        inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
-        if "bias" in node.params:
-            inputs.append(b.initializer(f"{node.name}.bias", node.params["bias"]))
+        inputs = b.weight_inputs(node)
         a = node.attrs
         b.node("Conv", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
                strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"])
@@ -185,9 +183,7 @@ class ConvTranspose(OpDef):
         return [dx], grads
 
     def to_onnx(self, node, b) -> None:
-        inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
-        if "bias" in node.params:
-            inputs.append(b.initializer(f"{node.name}.bias", node.params["bias"]))
+        inputs = b.weight_inputs(node)
         a = node.attrs
         b.node("ConvTranspose", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
                strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"],

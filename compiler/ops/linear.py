@@ -48,9 +48,7 @@ class Linear(OpDef):
         return [dy @ node.params["weight"]], grads
 
     def to_onnx(self, node, b) -> None:
-        inputs = [node.inputs[0], b.initializer(f"{node.name}.weight", node.params["weight"])]
-        if "bias" in node.params:
-            inputs.append(b.initializer(f"{node.name}.bias", node.params["bias"]))
+        inputs = b.weight_inputs(node)
         b.node("Gemm", inputs, node.outputs, node.name, transB=1)
 
 
