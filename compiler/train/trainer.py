@@ -27,6 +27,7 @@ from ..errors import DlcError
 from ..frontend import LoadedModel
 from ..ops import REGISTRY
 from .checkpoint import graph_tensors, load_params_into, read_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .executor import Executor
 from .metrics import classification_report, plot_curves
 from .schedule import LRSchedule
@@ -54,10 +55,16 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, loaded: LoadedModel, out_dir: str | Path, progress: bool = True, console=None):
+    """`config` replaces the YAML's train: settings (fine-tuning after pruning uses its own). `callbacks` are
+    objects with optional `on_step(trainer, global_iteration)` (after every solver step) and
+    `on_epoch_end(trainer, epoch)` methods, e.g. to hold pruning masks or raise sparsity gradually."""
+
+    def __init__(self, loaded: LoadedModel, out_dir: str | Path, progress: bool = True, console=None,
+                 config: TrainConfig | None = None, callbacks=()):
         spec, self.graph = loaded.spec, loaded.graph
         self.spec = spec
-        self.cfg = spec.train
+        self.cfg = config if config is not None else spec.train
+        self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.console = console
@@ -211,6 +218,9 @@ class Trainer:
                     grads = self.executor.backward({self.logits: dlogits})
                     flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
                     self.solver.step(flat, lr)
+                    for cb in self.callbacks:
+                        if hasattr(cb, "on_step"):
+                            cb.on_step(self, state["global_iteration"])
                     partial["loss_sum"] += loss * len(y)
                     partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
                     partial["seen"] += len(y)
@@ -242,6 +252,9 @@ class Trainer:
                 self._say(f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f}  val loss "
                           f"{record['val_loss']:.4f}  val acc {record['val_accuracy']:.4f}  lr {record['lr']:.3g}  "
                           f"{record['images_per_s']:.0f} img/s")
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_epoch_end"):
+                        cb.on_epoch_end(self, epoch)
                 best, stop = self._early_stopping(state, record, best)
                 self._save(state, best)
                 if c.snapshot_every and state["epoch"] % c.snapshot_every == 0:
@@ -296,8 +309,8 @@ class Trainer:
 
 
 def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                console=None) -> TrainResult:
-    return Trainer(loaded, out_dir, progress, console).run(resume=resume)
+                console=None, config: TrainConfig | None = None, callbacks=()) -> TrainResult:
+    return Trainer(loaded, out_dir, progress, console, config, callbacks).run(resume=resume)
 
 
 def dumps(result: TrainResult) -> str:
