@@ -7,6 +7,7 @@ from .errors import Diagnostic
 from .fillers import fill, layer_rng, parse_filler
 from .graph import Graph, Node, Source, ValueInfo
 from .ops import REGISTRY
+from .ops.detect import bind_inferred_strides
 from .spec import ModelSpec
 
 
@@ -29,6 +30,7 @@ def build_graph(spec: ModelSpec) -> tuple[Graph, list[Diagnostic]]:
     graph.outputs = list(spec.outputs)
     diagnostics: list[Diagnostic] = []
     infer_shapes(graph, diagnostics)
+    diagnostics += bind_inferred_strides(graph)  # detect layers without `strides:` run on every path
     return graph, diagnostics
 
 

@@ -133,10 +133,24 @@ def compile_cmd(
                 if fresh else "")
         out.print(f"  weights     {w['file']}: {w['loaded']} of {w['tensors']} tensors loaded{kept}", highlight=False)
     t = report.get("training") or {}
-    if "val_accuracy" in t:
+    if "epochs" in t:
         out.print(f"  trained     {t['epochs']} epochs in {t['seconds']:.1f} s ({t['stopped']}): "
-                  f"val accuracy {t['val_accuracy']:.4f}, val loss {t['val_loss']:.4f}")
+                  f"{_val_score(t)}, val loss {t['val_loss']:.4f}")
+    p = report.get("pruning")
+    if p:
+        b, a = p["before"], p["after"]
+        acc = f"; val accuracy {a['val_accuracy']:.4f}" if a.get("val_accuracy") is not None else ""
+        tuned = "fine-tuned" if p["fine_tuned"] else "not fine-tuned"
+        out.print(f"  pruned      {p['config']['method']} {p['config']['amount']:g} in {len(p['steps'])} step(s), "
+                  f"{tuned}: params {b['params']:,} -> {a['params']:,}, MACs {b['macs']:,} -> {a['macs']:,}{acc}")
     out.print(f"  report      {result.report_path}")
+
+
+def _val_score(metrics: dict) -> str:
+    """The headline validation score of a training run: mAP@0.5 for detectors, accuracy for classifiers."""
+    if metrics.get("val_map") is not None:
+        return f"val mAP@0.5 {metrics['val_map']:.4f}"
+    return f"val accuracy {metrics['val_accuracy']:.4f}"
 
 
 @app.command()
@@ -154,6 +168,7 @@ def train(
     training, names the epoch and iteration, and keeps the last good checkpoint.
     """
     from .frontend import load_model
+    from .prune.pipeline import training_callbacks
     from .train.trainer import dumps, train_model
 
     output = output or Path("build") / model.stem
@@ -161,7 +176,8 @@ def train(
         loaded = load_model(model)
         if loaded.spec.train is None:
             raise DlcError(f"{model}: no 'train:' section: add one (and a 'data:' section) to train")
-        result = train_model(loaded, output, resume=resume, progress=not as_json, console=err)
+        result = train_model(loaded, output, resume=resume, progress=not as_json, console=err,
+                             callbacks=training_callbacks(loaded.prune))  # prune.bn_l1: network slimming
     except DlcError as exc:
         _fail(exc)
     if as_json:
@@ -172,8 +188,8 @@ def train(
     else:
         final = result.final
         out.print(f"[bold green]trained[/] {loaded.spec.name}: {len(result.history)} epochs in "
-                  f"{result.seconds:.1f} s ({result.stopped.replace('_', ' ')}); val accuracy "
-                  f"{final['val_accuracy']:.4f}, val loss {final['val_loss']:.4f}")
+                  f"{result.seconds:.1f} s ({result.stopped.replace('_', ' ')}); {_val_score(final)}, val loss "
+                  f"{final['val_loss']:.4f}")
         out.print(f"  outputs     {output}/checkpoint.safetensors, metrics.json, curves.png")
 
 
@@ -343,60 +359,133 @@ def import_cmd(
 @app.command()
 def prune(
     model: Path = typer.Argument(..., help="Model YAML (with model.weights or a --weights checkpoint) or ONNX file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the pruned ONNX model."),
-    ratio: float = typer.Option(0.5, min=0.0, max=0.99, help="Fraction of channels to remove in every prunable group."),
-    method: str = typer.Option("l1", help="Channel importance: l1, l2, bn_scale or random."),
-    round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels (e.g. 8)."),
-    skip: str = typer.Option("", help="Comma-separated layer names whose groups are left whole."),
+    output: Path = typer.Option(None, "--output", "-o", help="Where to write the pruned ONNX model (its report: "
+                                "the same name with .json)."),
+    method: str = typer.Option(None, show_default="prune.method, else structured",
+                               help="structured (removes channels: smaller and faster) or unstructured (zeros)."),
+    importance: str = typer.Option(None, show_default="l1 (structured), magnitude (unstructured)",
+                                   help="Criterion: l1, l2, bn_scale or random (structured); magnitude."),
+    ratio: float = typer.Option(None, show_default="prune.amount, else 0.5",
+                                help="Structured: fraction of channels removed per group; unstructured: sparsity."),
+    scope: str = typer.Option(None, help="Unstructured: layer (each layer alike) or global (one threshold)."),
+    round_to: int = typer.Option(None, "--round-to", min=1, help="Keep a multiple of this many channels (e.g. 8)."),
+    skip: str = typer.Option("", help="Comma-separated layer names or patterns left whole."),
     weights: Path = typer.Option(None, help="Checkpoint with the YAML model's weights (e.g. from dlc train)."),
+    steps: int = typer.Option(None, min=1, help="Prune in this many steps, fine-tuning after each."),
+    fine_tune_epochs: int = typer.Option(None, "--fine-tune-epochs", min=0, show_default="prune.fine_tune.epochs, "
+                                         "else max(1, train epochs // 4)", help="Fine-tune epochs per step (0: none)."),
+    lr: float = typer.Option(None, "--lr", min=0.0, show_default="the fine-tune / train base_lr",
+                             help="Fine-tuning learning rate."),
+    data: Path = typer.Option(None, "--data", help="YAML with a data: (and optional train:) section to fine-tune "
+                              "and measure accuracy with (needed for an ONNX model)."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Instead of pruning: accuracy vs ratio for every "
+                                     "prunable group (or layer), one at a time, without fine-tuning."),
+    ratios: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="--sensitivity: the ratios to try."),
+    plot: Path = typer.Option(None, "--plot", help="--sensitivity: also write a PNG of accuracy vs ratio here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Structured pruning: remove whole channels, with every coupled tensor (batch norm, the next layer's inputs,
-    residual adds, concat offsets, depthwise convs) pruned alike, so the ONNX file is physically smaller.
+    """Prune a model, then fine-tune it when there is data (the YAML's data: and train:, or --data).
 
-    Fine-tuning after pruning is not built yet: the pruned model is exported as is, and accuracy may drop."""
-    from .analysis import summarize
-    from .atomic import write_bytes
+    Structured pruning removes whole channels, with every coupled tensor (batch norm, the next layer's inputs,
+    residual adds, concat offsets, depthwise convs) pruned alike, so the ONNX file is physically smaller and
+    faster. Unstructured pruning zeros the smallest weights: the file compresses better, but dense runtimes such
+    as onnxruntime run it no faster. With --steps N, each step removes the same fraction of what is left and
+    is fine-tuned (into OUT's folder, prune/step_k/). With --sensitivity, prints accuracy vs ratio per group."""
+    from .atomic import write_bytes, write_json
     from .export_onnx import check, to_onnx
-    from .frontend import load_model
-    from .onnx_import import import_onnx
-    from .onnx_io import load_onnx
-    from .prune import prune as prune_graph
+    from .pipeline import artifact_metadata
+    from .prune.pipeline import ValData, cli_config, load_for_pruning, run_prune
 
-    methods = ("l1", "l2", "bn_scale", "random")
+    skips = [s.strip() for s in skip.split(",") if s.strip()]
     try:
-        if method not in methods:
-            raise DlcError(f"unknown importance method '{method}': use one of {', '.join(methods)}")
-        if model.suffix.lower() == ".onnx":
-            graph = import_onnx(load_onnx(model), source=str(model))
-        else:
-            graph = load_model(model).graph
-            if weights is not None:
-                from .train.checkpoint import load_params_into, read_checkpoint
-
-                load_params_into(graph, read_checkpoint(weights)[0], str(weights))
-        before = summarize(graph)
-        report = prune_graph(graph, ratio, method, round_to, [s.strip() for s in skip.split(",") if s.strip()])
-        after = summarize(graph)
-        exported = to_onnx(graph)
+        if not sensitivity and output is None:
+            raise DlcError("give the output file: -o OUT.onnx (or --sensitivity for the analysis)")
+        if output is not None and output.suffix.lower() != ".onnx":
+            raise DlcError(f"-o must name an .onnx file, got '{output}'")
+        loaded, train_section = load_for_pruning(model, weights, data)
+        cfg = cli_config(loaded, train_section, method, importance, ratio, scope, round_to, skips, steps,
+                         fine_tune_epochs, lr)
+        if sensitivity:
+            _prune_sensitivity(loaded, cfg, ratios, plot, as_json)
+            return
+        val = ValData.from_spec(loaded.spec, loaded.graph) if loaded.spec.data is not None else None
+        result = run_prune(loaded, cfg, output.parent / output.stem, progress=not as_json, console=err, val=val)
+        exported = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, val.classes if val else None))
         check(exported)
         write_bytes(output, exported.SerializeToString())
+        report = {"input": str(model), "output": str(output), **result.to_dict()}
+        report_path = write_json(output.with_suffix(".json"), report)
     except DlcError as exc:
         _fail(exc)
-    result = {"input": str(model), "output": str(output), "ratio": ratio, "method": method,
-              "params": [before.total_params, after.total_params], "macs": [before.total_macs, after.total_macs],
-              "groups": report, "fine_tuned": False}
     if as_json:
-        out.print_json(json.dumps(result))
+        out.print_json(json.dumps(report))
         return
-    pruned = [g for g in report if g["after"] < g["before"]]
-    out.print(f"[bold green]pruned[/] {model} -> {output}: {len(pruned)} of {len(report)} channel groups")
-    out.print(f"  params      {before.total_params:,} -> {after.total_params:,} "
-              f"({after.total_params / max(before.total_params, 1):.0%})")
-    out.print(f"  MACs        {before.total_macs:,} -> {after.total_macs:,} "
-              f"({after.total_macs / max(before.total_macs, 1):.0%})")
-    out.print("  [yellow]not fine-tuned[/]: fine-tuning after pruning is not built yet; compare accuracy before "
-              "shipping, and `dlc bench` the two files for the speed-up")
+    table = Table(title=f"{cfg.method} pruning of {model} ({cfg.importance}, {cfg.amount:g} in {cfg.steps} "
+                  f"step{'s' if cfg.steps > 1 else ''})", title_justify="left")
+    for col in ("step", "amount", "params", "MACs", "sparsity", "val acc pruned", "val acc fine-tuned",
+                "epochs", "seconds"):
+        table.add_column(col, justify="right")
+
+    def acc(v) -> str:
+        return f"{v:.4f}" if v is not None else "-"
+
+    for r in result.rows:
+        tuned = acc(r["val_accuracy"]) if r["fine_tune_epochs"] else "-"
+        pruned = acc(r["val_accuracy_pruned"] if r["step"] else r["val_accuracy"])
+        table.add_row(str(r["step"]), f"{r['amount']:.3f}", f"{r['params']:,}", f"{r['macs']:,}",
+                      f"{r['sparsity']:.1%}", pruned, tuned, str(r["fine_tune_epochs"]), f"{r['seconds']:.1f}")
+    out.print(table)
+    b, a = result.before, result.after
+    out.print(f"[bold green]pruned[/] {model} -> {output}", highlight=False)
+    out.print(f"  params      {b['params']:,} -> {a['params']:,} ({a['params'] / max(b['params'], 1):.0%}); MACs "
+              f"{b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.0%})")
+    if b["val_accuracy"] is not None:
+        out.print(f"  accuracy    {b['val_accuracy']:.4f} -> {a['val_accuracy']:.4f} (validation split)")
+    if result.sizes:
+        s = result.sizes
+        out.print(f"  sizes       file {s['dense_bytes'] / 1024:,.1f} -> {s['sparse_bytes'] / 1024:,.1f} KiB; "
+                  f"compressed {s['dense_compressed'] / 1024:,.1f} -> {s['sparse_compressed'] / 1024:,.1f} KiB "
+                  f"({s['compressed_ratio']:.0%})")
+    for note in result.notes:
+        out.print(f"  [yellow]note[/]        {note}", highlight=False)
+    out.print(f"  report      {report_path}; each step's model and checkpoint in {output.parent / output.stem}/prune/",
+              highlight=False)
+
+
+def _prune_sensitivity(loaded, cfg, ratios: str, plot: Path | None, as_json: bool) -> None:
+    from .prune.pipeline import ValData
+    from .prune.sensitivity import plot_sensitivity
+    from .prune.sensitivity import sensitivity as run_sensitivity
+
+    if loaded.spec.data is None:
+        raise DlcError("--sensitivity measures validation accuracy: it needs data (the YAML's data: section, or "
+                       "--data FILE.yaml)")
+    try:
+        values = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise DlcError(f"--ratios: expected comma-separated numbers such as 0.25,0.5,0.75, got '{ratios}'") from None
+    if not values or not all(0.0 <= r < 1.0 for r in values):
+        raise DlcError(f"--ratios must be numbers in [0, 1), got '{ratios}'")
+    val = ValData.from_spec(loaded.spec, loaded.graph)
+    if val is None:
+        raise DlcError("--sensitivity measures classification accuracy: the model needs one output of class scores")
+    result = run_sensitivity(loaded.graph, val, cfg.method, cfg.importance, values, cfg.exclude, cfg.round_to)
+    if plot is not None:
+        plot_sensitivity(result, plot, f"{loaded.spec.name}: {cfg.method} pruning sensitivity ({cfg.importance})")
+    if as_json:
+        out.print_json(json.dumps({**result.to_dict(), "plot": str(plot) if plot else None}))
+        return
+    table = Table(title=f"{loaded.spec.name}: validation accuracy with one {'group' if cfg.method == 'structured' else 'layer'}"
+                  f" pruned, no fine-tuning (base {result.base_accuracy:.4f})", title_justify="left")
+    table.add_column("group" if cfg.method == "structured" else "layer")
+    table.add_column("channels" if cfg.method == "structured" else "weights", justify="right")
+    for r in result.ratios:
+        table.add_column(f"{r:g}", justify="right")
+    for row in result.rows:
+        table.add_row(row["name"], f"{row['size']:,}", *(f"{a:.3f}" for a in row["accuracy"]))
+    out.print(table)
+    if plot is not None:
+        out.print(f"  plot        {plot}", highlight=False)
 
 
 @app.command()
@@ -439,6 +528,50 @@ def run(
 
 
 @app.command()
+def predict(
+    model: Path = typer.Argument(..., help="ONNX model made by dlc (classifier or detector)."),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of images."),
+    output: Path = typer.Option(Path("predictions"), "--output", "-o",
+                                help="Folder for predictions.json and the annotated PNG images."),
+    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    batch: int = typer.Option(16, min=1, help="Images per onnxruntime call."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classifiers: how many classes to list per image."),
+    conf: float = typer.Option(None, "--conf", min=0.0, max=1.0,
+                               help="Detectors: score threshold (default: the model's, from its metadata)."),
+    iou: float = typer.Option(None, "--iou", min=0.0, max=1.0, help="Detectors: NMS IoU threshold (default: the model's)."),
+    max_det: int = typer.Option(None, "--max-det", min=1, help="Detectors: most detections per image (default: the model's)."),
+    draw: bool = typer.Option(True, "--draw/--no-draw", help="Write one PNG per image with boxes or the top class."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Run a classifier or detector on images: writes DIR/predictions.json and annotated PNGs.
+
+    Input size, normalisation, class names and (for detectors) post-processing come from the model's metadata;
+    detections are NMS-filtered with dlc's native code and given in the original images' pixels (xyxy)."""
+    from dlc.runtime.predict import expand_images, write_outputs
+    from dlc.runtime.predict import predict as run_predict
+
+    try:
+        files = expand_images(images)
+        results, summary = run_predict(model, files, device, batch, top_k, conf, iou, max_det)
+        path = write_outputs(results, summary, output, images=draw)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps({**summary, "results": [r.to_dict() for r in results], "json": str(path)}))
+        return
+    out.print(f"[bold]{model}[/] ({summary['task']}) on {summary['provider']}: {len(results)} image(s)")
+    for r in results:
+        if summary["task"] == "detection":
+            found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r.detections[:8]) or "nothing"
+            more = f" (+{len(r.detections) - 8} more)" if len(r.detections) > 8 else ""
+            out.print(f"  {r.path}: {len(r.detections)} detection(s): {found}{more}", highlight=False)
+        else:
+            best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r.top[:3])
+            out.print(f"  {r.path}: {best}", highlight=False)
+    out.print(f"  results     {path}", highlight=False)
+
+
+@app.command()
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX model files; the first is the baseline."),
     batch: str = typer.Option("1", help="Comma-separated batch sizes, e.g. 1,32."),
@@ -446,24 +579,30 @@ def bench(
     min_time: float = typer.Option(2.0, "--min-time", min=0.0,
                                    help="Seconds of measured time per model and batch (at least 20 runs)."),
     warmup: int = typer.Option(5, min=0, help="Warm-up runs per model and batch."),
-    plot: Path = typer.Option(None, "--plot", help="Also write a PNG bar chart of the latencies here."),
+    data: Path = typer.Option(None, "--data", help="YAML file with a data: section (e.g. the model's own YAML): "
+                              "also measure top-1 accuracy and macro-F1 on its validation split."),
+    threads: int = typer.Option(None, "--threads", min=1, show_default="onnxruntime's default",
+                                help="onnxruntime intra-op threads for every model."),
+    plot: Path = typer.Option(None, "--plot", help="Also write a PNG: accuracy vs latency with --data, else "
+                              "latency bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Benchmark ONNX models side by side on one runtime: latency percentiles, throughput, size, parameters,
-    MACs and the speed-up against the first model.
+    MACs and the speed-up against the first model; with --data, accuracy beside them.
 
     Runs are interleaved (A, B, A, B, ...) so machine drift hits every model alike; the speed-up is the ratio
     of minimum latencies, which is steady on shared machines where the ratio of medians (shown beside it) is
     not. Runs above Q3 + 3·IQR are clipped from the percentiles."""
     from dlc.runtime.bench import bench as run_bench
-    from dlc.runtime.bench import plot_bench
+    from dlc.runtime.bench import bench_table, plot_bench
 
     try:
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
         except ValueError:
             raise DlcError(f"--batch: expected comma-separated integers such as 1,32, got '{batch}'") from None
-        result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup)
+        result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup, data=data,
+                           threads=threads)
         if plot is not None:
             plot_bench(result, plot)
     except DlcError as exc:
@@ -471,19 +610,9 @@ def bench(
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
-    table = Table(title=f"dlc bench: input {'×'.join(map(str, result.input_shape[0]))}, interleaved runs, "
-                  f"≥{min_time:g} s per model and batch", title_justify="left")
-    for col in ("model", "batch", "provider", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "speed-up (min)",
-                "median ratio", "size KiB", "params", "MACs"):
-        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
-    for i, r in enumerate(result.rows):
-        if i and r.batch != result.rows[i - 1].batch:
-            table.add_section()
-        table.add_row(r.model, str(r.batch), r.provider.removesuffix("ExecutionProvider"), f"{r.p50_ms:.3f}",
-                      f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.min_ms:.3f}", f"{r.throughput:,.0f}",
-                      f"{r.speedup:.2f}×", f"{r.median_ratio:.2f}×", f"{r.file_bytes / 1024:,.1f}", f"{r.params:,}",
-                      f"{r.macs:,}")
-    out.print(table)
+    out.print(bench_table(result))
+    for note in result.notes:
+        out.print(f"  note        {note}", highlight=False)
     runs = ", ".join(f"{r.model} b{r.batch}: {r.runs} runs" + (f", {r.clipped} clipped" if r.clipped else "")
                      for r in result.rows)
     out.print(f"  runs        {runs}", highlight=False)
@@ -491,6 +620,91 @@ def bench(
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if plot is not None:
         out.print(f"  plot        {plot}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    gt: Path = typer.Option(None, "--gt", help="COCO instances JSON (images, annotations, categories)."),
+    pred: Path = typer.Option(None, "--pred", help="COCO results JSON: a list of {image_id, category_id, "
+                              "bbox [x, y, w, h], score}."),
+    iou: float = typer.Option(0.5, "--iou", min=0.0, max=1.0, help="IoU threshold of the VOC metrics."),
+    score: float = typer.Option(0.5, "--score", min=0.0, max=1.0,
+                                help="Score threshold for TP/FP/FN, precision, recall and F1."),
+    plot: Path = typer.Option(None, "--plot", help="Also write a PNG of the per-class PR curves here."),
+    model: Path = typer.Option(None, "--model", help="Evaluate this ONNX model (made by dlc) instead of files."),
+    data: Path = typer.Option(None, "--data", help="With --model: a YAML whose data: section gives the "
+                              "validation split (usually the model's own YAML)."),
+    save: Path = typer.Option(None, "--save", help="With --model: also write the ground truth and detections as "
+                              "COCO JSON here (DIR/instances.json, DIR/detections.json)."),
+    device: str = typer.Option("auto", help="With --model: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Evaluate detections against COCO ground truth: the 12 COCO statistics (as pycocotools' COCOeval),
+    VOC mAP (all-point and 11-point) at --iou, and precision/recall/F1 at --score; crowd GT counts as
+    difficult in the VOC metrics.
+
+    Either from files (--gt instances.json --pred detections.json) or end to end (--model model.onnx --data
+    model.yaml): the model runs through onnxruntime on the data section's validation split, its detections go
+    through dlc's NMS (confidence threshold 0.001, the model's NMS settings) and are scored the same way. A
+    classifier given --model/--data gets top-1 accuracy and macro-F1."""
+    from dlc.runtime.coco import coco_report
+    from dlc.runtime.metrics import plot_pr_curves
+
+    try:
+        if model is not None or data is not None:
+            if model is None or data is None or gt is not None or pred is not None:
+                raise DlcError("dlc eval: pass either --model model.onnx --data model.yaml, or --gt instances.json "
+                               "--pred detections.json")
+            report = _eval_model(model, data, device, iou, score, save, as_json)
+            if report is None:
+                return
+            gt, pred = model, data
+        elif gt is None or pred is None:
+            raise DlcError("dlc eval: pass both --gt instances.json and --pred detections.json (or --model and "
+                           "--data)")
+        else:
+            report = coco_report(gt, pred, iou, score)
+        if plot is not None:
+            plot_pr_curves(report.voc, plot, f"{pred.name} vs {gt.name}", report.coco.category_names)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    c = report.coco
+    out.print(f"[bold]{pred}[/] vs {gt}: {c.num_detections:,} detections, {c.num_gt:,} GT boxes, "
+              f"{c.num_images:,} images, {len(c.category_ids)} categories")
+    out.print(report.summary(), highlight=False)
+    if plot is not None:
+        out.print(f"  plot        {plot}", highlight=False)
+
+
+def _eval_model(model: Path, data: Path, device: str, iou: float, score: float, save: Path | None, as_json: bool):
+    """`dlc eval --model --data`: a detector's CocoReport; a classifier's accuracy is printed here (returns None)."""
+    from dlc.runtime import Session
+    from dlc.runtime.coco import coco_report
+    from dlc.runtime.evaluate import Evaluator, coco_results, detect_validation, read_data_spec
+
+    from .atomic import write_json
+
+    session = Session(model, device=device)
+    spec = read_data_spec(data)
+    if (session.metadata or {}).get("task") != "detection":
+        result = Evaluator(spec).evaluate(session)
+        if as_json:
+            out.print_json(json.dumps({"model": str(model), "data": str(data), **result.to_dict()}))
+        else:
+            out.print(f"[bold]{model}[/] on the validation split of {data}: top-1 accuracy {result.accuracy:.4f} "
+                      f"({result.correct}/{result.total}), macro-F1 {result.macro_f1:.4f}")
+            for note in result.notes:
+                err.print(f"[yellow]note:[/] {note}", highlight=False)
+        return None
+    val, preds, _ = detect_validation(session, spec)
+    instances, detections = coco_results(val, preds)
+    if save is not None:
+        write_json(save / "instances.json", instances)
+        write_json(save / "detections.json", detections)
+    return coco_report(instances, detections, iou, score)
 
 
 def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:

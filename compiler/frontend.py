@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .builder import build_graph, initialize
 from .errors import Diagnostic, DlcError
@@ -16,6 +17,7 @@ from .yaml_loader import load_yaml_file, load_yaml_text
 class LoadedModel:
     spec: ModelSpec
     graph: Graph
+    prune: Any = None  # prune.config.PruneConfig when the file has a prune: section
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -70,11 +72,26 @@ def _check_optimize(spec: ModelSpec, section) -> list[Diagnostic]:
     return diags
 
 
+def _prune_section(spec: ModelSpec):
+    """prune: into a PruneConfig (fine-tuning settings on top of train:), or None without the section."""
+    section = spec.sections.get("prune")
+    if not isinstance(section, dict):
+        return None, []
+    from .prune.config import parse_prune
+
+    train = spec.sections.get("train")
+    return parse_prune(section, spec.file, [layer.name for layer in spec.layers],
+                       train if isinstance(train, dict) else None, has_data="data" in spec.sections,
+                       section_line=spec.section_lines.get("prune"))
+
+
 def _load(doc, filename: str, text: str) -> LoadedModel:
     spec, diagnostics = parse_model_spec(doc, filename, text)
     if spec.input is None:  # without an input there is nothing to infer shapes from
         raise DlcError(diagnostics)
     diagnostics += _training_sections(spec)
+    prune_config, more = _prune_section(spec)
+    diagnostics += more
     graph, shape_diagnostics = build_graph(spec)
     diagnostics += shape_diagnostics
     if diagnostics:
@@ -82,7 +99,7 @@ def _load(doc, filename: str, text: str) -> LoadedModel:
     initialize(graph, spec.seed)
     if spec.weights is not None:
         _load_weights(spec, graph)
-    return LoadedModel(spec, graph)
+    return LoadedModel(spec, graph, prune_config)
 
 
 def _load_weights(spec: ModelSpec, graph: Graph) -> None:

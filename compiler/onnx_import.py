@@ -10,6 +10,11 @@ Sub and Div of two tensors are sub and div; Mul, Div, Add and Sub of a tensor an
 that no Conv took, such as input normalisation (x - mean) / std, are affine; MatMul + Add of a
 bias is linear; ReduceMean over H, W is global average pooling), and Identity and Dropout are left out. Every node that does not map is collected, and one error lists them all.
 
+A detector dlc exported (metadata task: detection) has its decode subgraph (nodes '<layer>/s<i>/...') cut off
+before normalising: the head maps that fed it become the inputs of one detect layer rebuilt from the metadata
+(classes, anchors, strides, post-processing and loss settings). Another tool's decode stays unsupported, and the
+error names the head maps to cut it off at.
+
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
 layer's output value is named after the layer, as in a model YAML.
 """
@@ -18,18 +23,20 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .analysis import infer_shapes
 from .errors import Diagnostic, DlcError
 from .export_onnx import read_metadata
 from .graph import Graph, Node, Source, ValueInfo
 from .ops import REGISTRY, Shape, ShapeError, fmt_shape
+from .ops.detect import LOSS_PARAMS, POSTPROCESS_PARAMS, infer_strides
 from .ops.window import resolve_pads, window_output
 from .passes import optimize
 from .passes.fold import channel_vector
@@ -60,6 +67,10 @@ SUPPORTED = (
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
+# The ops of the decode that dlc's detect layer exports (ops/detect.py, Detect.to_onnx).
+_DECODE_OPS = {"Reshape", "Transpose", "Sigmoid", "Slice", "Mul", "Add", "Sub", "Pow", "Concat", "Identity"}
+# Ops that, unsupported, point to a detector's decode (or NMS) in another tool's export.
+_DECODE_HINT_OPS = {"Slice", "Split", "Pow", "Exp", "Gather", "GatherElements", "TopK", "NonMaxSuppression"}
 
 
 class _Unsupported(Exception):
@@ -192,6 +203,104 @@ def _max_pool_ends(raw: dict[str, Any], shape: Shape) -> dict[str, Any]:
     return raw
 
 
+@dataclass
+class _Decode:
+    """The decode subgraph of a detect layer dlc exported, cut off the model: what the detect layer that
+    replaces it reads (the head maps, scale by scale) and is (its YAML parameters, from the metadata)."""
+
+    layer: str  # the detect layer's name: its decode nodes are '<layer>/s<i>/...' and '<layer>'
+    output: str  # the ONNX value with the decoded rows
+    heads: list[str]  # ONNX values, in scale order
+    raw: dict[str, Any]
+    grids: list[list[int]] | None
+    outputs: list[str]  # the original model's outputs
+
+
+def _cut_decode(model: onnx.ModelProto, meta: dict[str, Any], file: str) -> tuple[onnx.ModelProto, _Decode] | None:
+    """For a detector dlc exported (metadata task: detection): the model without its decode, whose outputs are
+    the head maps instead, and what the detect layer needs. None for other models, and for a detector whose
+    decode is cut off already."""
+    if meta.get("task") != "detection":
+        return None
+    det = meta.get("detection")
+
+    def bad(what: str) -> DlcError:
+        return DlcError(Diagnostic(f"the ONNX metadata says task: detection, but {what}", file=file,
+                                   hint="export it again with `dlc compile`, or cut the decode off and import the "
+                                        "head maps alone"))
+
+    if not isinstance(det, dict) or not isinstance(det.get("output"), str):
+        raise bad("it has no detection.output naming the decoded output")
+    g = model.graph
+    output, outputs = det["output"], [o.name for o in g.output]
+    if output not in outputs:
+        return None
+    kind = det.get("decode")
+    if not isinstance(kind, str) or not kind.startswith("yolov5"):
+        raise bad(f"its decode is {kind!r}; this dlc imports the yolov5 decode its detect layer writes")
+    scale_node = re.compile(re.escape(output) + r"/s(\d+)/")
+    producers = {o: n for n in g.node for o in n.output if o}
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+
+    def inside(n: onnx.NodeProto) -> bool:
+        return n.name == output or scale_node.match(n.name) is not None
+
+    first = producers.get(output)
+    if first is None or not inside(first):
+        raise bad(f"output '{output}' is not computed by a decode whose nodes are named '{output}/s<i>/...'")
+    decode: dict[str, onnx.NodeProto] = {}
+    heads: dict[int, set[str]] = {}
+    stack = [first]
+    while stack:
+        n = stack.pop()
+        if n.output[0] in decode:
+            continue
+        decode[n.output[0]] = n
+        if n.op_type not in _DECODE_OPS or n.domain not in ("", "ai.onnx"):
+            raise bad(f"its decode has node '{n.name}' ({n.op_type}), which dlc's detect layer does not write")
+        for v in n.input:
+            p = producers.get(v)
+            if not v or v in consts:
+                continue
+            if p is not None and inside(p):
+                stack.append(p)
+                continue
+            m = scale_node.match(n.name)
+            if m is None:
+                raise bad(f"decode node '{n.name}' reads '{v}', which is not a scale's decoded rows")
+            heads.setdefault(int(m.group(1)), set()).add(v)
+    anchors = det.get("anchors")
+    scales = len(anchors) if isinstance(anchors, list) else len(heads)
+    if sorted(heads) != list(range(scales)) or any(len(v) != 1 for v in heads.values()):
+        found = {f"s{i}": sorted(v) for i, v in sorted(heads.items())}
+        raise bad(f"its decode reads {found}, not one head map for each of its {scales} scale(s)")
+    for n in g.node:
+        if n.output[0] not in decode and any(v in decode and v != output for v in n.input):
+            raise bad(f"node '{n.name}' reads a value inside the decode of '{output}'")
+    # The detect layer: classes, anchors and strides from the metadata, post-processing and loss settings where
+    # it has them (the defaults otherwise).
+    raw: dict[str, Any] = {"classes": det.get("num_classes"), "anchors": anchors, "strides": det.get("strides")}
+    for section, keys in ((meta.get("postprocess"), POSTPROCESS_PARAMS), (det.get("loss"), LOSS_PARAMS)):
+        if isinstance(section, dict):
+            raw.update({k: section[k] for k in keys if k in section})
+    grids = det.get("grids")
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    kept = [n for n in cut.graph.node if n.output[0] not in decode]
+    del cut.graph.node[:]
+    cut.graph.node.extend(kept)
+    head_values = [next(iter(heads[i])) for i in range(scales)]
+    new_outputs: list[onnx.ValueInfoProto] = []
+    for o in g.output:
+        if o.name == output:
+            new_outputs += [helper.make_tensor_value_info(h, TensorProto.FLOAT, None) for h in head_values]
+        else:
+            new_outputs.append(o)
+    del cut.graph.output[:]
+    cut.graph.output.extend(new_outputs)
+    return cut, _Decode(output, output, head_values, raw, grids if isinstance(grids, list) else None, outputs)
+
+
 class _Importer:
     def __init__(self, model: onnx.ModelProto, name: str | None, source: str | None):
         self.source = source
@@ -207,6 +316,10 @@ class _Importer:
             )
         self.meta = self._metadata(model)
         self.onnx_nodes = len(model.graph.node)
+        self.decode: _Decode | None = None
+        cut = _cut_decode(model, self.meta, self.file)
+        if cut is not None:  # a dlc detector: its decode becomes one detect layer (see finish)
+            model, self.decode = cut
         try:
             model, _ = optimize(model, NORMALIZE)
         except DlcError:
@@ -257,6 +370,7 @@ class _Importer:
                 )
             )
         vi = inputs[0]
+        self.onnx_input = vi.name
         t = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or t.elem_type != TensorProto.FLOAT:
             kind = (
@@ -1086,16 +1200,60 @@ class _Importer:
         for (op, reason), names in self.unsupported.items():
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             groups.append(f"{op} ×{len(names)} ({shown})" + (f" [{reason}]" if reason else ""))
+        heads = self.decode_heads()
+        cut = ""
+        if heads:
+            quoted = ", ".join(f"'{h}'" for h in heads)
+            cut = (
+                f"this looks like a detector's decode: dlc imports the decode only of detectors it exported "
+                f"itself; cut it off at the head maps ({quoted}), e.g. onnx.utils.extract_model("
+                f"'{self.source or 'model.onnx'}', 'heads.onnx', ['{self.onnx_input}'], [{quoted}]), "
+                "import that and add a "
+                "detect layer reading the heads to the YAML; "
+            )
         return Diagnostic(
             "unsupported ONNX ops: " + ", ".join(groups),
             file=self.file,
-            hint=f"dlc imports {SUPPORTED}",
+            hint=f"{cut}dlc imports {SUPPORTED}",
         )
+
+    def decode_heads(self) -> list[str]:
+        """Where an unsupported op that decodes boxes (Slice, Pow, Exp, ...) shows a detector's decode: the
+        outputs of the nearest convolutions before those ops (the head maps to cut at), in graph order."""
+        g = self.model.graph
+        hint_ops = {(op, reason) for op, reason in self.unsupported if op in _DECODE_HINT_OPS}
+        # Decoded boxes come out as N×K×(4 + ...) (or N×(4 + ...)×K), or NMS picks them.
+        rows = any(len(self.dims.get(name) or ()) == 3 for name in self.output_names)
+        if not hint_ops or not (rows or "NonMaxSuppression" in {op for op, _ in hint_ops}):
+            return []
+        if self.meta.get("task") == "detection":
+            return []
+        names = {n for key in hint_ops for n in self.unsupported[key]}
+        stack = [n for n in g.node if (n.name or n.output[0]) in names]
+        seen: set[str] = set()
+        heads: set[str] = set()
+        while stack:
+            n = stack.pop()
+            for v in n.input:
+                p = self.producers.get(v)
+                if p is None or v in seen:
+                    continue
+                seen.add(v)
+                if p.op_type == "Conv":
+                    heads.add(v)
+                else:
+                    stack.append(p)
+        order = {o: k for k, n in enumerate(g.node) for o in n.output}
+        return sorted(heads, key=order.__getitem__)
 
     def finish(self) -> Graph:
         graph = self.graph
+        names = self.output_names
+        if self.decode is not None:
+            self.add_detect(self.decode)
+            names = self.decode.outputs
         outputs = {}
-        for name in self.output_names:
+        for name in names:
             value = self.alias.get(name)
             if value is None or value in graph.input_names:
                 what = "the model input itself" if value else "not computed by any layer"
@@ -1124,6 +1282,44 @@ class _Importer:
                     )
                 )
         return graph
+
+
+    def add_detect(self, d: _Decode) -> None:
+        """The detect layer in place of a dlc detector's decode, reading the layers that compute its head maps."""
+        inputs = []
+        for head in d.heads:
+            value = self.alias.get(head)
+            if value is None or value in self.graph.input_names:
+                raise DlcError(Diagnostic(f"the decode of '{d.output}' reads '{head}', which is not a layer's "
+                                          "output: dlc needs a head map computed by a layer", file=self.file))
+            inputs.append(value)
+        opdef = REGISTRY["detect"]
+        attrs, errors = opdef.parse_attrs(d.raw)
+        if errors:
+            raise DlcError(Diagnostic(
+                f"the detection metadata does not make a detect layer: {'; '.join(m for _, m in errors)}",
+                file=self.file, hint="export the model again with `dlc compile`"))
+        try:
+            shape, attrs = opdef.infer(attrs, [self.shape(v) for v in inputs])
+        except ShapeError as exc:
+            raise DlcError(Diagnostic(f"the detection metadata does not fit the head maps: {exc}",
+                                      file=self.file)) from None
+        if d.grids is not None and [list(g) for g in attrs["grids"]] != d.grids:
+            raise DlcError(Diagnostic(f"the head maps are {[list(g) for g in attrs['grids']]} cells, the "
+                                      f"detection metadata says {d.grids}", file=self.file))
+        base = plain_name(d.layer) or "detect"
+        if attrs["strides"] is None:  # metadata without strides: those of the head maps, as a YAML build binds
+            attrs["strides"] = infer_strides(base, self.graph.inputs[0].shape, attrs["grids"])
+        name, k = base, 2
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        self.graph.add_node(Node(name, "detect", inputs, [name], attrs=attrs, params={},
+                                 source=Source(self.source, None, f"ONNX nodes '{d.layer}/s<i>/...' (decode)")))
+        self.shapes[name] = shape
+        self.graph.shapes[name] = shape
+        self.alias[d.output] = name
+        self.origin[name] = d.output
 
 
 def import_onnx(model: onnx.ModelProto, name: str | None = None, source: str | None = None) -> Graph:

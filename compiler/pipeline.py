@@ -29,7 +29,7 @@ def artifact_metadata(loaded: LoadedModel, classes: list[str] | None = None) -> 
     """The self-description stored in the ONNX file under metadata key 'dlc'. Class names come from the
     model (model.classes) or else from the data it was trained on."""
     spec, graph = loaded.spec, loaded.graph
-    return {
+    meta = {
         "model": spec.name,
         "input": {**graph.meta["input"], "layout": "NCHW", "dtype": "float32"},
         "outputs": {o: list(graph.shapes[o]) for o in graph.outputs},
@@ -37,6 +37,12 @@ def artifact_metadata(loaded: LoadedModel, classes: list[str] | None = None) -> 
         "dlc_version": __version__,
         "yaml_sha256": spec.sha256,
     }
+    from .ops.detect import detection_metadata
+
+    detection = detection_metadata(graph)  # a detector: task, post-processing defaults, anchors, strides, layout
+    if detection is not None:
+        meta.update(detection)
+    return meta
 
 
 def export_options(loaded: LoadedModel, opset: int | None) -> dict[str, Any]:
@@ -74,16 +80,20 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
     training, classes = None, None
     if weights is not None:
         from .train.checkpoint import load_params_into, read_checkpoint
+        from .train.trainer import restore_anchors
 
         params, _, _, info = read_checkpoint(weights)
         load_params_into(loaded.graph, params, str(weights))
+        restore_anchors(loaded.graph, info)  # anchors: auto, as found when the weights were trained
         training, classes = {"weights": str(weights)}, info.get("classes")
     elif loaded.spec.train is not None and skip_train:
         training = {"skipped": True}
     elif loaded.spec.train is not None:
+        from .prune.pipeline import training_callbacks
         from .train.trainer import train_model
 
-        result = train_model(loaded, out_dir, progress=progress, console=console)
+        result = train_model(loaded, out_dir, progress=progress, console=console,
+                             callbacks=training_callbacks(loaded.prune))
         if result.stopped == "interrupted":
             raise DlcError(f"training was interrupted; the checkpoint in {out_dir} keeps its state: continue with "
                            f"`dlc train {yaml_path} -o {out_dir} --resume`, then `dlc compile {yaml_path} -o "
@@ -91,7 +101,16 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         classes = result.classes
         training = {"stopped": result.stopped, "epochs": len(result.history), "seconds": result.seconds,
                     "best_epoch": result.best_epoch,
-                    **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
+                    **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map")
+                       if k in result.final}}  # val_accuracy for classifiers, val_map for detectors
+    pruning = None
+    if loaded.prune is not None:  # between training (or --weights) and export: the exported model is the pruned one
+        import dataclasses
+
+        from .prune.pipeline import run_prune
+
+        cfg = dataclasses.replace(loaded.prune, fine_tune_epochs=0) if skip_train else loaded.prune
+        pruning = run_prune(loaded, cfg, out_dir, progress=progress, console=console).to_dict()
     model = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, classes), **options)
     check(model)
     optimization = None
@@ -123,6 +142,7 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         "verification": verification,
         "training": training,
         "optimization": optimization,
+        "pruning": pruning,
         "weights": loaded.graph.meta.get("weights") if weights is None else None,
         "summary": summary.to_dict(),
     }

@@ -21,7 +21,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "data": {
         "dataset": "str", "root": "str", "split": "any", "val_fraction": "float", "num_classes": "int",
         "samples": "int", "image_size": "any", "batch_size": "int", "seed": "int", "augment": _AUGMENT,
-        "workers": "int", "prefetch": "int", "classes": "list",
+        "workers": "int", "prefetch": "int", "classes": "any",
+        # detection sets: coco (images folder + instances JSON), synthetic_detection (max_objects)
+        "images": "str", "annotations": "str", "val_images": "str", "val_annotations": "str",
+        "max_objects": "int",
     },
     "train": {
         "solver": "str", "base_lr": "float", "lr": "float", "momentum": "float", "nesterov": "bool",
@@ -32,19 +35,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "layers": "any", "eps": "float", "label_smoothing": "float",
     },
     "prune": {
-        "method": "str", "importance": "str", "amount": "float", "sparsity": "float", "layers": "any",
-        "exclude": "list", "schedule": "any", "iterations": "int", "fine_tune": "any", "global": "bool",
-        "round_to": "int",
+        "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",
+        "exclude": "list", "round_to": "int", "steps": "int", "fine_tune": "any", "schedule": "str",
+        "bn_l1": "float",
     },
     "optimize": {"passes": "list", "check": "int", "rtol": "float", "atol": "float"},
     "export": {"opset": "int", "dynamic_batch": "bool", "filename": "str"},
 }
 
 # Sections whose feature is built; the others are validated, then refused.
-SUPPORTED = {"export", "data", "train", "optimize"}
-PLANNED = {
-    "prune": "pruning is not built yet",
-}
+SUPPORTED = {"export", "data", "train", "optimize", "prune"}
+PLANNED: dict[str, str] = {}
 
 _TYPES = {
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),

@@ -64,6 +64,27 @@ def _shown(p: Param, value: Any) -> Any:
     return value
 
 
+def _whole(v: Any) -> Any:
+    """Nested lists of numbers with whole floats as integers: anchors [[10.0, 13.0]] as [[10, 13]]."""
+    if isinstance(v, (list, tuple)):
+        return [_whole(x) for x in v]
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return v
+
+
+def _detect_shown(name: str, value: Any) -> Any:
+    """A detect layer's list parameters as one writes them: strides [8, 16] for [(8, 8), (16, 16)], anchors
+    not found yet as auto."""
+    if name == "anchors" and value is None:
+        return "auto"
+    if name == "strides" and value is not None:
+        return [s[0] if s[0] == s[1] else list(s) for s in value]
+    if name in ("anchors", "class_weights") and value is not None:
+        return _whole(value)
+    return value
+
+
 def layer_params(node: Node) -> dict[str, Any]:
     """The node's YAML parameters that differ from the op's defaults (required ones always)."""
     out = {}
@@ -75,7 +96,7 @@ def layer_params(node: Node) -> dict[str, Any]:
                 continue
             if p.name == "stride" and p.default is None and value == node.attrs.get("kernel"):
                 continue  # pooling: the stride defaults to the window
-        out[p.name] = _shown(p, value)
+        out[p.name] = _detect_shown(p.name, value) if node.op == "detect" else _shown(p, value)
     for tensor, filler in node.fillers.items():
         out[f"{tensor}_filler"] = filler
     return out
@@ -97,7 +118,15 @@ def graph_to_yaml(graph: Graph, weights_file: str | None = "weights.safetensors"
     source = (meta.get("source") or {}).get("file")
     origin = f"imported from {source} by dlc {__version__}" if source else f"written by dlc {__version__}"
     lines = [f"# {graph.name}: {origin}, {len(nodes)} layers."]
-    if weights_file:
+    detector = any(n.op == "detect" for n in nodes)
+    if weights_file and detector:
+        lines += [
+            f"# The layers' tensors are in {weights_file}, matched by layer name and shape when the model loads:",
+            "# for other classes, set the detect layer's `classes` and its head convs' `out` (anchors × (5 +",
+            "# classes)): the heads start from their fillers while the rest keep their weights; add data: and",
+            "# train: sections to fine-tune.",
+        ]
+    elif weights_file:
         lines += [
             f"# The layers' tensors are in {weights_file}, matched by layer name and shape when the model loads:",
             "# change a layer (e.g. the last linear layer's `out`, for other classes) and that layer starts from",

@@ -5,7 +5,13 @@ at least `min_time_s` of measured time and at least `MIN_RUNS` runs, so drift on
 clock changes) hits all models alike. Runs far above the rest (over Q3 + 3·IQR) are clipped from the
 percentiles and counted. The speed-up against the first model is the ratio of minimum latencies, which holds
 within about ±10 % on shared machines where the ratio of medians of sub-millisecond runs swings 1.3-2.6×;
-the ratio of medians is reported beside it.
+the ratio of medians is reported beside it, and the paired ratio: the median over rounds of the two models'
+time ratio within one round, which cancels load that changes slower than a round.
+
+With a data spec (`--data`), each model's top-1 accuracy and macro-F1 on the validation split are measured
+first (runtime/evaluate.py), on the same sessions, and reported beside the latencies. Warnings: models that ran
+on different execution providers, a model that is not faster than the first, accuracy more than
+`ACCURACY_DROP` below the first model's.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dlc.compiler.errors import DlcError
 from .session import Session
 
 MIN_RUNS = 20
+ACCURACY_DROP = 0.01  # warn when a model's accuracy is more than 1 point below the first model's
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -155,6 +162,12 @@ class BenchRow:
     macs: int
     speedup: float  # vs the first model at the same batch: ratio of minimum latencies (robust)
     median_ratio: float  # vs the first model: ratio of median latencies (noisy on shared machines)
+    # vs the first model: median over rounds of the first model's time / this model's time in the same round;
+    # runs of one round are milliseconds apart, so load that comes and goes hits both sides of each ratio
+    paired_ratio: float = 1.0
+    accuracy: float | None = None  # on the --data validation split, a fraction: top-1, or mAP@0.5 for detectors
+    macro_f1: float | None = None
+    accuracy_delta: float | None = None  # accuracy minus the first model's (a fraction: 0.01 is one point)
 
 
 @dataclass
@@ -165,6 +178,10 @@ class BenchResult:
     input_shape: list
     rows: list[BenchRow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    threads: int | None = None  # onnxruntime intra-op threads (None: its default)
+    data: str | None = None  # the --data spec file
+    evaluations: list[dict] = field(default_factory=list)  # per model, in order: runtime.evaluate.Evaluation
+    notes: list[str] = field(default_factory=list)  # e.g. where a model's input normalisation came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,9 +200,13 @@ def bench(
     min_time_s: float = 2.0,
     warmup: int = 5,
     on_run: Callable[[int, int], None] | None = None,
+    data: str | Path | None = None,
+    threads: int | None = None,
 ) -> BenchResult:
     """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
 
+    data: a YAML file with a `data:` section: also measure accuracy on its validation split.
+    threads: onnxruntime intra-op threads for every model (None: onnxruntime's default, one per core).
     on_run(model index, batch), if given, is called after every timed run (tests use it to see the order).
     """
     paths = [Path(p) for p in paths]
@@ -195,7 +216,14 @@ def bench(
         raise DlcError(f"batch sizes must be positive integers, got {list(batches)}")
     if min_time_s < 0:
         raise DlcError(f"--min-time must be >= 0, got {min_time_s}")
-    sessions = [Session(p, device=device) for p in paths]
+    if threads is not None and threads < 1:
+        raise DlcError(f"--threads must be >= 1, got {threads}")
+    evaluator = None
+    if data is not None:
+        from .evaluate import Evaluator
+
+        evaluator = Evaluator(data)  # reads and checks the spec before any model is loaded
+    sessions = [Session(p, device=device, threads=threads) for p in paths]
     costs = [model_cost(p) for p in paths]
     labels = _labels(paths)
 
@@ -219,7 +247,21 @@ def bench(
                     f"{bad[0]}; export it with a dynamic batch axis"
                 )
 
-    result = BenchResult(device=device, min_time_s=min_time_s, warmup=warmup, input_shape=first_shape)
+    result = BenchResult(device=device, min_time_s=min_time_s, warmup=warmup, input_shape=first_shape,
+                         threads=threads, data=None if data is None else str(data))
+    providers = [s.provider for s in sessions]
+    if len(set(providers)) > 1:
+        ran = ", ".join(f"{label} on {p.removesuffix('ExecutionProvider')}" for label, p in zip(labels, providers))
+        result.warnings.append(f"models ran on different execution providers ({ran}): the comparison is NOT like "
+                               "for like; pin one with --device")
+    evals = [evaluator.evaluate(s) for s in sessions] if evaluator else []
+    result.evaluations = [e.to_dict() for e in evals]
+    for label, e in zip(labels, evals):
+        result.notes.extend(f"{label}: {note}" for note in e.notes)
+    for label, e in zip(labels[1:], evals[1:]):
+        if e.accuracy < evals[0].accuracy - ACCURACY_DROP:
+            result.warnings.append(f"{label} is {100 * (evals[0].accuracy - e.accuracy):.1f} points less accurate "
+                                   f"than {labels[0]} ({e.metric} {e.accuracy:.2%} vs {evals[0].accuracy:.2%})")
     for batch in batches:
         feeds = [s.random_inputs(batch, seed=0) for s in sessions]
         for s, f in zip(sessions, feeds):
@@ -241,6 +283,7 @@ def bench(
         for i, (st, cost, s) in enumerate(zip(stats, costs, sessions)):
             speedup = 1.0 if i == 0 else base.min_ms / st.min_ms
             median_ratio = 1.0 if i == 0 else base.p50_ms / st.p50_ms
+            paired = 1.0 if i == 0 else float(np.median(np.asarray(times[0]) / np.asarray(times[i])))
             result.rows.append(
                 BenchRow(
                     model=labels[i],
@@ -260,6 +303,10 @@ def bench(
                     macs=cost.macs,
                     speedup=speedup,
                     median_ratio=median_ratio,
+                    paired_ratio=paired,
+                    accuracy=evals[i].accuracy if evals else None,
+                    macro_f1=evals[i].macro_f1 if evals else None,
+                    accuracy_delta=evals[i].accuracy - evals[0].accuracy if evals else None,
                 )
             )
             if i and speedup < 1.0:
@@ -270,12 +317,49 @@ def bench(
     return result
 
 
+def bench_table(result: BenchResult):
+    """The results as rich renderables: a latency table (a row per model and batch, a section per batch size)
+    and, when accuracy was measured, an accuracy table with a row per model."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+
+    threads = f", {result.threads} threads" if result.threads else ""
+    table = Table(title=f"dlc bench: input {_fmt(result.input_shape)}, interleaved runs, ≥{result.min_time_s:g} s "
+                  f"per model and batch{threads}", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption="vs the first model: speed-up = ratio of minimum latencies (robust); median × = ratio of "
+                  "medians; paired × = median of per-round ratios", caption_justify="left")
+    for col in ("model", "batch", "provider", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "speed-up",
+                "median ×", "paired ×", "KiB", "params", "MMACs"):
+        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
+    for i, r in enumerate(result.rows):
+        if i and r.batch != result.rows[i - 1].batch:
+            table.add_section()
+        table.add_row(r.model, str(r.batch), r.provider.removesuffix("ExecutionProvider"), f"{r.p50_ms:.3f}",
+                      f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.min_ms:.3f}", f"{r.throughput:,.0f}",
+                      f"{r.speedup:.2f}×", f"{r.median_ratio:.2f}×", f"{r.paired_ratio:.2f}×",
+                      f"{r.file_bytes / 1024:,.1f}", f"{r.params:,}", f"{r.macs / 1e6:,.2f}")
+    if not result.evaluations:
+        return table
+    acc = Table(title=f"accuracy on the validation split of {result.data} (Δ vs the first model)",
+                title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("model", "metric", "score %", "Δ pts", "F1 (macro)", "correct / total", "normalisation"):
+        acc.add_column(col, justify="left" if col in ("model", "metric", "normalisation") else "right")
+    labels = list(dict.fromkeys(r.model for r in result.rows))
+    first = result.evaluations[0]["accuracy"]
+    for label, e in zip(labels, result.evaluations):
+        metric = "top-1" if e["metric"] == "accuracy" else e["metric"]
+        acc.add_row(label, metric, f"{100 * e['accuracy']:.2f}", f"{100 * (e['accuracy'] - first):+.2f}",
+                    f"{e['macro_f1']:.3f}", f"{e['correct']:,} / {e['total']:,}", e["normalization"])
+    return Group(table, acc)
+
+
 def _fmt(shapes: list) -> str:
     return ", ".join("×".join(map(str, s)) for s in shapes)
 
 
 def plot_bench(result: BenchResult, path: str | Path) -> None:
-    """Median latency per model and batch as grouped bars (whiskers: minimum to p90), written atomically as PNG."""
+    """A PNG, written atomically: accuracy vs median latency when accuracy was measured, else latency bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,6 +367,46 @@ def plot_bench(result: BenchResult, path: str | Path) -> None:
 
     from dlc.compiler.atomic import write_bytes
 
+    if result.evaluations:
+        fig = _plot_accuracy(result, plt)
+    else:
+        fig = _plot_latency(result, plt)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def _plot_accuracy(result: BenchResult, plt):
+    """One labelled point per model: top-1 accuracy (mAP for detectors) against median latency at the first
+    batch size (log x)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    batch = result.rows[0].batch
+    rows = [r for r in result.rows if r.batch == batch]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.errorbar([r.p50_ms], [100 * r.accuracy], xerr=[[r.p50_ms - r.min_ms], [r.p90_ms - r.p50_ms]],
+                    fmt="o", capsize=3, label=r.model)
+        ax.annotate(f"{r.model}\n{100 * r.accuracy:.1f} %, {r.speedup:.2f}×", (r.p50_ms, 100 * r.accuracy),
+                    textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.margins(x=0.3)  # room for the labels right of the points
+    ax.set_xlabel(f"latency at batch {batch} (ms, log): median, whiskers min to p90")
+    metrics = sorted({e["metric"] for e in result.evaluations})
+    ax.set_ylabel(" / ".join("top-1 accuracy" if m == "accuracy" else m for m in metrics) + " (%)")
+    lo = min(100 * r.accuracy for r in rows)
+    ax.set_ylim(max(0.0, lo - 5), 101)
+    ax.set_title(f"dlc bench: accuracy vs latency ({rows[0].provider.removesuffix('ExecutionProvider')})")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_latency(result: BenchResult, plt):
+    """Median latency per model and batch as grouped bars (whiskers: minimum to p90)."""
     batches = sorted({r.batch for r in result.rows})
     models = list(dict.fromkeys(r.model for r in result.rows))
     width = 0.8 / max(len(models), 1)
@@ -300,7 +424,4 @@ def plot_bench(result: BenchResult, path: str | Path) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    return fig

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -149,3 +150,274 @@ def test_cli_errors(lenets, tmp_path):
     assert res.exit_code == 2 and "--batch" in res.output
     res = runner.invoke(app, ["bench", str(tmp_path / "missing.onnx")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+# --- accuracy beside latency (--data) ---------------------------------------------------------------------
+
+DIGITS_SHAPE = (1, 8, 8)
+MEAN, STD = 0.5, 0.25
+
+
+def _linear_onnx(path: Path, w: np.ndarray, b: np.ndarray, meta: dict | None) -> Path:
+    """Flatten + Gemm over 1×8×8 images, with dlc metadata when `meta` is given."""
+    from onnx import helper
+
+    from helpers import onnx_model
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w", "b"], ["logits"])]
+    model = onnx_model(nodes, [("w", w), ("b", b)], shape=DIGITS_SHAPE)
+    if meta is not None:
+        helper.set_model_props(model, {"dlc": json.dumps(meta)})
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A least-squares linear classifier on digits (≈90 % accurate), the same with its class columns rotated
+    (predicts the wrong class), the good one without metadata, and data specs."""
+    from dlc.compiler.data import load_dataset
+
+    tmp = tmp_path_factory.mktemp("digits")
+    cfg = {"dataset": "digits", "val_fraction": 0.2, "seed": 0}
+    train, val = load_dataset(cfg, DIGITS_SHAPE, 10, tmp)
+    x = ((train.images - MEAN) / STD).reshape(len(train), -1)
+    x1 = np.hstack([x, np.ones((len(x), 1), np.float32)])
+    coef = np.linalg.lstsq(x1, np.eye(10, dtype=np.float32)[train.labels], rcond=None)[0]
+    w, b = coef[:-1], coef[-1]
+    meta = {"model": "lin", "input": {"name": "x", "shape": list(DIGITS_SHAPE), "mean": [MEAN], "std": [STD]},
+            "classes": [str(k) for k in range(10)]}
+    good = _linear_onnx(tmp / "good.onnx", w, b, meta)
+    bad = _linear_onnx(tmp / "bad.onnx", np.roll(w, 1, axis=1), np.roll(b, 1), meta)
+    bare = _linear_onnx(tmp / "bare.onnx", w, b, None)
+    perm = np.random.default_rng(1).permutation(10)  # output k is class perm[k], and the metadata says so
+    permuted = _linear_onnx(tmp / "permuted.onnx", w[:, perm], b[perm],
+                            {**meta, "classes": [str(k) for k in perm]})
+    spec = tmp / "data.yaml"
+    spec.write_text("data: {dataset: digits, val_fraction: 0.2}\n")
+    spec_norm = tmp / "model.yaml"
+    spec_norm.write_text(f"model:\n  input: {{shape: [1, 8, 8], mean: {MEAN}, std: {STD}}}\n"
+                         "data: {dataset: digits, val_fraction: 0.2}\n")
+    return {"good": good, "bad": bad, "bare": bare, "permuted": permuted, "spec": spec, "spec_norm": spec_norm,
+            "val": val}
+
+
+def _direct(path: Path, val, mean: float, std: float) -> np.ndarray:
+    """Predictions of the ONNX file run by onnxruntime directly, on the validation images, in one batch."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": ((val.images - mean) / std).astype(np.float32)})[0].argmax(axis=1)
+
+
+def test_data_accuracy_matches_direct_run(digits):
+    from sklearn.metrics import f1_score
+
+    val = digits["val"]
+    result = bench([digits["good"], digits["bad"], digits["bare"]], [1], device="cpu", min_time_s=0.0, warmup=0,
+                   data=digits["spec_norm"])
+    assert result.data == str(digits["spec_norm"])
+    for path, ev in zip(("good", "bad", "bare"), result.evaluations):
+        preds = _direct(digits[path], val, MEAN, STD)
+        assert ev["total"] == len(val) == 359
+        assert ev["correct"] == int((preds == val.labels).sum())
+        assert ev["macro_f1"] == pytest.approx(f1_score(val.labels, preds, average="macro"))
+    good, bad, bare = result.evaluations
+    assert good["accuracy"] > 0.85 and bad["accuracy"] < 0.2  # the rotated classifier names the wrong digit
+    assert good["normalization"] == "onnx metadata" and bare["normalization"] == "yaml model.input"
+    assert bare["correct"] == good["correct"]
+    assert any("bare.onnx" in n and "no dlc metadata" in n for n in result.notes)
+    rows = result.rows
+    assert [r.accuracy for r in rows] == [e["accuracy"] for e in result.evaluations]
+    assert rows[1].accuracy_delta == pytest.approx(bad["accuracy"] - good["accuracy"]) and rows[0].accuracy_delta == 0
+    drop = [w for w in result.warnings if "less accurate" in w]
+    assert len(drop) == 1 and "bad.onnx" in drop[0]  # the bare copy is exactly as accurate: no warning
+
+
+def test_data_labels_follow_the_metadata_class_names(digits):
+    result = bench([digits["good"], digits["permuted"]], [1], device="cpu", min_time_s=0.0, warmup=0,
+                   data=digits["spec"])
+    good, permuted = result.evaluations
+    assert permuted["correct"] == good["correct"] and permuted["macro_f1"] == pytest.approx(good["macro_f1"])
+
+
+def test_data_without_normalisation_says_so(digits):
+    val = digits["val"]
+    result = bench([digits["bare"]], [1], device="cpu", min_time_s=0.0, warmup=0, data=digits["spec"])
+    (ev,) = result.evaluations
+    assert ev["normalization"] == "none" and ev["mean"] == [0.0] and ev["std"] == [1.0]
+    assert ev["correct"] == int((_direct(digits["bare"], val, 0.0, 1.0) == val.labels).sum())
+    assert "fed unnormalised" in result.notes[0]
+
+
+def test_no_drop_warning_when_more_accurate(digits):
+    result = bench([digits["bad"], digits["good"]], [1], device="cpu", min_time_s=0.0, warmup=0,
+                   data=digits["spec"])
+    assert not [w for w in result.warnings if "less accurate" in w]
+    assert result.rows[1].accuracy_delta > 0.6
+
+
+def test_provider_mismatch_warns(digits, monkeypatch):
+    import dlc.runtime.bench as bench_module
+
+    class FallbackSession(bench_module.Session):
+        """The second model 'runs' on CUDA: as if the first had fallen back to the CPU."""
+
+        def __init__(self, path, **kw):
+            super().__init__(path, **kw)
+            if Path(path).name == "bad.onnx":
+                self.provider = "CUDAExecutionProvider"
+
+    monkeypatch.setattr(bench_module, "Session", FallbackSession)
+    result = bench([digits["good"], digits["bad"]], [1], device="cpu", min_time_s=0.0, warmup=0)
+    (warning,) = [w for w in result.warnings if "execution providers" in w]
+    assert "good.onnx on CPU" in warning and "bad.onnx on CUDA" in warning and "NOT like for like" in warning
+    same = bench([digits["good"], digits["good"]], [1], device="cpu", min_time_s=0.0, warmup=0)
+    assert not [w for w in same.warnings if "execution providers" in w]
+
+
+def test_cli_data_table_json_and_accuracy_plot(digits, tmp_path):
+    png = tmp_path / "acc.png"
+    args = ["bench", str(digits["good"]), str(digits["bad"]), "--device", "cpu", "--min-time", "0", "--data",
+            str(digits["spec"]), "--threads", "2"]
+    res = runner.invoke(app, [*args, "--json", "--plot", str(png)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["threads"] == 2 and len(data["evaluations"]) == 2
+    assert data["rows"][0]["accuracy"] == data["evaluations"][0]["accuracy"] > 0.85
+    assert any("less accurate" in w for w in data["warnings"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0, table.output
+    good = data["evaluations"][0]
+    assert "accuracy on the validation split" in table.stdout and f"{100 * good['accuracy']:.2f}" in table.stdout
+    assert f"{good['correct']} / 359" in table.stdout and "paired ×" in table.stdout
+    assert "less accurate" in table.output
+
+
+def test_data_errors(digits, tmp_path):
+    no_data = tmp_path / "nodata.yaml"
+    no_data.write_text("model:\n  input: {shape: [1, 8, 8]}\n")
+    res = runner.invoke(app, ["bench", str(digits["good"]), "--min-time", "0", "--data", str(no_data)])
+    assert res.exit_code == 2 and "nodata.yaml" in res.output and "no 'data:' section" in res.output
+    assert "Traceback" not in res.output
+    bad_data = tmp_path / "baddata.yaml"
+    bad_data.write_text("data: {dataset: imagenet}\n")
+    res = runner.invoke(app, ["bench", str(digits["good"]), "--min-time", "0", "--data", str(bad_data)])
+    assert res.exit_code == 2 and "baddata.yaml:1" in res.output and "imagenet" in res.output
+    res = runner.invoke(app, ["bench", str(digits["good"]), "--min-time", "0", "--data", str(tmp_path / "no.yaml")])
+    assert res.exit_code == 2 and "no.yaml" in res.output and "not found" in res.output
+
+
+def _detector(tmp_path: Path) -> Path:
+    """A stand-in detector: a 3×32×32 input, dlc metadata saying task: detection (tests replace its run)."""
+    from onnx import helper
+
+    from helpers import onnx_model
+
+    model = onnx_model([helper.make_node("GlobalAveragePool", ["x"], ["y"])], shape=(3, 32, 32))
+    meta = {"model": "det", "task": "detection", "input": {"shape": [3, 32, 32], "mean": [0.0] * 3, "std": [1.0] * 3},
+            "classes": ["disc", "square", "triangle"], "postprocess": {"iou_threshold": 0.45}}
+    helper.set_model_props(model, {"dlc": json.dumps(meta)})
+    path = tmp_path / "det.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_detection_map_through_evaluate_detections(tmp_path):
+    """mAP@0.5 wiring: decoded rows from a stand-in run (the ground truth itself, then shifted boxes, then half
+    the images without detections) against evaluate_detections on the same predictions."""
+    from dlc.compiler.data.detection import load_detection_dataset
+    from dlc.runtime.evaluate import Evaluator
+    from dlc.runtime.metrics import evaluate_detections
+    from dlc.runtime.session import Session
+
+    spec = tmp_path / "det.yaml"
+    spec.write_text("data: {dataset: synthetic_detection, num_classes: 3, samples: 40, val_fraction: 0.5}\n")
+    val = load_detection_dataset({"dataset": "synthetic_detection", "num_classes": 3, "samples": 40,
+                                  "val_fraction": 0.5}, (3, 32, 32), tmp_path)[1]
+    session = Session(_detector(tmp_path), device="cpu")
+    seen = []
+
+    def rows_for(shift: float, keep):
+        def run(x):
+            start = sum(len(b) for b in seen)
+            seen.append(x)
+            assert np.allclose(x, val.images[start:start + len(x)])  # images in order, normalised by metadata
+            out = np.zeros((len(x), 8, 8), np.float32)
+            for k in range(len(x)):
+                i = start + k
+                if not keep(i):
+                    continue
+                for j, (box, label) in enumerate(zip(val.boxes[i], val.labels[i])):
+                    out[k, j, :4] = box + shift
+                    out[k, j, 4] = 1.0
+                    out[k, j, 5 + label] = 0.9
+            return {"rows": out}
+        return run
+
+    evaluator = Evaluator(spec)
+    n_gt = sum(len(b) for b in val.boxes)
+    session.run = rows_for(0.0, lambda i: True)
+    perfect = evaluator.evaluate(session)
+    assert (perfect.task, perfect.metric, perfect.accuracy) == ("detection", "mAP@0.5", 1.0)
+    assert perfect.correct == perfect.total == n_gt
+    seen.clear()
+    session.run = rows_for(40.0, lambda i: True)  # every box moved off its object
+    assert evaluator.evaluate(session).accuracy == 0.0
+    seen.clear()
+    session.run = rows_for(0.0, lambda i: i % 2 == 0)
+    half = evaluator.evaluate(session)
+    gt = [(b, lab) for b, lab in zip(val.boxes, val.labels)]
+    preds = [(b, np.full(len(b), 0.9, np.float32), lab) if i % 2 == 0 else
+             (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+             for i, (b, lab) in enumerate(gt)]
+    direct = evaluate_detections(gt, preds, 3, iou_threshold=0.5)
+    assert 0 < half.accuracy < 1 and half.accuracy == pytest.approx(direct["map"])
+    assert half.correct == direct["tp"]
+
+
+def test_detection_needs_detection_data(digits, tmp_path):
+    with pytest.raises(DlcError) as info:
+        bench([_detector(tmp_path)], [1], device="cpu", min_time_s=0.0, data=digits["spec"])
+    assert "det.onnx" in str(info.value) and "must hold a detection data set" in str(info.value)
+
+
+def test_ratios_under_changing_load(lenets, monkeypatch):
+    """A fake clock: model A takes 2 ms and B 1 ms times a load factor that changes every round, and B never
+    runs in a quiet round. The paired ratio recovers 2 exactly; the ratio of minima does not."""
+    import types
+
+    import dlc.runtime.bench as bench_module
+
+    (_, full), (_, half) = lenets
+    clock = types.SimpleNamespace(now=0.0, calls=0)
+    cost = {str(full): 2e-3, str(half): 1e-3}
+    loads = [1.0, 3.0, 1.5, 2.0, 4.0]  # per round; only A ever sees the quiet factor 1.0
+
+    class FakeSession:
+        provider = "CPUExecutionProvider"
+        metadata = None
+
+        def __init__(self, path, **kw):
+            self.path, self.inputs = str(path), [types.SimpleNamespace(name="x", shape=["n", 1, 28, 28])]
+
+        def random_inputs(self, batch, seed=0):
+            return {}
+
+        def run(self, feeds):
+            load = loads[clock.calls // 2 % len(loads)]
+            if self.path == str(half) and load == 1.0:
+                load = 1.2
+            clock.calls += 1
+            clock.now += cost[self.path] * load
+
+    monkeypatch.setattr(bench_module, "Session", FakeSession)
+    monkeypatch.setattr(bench_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    result = bench([full, half], [1], min_time_s=0.0, warmup=0)
+    a, b = result.rows
+    assert b.runs == a.runs == MIN_RUNS
+    assert b.speedup == pytest.approx(2.0 / 1.2)  # A's quiet round against B's quietest
+    ratios = [2.0 * f / (1.0 * (1.2 if f == 1.0 else f)) for f in loads]
+    assert b.paired_ratio == pytest.approx(sorted(ratios)[2]) == pytest.approx(2.0)
+    assert a.paired_ratio == 1.0

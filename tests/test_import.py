@@ -73,6 +73,9 @@ def test_examples_round_trip(path, tmp_path):
     kept = [n for n in loaded.graph.nodes() if n.op != "dropout"]  # dropout is the identity at inference
     assert [n.name.replace("/", "_") for n in kept] == [n.name for n in graph.nodes()]
     assert [n.op for n in kept] == [n.op for n in graph.nodes()]
+    for a, b in zip(kept, graph.nodes()):
+        if a.op == "detect":  # rebuilt from the metadata: anchors, strides, post-processing and loss settings
+            assert b.attrs == a.attrs and b.inputs == a.inputs
 
     reloaded = load_model(write_imported(graph, tmp_path))
     weights = reloaded.graph.meta["weights"]

@@ -1,9 +1,11 @@
-"""`dlc prune`: a YAML model or an ONNX file in, a physically smaller ONNX file out that runs."""
+"""`dlc prune`: a YAML model or an ONNX file in, a physically smaller ONNX file out that runs; fine-tuned when
+there is data (the YAML's own, or --data), and saying so when there is not."""
 
 import json
 
 import numpy as np
 import onnxruntime as ort
+from test_prune_pipeline import tiny
 from typer.testing import CliRunner
 
 from dlc.compiler.cli import app
@@ -19,29 +21,86 @@ def _run(path, x):
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
-def test_prune_yaml_and_onnx(tmp_path):
-    result = runner.invoke(app, ["prune", str(ROOT / "examples/resnet20.yaml"), "-o", str(tmp_path / "p.onnx"),
+def test_prune_yaml_and_onnx_without_fine_tuning(tmp_path):
+    text = (ROOT / "examples/resnet20.yaml").read_text()
+    (tmp_path / "resnet20.yaml").write_text(text[:text.index("\ndata:")] + "\n")  # no data: nothing to fine-tune
+    result = runner.invoke(app, ["prune", str(tmp_path / "resnet20.yaml"), "-o", str(tmp_path / "p.onnx"),
                                  "--ratio", "0.5", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["params"][1] < report["params"][0] / 2 and report["macs"][1] < report["macs"][0] / 2
-    assert report["fine_tuned"] is False
+    assert report["after"]["params"] < report["before"]["params"] / 2
+    assert report["after"]["macs"] < report["before"]["macs"] / 2
+    assert report["fine_tuned"] is False and report["config"]["method"] == "structured"
+    assert json.loads((tmp_path / "p.json").read_text())["after"] == report["after"]  # the report beside OUT
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert _run(tmp_path / "p.onnx", x).shape == (2, 10)
 
     base = compile_model(ROOT / "examples/mobilenet_small.yaml", tmp_path / "mb", skip_train=True).onnx_path
-    result = runner.invoke(app, ["prune", str(base), "-o", str(tmp_path / "mb.onnx"), "--method", "bn_scale",
+    result = runner.invoke(app, ["prune", str(base), "-o", str(tmp_path / "mb.onnx"), "--importance", "bn_scale",
                                  "--round-to", "8", "--skip", "stem"])
     assert result.exit_code == 0, result.output
-    assert "not fine-tuned" in result.stdout
+    assert "not fine-tuned: no data to fine-tune with" in result.stdout
     assert (tmp_path / "mb.onnx").stat().st_size < base.stat().st_size / 2
     assert _run(tmp_path / "mb.onnx", x).shape == (2, 10)
 
 
+def test_prune_fine_tunes_yaml_and_onnx_with_data(tmp_path):
+    path = tiny(tmp_path)
+    result = runner.invoke(app, ["train", str(path), "-o", str(tmp_path / "t"), "--json"])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "t/checkpoint.safetensors"
+    result = runner.invoke(app, ["prune", str(path), "--weights", str(weights), "-o", str(tmp_path / "y.onnx"),
+                                 "--ratio", "0.75", "--steps", "2", "--lr", "0.02"])
+    assert result.exit_code == 0, result.output
+    assert "val acc fine-tuned" in result.stdout and "accuracy    0." in result.stdout
+    report = json.loads((tmp_path / "y.json").read_text())
+    assert report["fine_tuned"] and [r["fine_tune_epochs"] for r in report["steps"]] == [1, 1]  # max(1, 3 // 4)
+    assert (tmp_path / "y/prune/step_2/pruned.safetensors").is_file()
+
+    onnx_in = compile_model(path, tmp_path / "c", weights=weights).onnx_path
+    data_only = tmp_path / "data.yaml"
+    data_only.write_text("data: {dataset: synthetic, samples: 300, num_classes: 4, seed: 1}\n"
+                         "train: {base_lr: 0.02, batch_size: 16, epochs: 8}\n")
+    result = runner.invoke(app, ["prune", str(onnx_in), "-o", str(tmp_path / "o.onnx"), "--data", str(data_only),
+                                 "--method", "unstructured", "--ratio", "0.8", "--scope", "global", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fine_tuned"] and report["steps"][0]["fine_tune_epochs"] == 2  # 8 // 4
+    assert report["before"]["val_accuracy"] > 0.5
+    assert report["sparsity"]["prunable"]["sparsity"] == 0.8
+    assert report["sizes"]["sparse_compressed"] < report["sizes"]["dense_compressed"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert _run(tmp_path / "o.onnx", x).shape == (2, 4)
+
+    result = runner.invoke(app, ["prune", str(onnx_in), "-o", str(tmp_path / "n.onnx"), "--method", "unstructured",
+                                 "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "not fine-tuned" in result.stdout and "compressed" in result.stdout and "onnxruntime" in result.stdout
+    result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "z.onnx"), "--fine-tune-epochs", "0"])
+    assert result.exit_code == 0 and "not fine-tuned: fine-tune epochs are 0" in result.stdout
+
+
 def test_prune_bad_input(tmp_path):
-    result = runner.invoke(app, ["prune", str(ROOT / "examples/resnet20.yaml"), "-o", str(tmp_path / "p.onnx"),
-                                 "--method", "magic"])
-    assert result.exit_code == 2 and "unknown importance method 'magic'" in result.stderr
+    yaml = str(ROOT / "examples/resnet20.yaml")
+    cases = [
+        (["--method", "l1"], "--method must be one of structured, unstructured, got 'l1' (the importance criterion "
+                             "is --importance)"),
+        (["--importance", "magic"], "unknown importance method 'magic' for structured pruning"),
+        (["--method", "unstructured", "--importance", "l1"], "unknown importance method 'l1' for unstructured"),
+        (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
+        (["--scope", "global"], "--scope global is for unstructured pruning"),
+        (["--skip", "conv9"], "--skip 'conv9' matches no layer of the model; did you mean 'conv1'?"),
+        (["--data", str(tmp_path / "missing.yaml")], "file not found"),
+    ]
+    for flags, message in cases:
+        result = runner.invoke(app, ["prune", yaml, "-o", str(tmp_path / "p.onnx"), *flags])
+        assert result.exit_code == 2 and message in result.stderr, (flags, result.output)
+    result = runner.invoke(app, ["prune", yaml])
+    assert result.exit_code == 2 and "give the output file: -o OUT.onnx" in result.stderr
     (tmp_path / "bad.onnx").write_bytes(b"nope")
     result = runner.invoke(app, ["prune", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "p.onnx")])
     assert result.exit_code == 2 and not (tmp_path / "p.onnx").exists()
+    (tmp_path / "nodata.yaml").write_text("train: {epochs: 2}\n")
+    result = runner.invoke(app, ["prune", yaml, "-o", str(tmp_path / "p.onnx"), "--data",
+                                 str(tmp_path / "nodata.yaml")])
+    assert result.exit_code == 2 and "--data needs a YAML file with a 'data:' section" in result.stderr

@@ -11,7 +11,7 @@ from dlc.compiler.analysis import summarize
 from dlc.compiler.export_onnx import to_onnx
 from dlc.compiler.frontend import load_model
 from dlc.compiler.prune import channel_groups, importance, prune, prune_channels
-from dlc.compiler.prune.structured import _Analysis
+from dlc.compiler.prune.structured import _Analysis, group_sizes
 from dlc.compiler.train.executor import Executor
 
 from helpers import ROOT, load, random_input
@@ -280,3 +280,30 @@ def test_min_channels_never_zero():
     prune(g, 0.99)
     assert min(n.attrs["out"] for n in g.nodes() if n.op == "conv") >= 1
     assert run_ort(g, random_input(g)).shape == (2, 10)
+
+
+def test_per_layer_overrides_exclude_and_round_to():
+    g = example("resnet20")
+    report = prune(g, 0.5, round_to=8, overrides={"stage3_*": 0.7, "stage1_0/conv1": 0.0},
+                   skip=("stage2_1/conv1",))
+    assert g.node("stage1_0/conv1").attrs["out"] == 16  # override 0: kept whole
+    assert g.node("stage1_1/conv1").attrs["out"] == 8  # global 0.5
+    assert g.node("stage2_1/conv1").attrs["out"] == 32  # excluded
+    assert g.node("stage2_0/conv1").attrs["out"] == 16
+    assert g.node("stage3_0/conv1").attrs["out"] == 24  # ceil(0.3 * 64) = 20 -> 24 (round_to 8)
+    assert g.node("stage3_down/conv1").attrs["out"] == 24
+    rows = {r["producers"][0]: r for r in report}
+    assert rows["stage3_0/conv1"]["ratio"] == 0.7 and rows["stage1_1/conv1"]["ratio"] == 0.5
+    assert "stage2_1/conv1" not in rows
+    assert run_ort(g, random_input(g)).shape == (2, 10)
+
+
+def test_steps_on_original_sizes_match_one_shot():
+    one = example("resnet20")
+    prune(one, 0.6, round_to=2)
+    steps = example("resnet20")
+    sizes = group_sizes(steps)
+    for amount in (0.3, 0.45, 0.6):
+        prune(steps, amount, round_to=2, original_sizes=sizes)
+    assert [n.attrs.get("out") for n in steps.nodes()] == [n.attrs.get("out") for n in one.nodes()]
+    assert summarize(steps).total_params == summarize(one).total_params

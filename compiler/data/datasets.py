@@ -11,7 +11,9 @@ import numpy as np
 from ..errors import Diagnostic, DlcError
 from .synthetic import make_shapes
 
-DATASETS = ("synthetic", "digits", "imagefolder")
+CLASSIFICATION_DATASETS = ("synthetic", "digits", "imagefolder")
+DETECTION_DATASETS = ("synthetic_detection", "coco", "yolo")  # loaded by data/detection.py
+DATASETS = CLASSIFICATION_DATASETS + DETECTION_DATASETS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -80,34 +82,40 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, d.target.astype(np.int64), [str(t) for t in d.target_names]
 
 
-def _image_folder(root: Path, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_image(path: Path, c: int, h: int, w: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image file as float32 C×h×w in [0, 1] (grey for c == 1, else RGB; bilinear resize), and its original
+    (width, height). A corrupt or unreadable file is a DlcError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if c not in (1, 3):
+        raise DlcError(f"{path}: image files are grey or RGB; the model input has {c} channels")
     try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise DlcError("dataset 'imagefolder' needs Pillow: pip install pillow") from None
+        with Image.open(path) as im:
+            size = im.size
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise DlcError(Diagnostic("image file not found", file=str(path), hint="check the path")) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
+                                  hint="remove or replace the file")) from None
+    return (array[None] if c == 1 else array.transpose(2, 0, 1)), size
+
+
+def _image_folder(root: Path, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not root.is_dir():
         raise DlcError(f"data.root: '{root}' is not a directory (expected one sub-folder of images per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DlcError(f"data.root: '{root}' needs at least two class sub-folders, found {classes or 'none'}")
     images, labels = [], []
-    mode = "L" if c == 1 else "RGB"
     for k, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files:
-            try:
-                with Image.open(path) as im:
-                    im = im.convert(mode).resize((w, h), Image.BILINEAR)
-                    array = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
-                                          hint="remove or replace the file")) from None
-            images.append(array[None] if c == 1 else array.transpose(2, 0, 1))
+            images.append(read_image(path, c, h, w)[0])
             labels.append(k)
     if not images:
         raise DlcError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{root}'")
-    if c not in (1, 3):
-        raise DlcError(f"imagefolder images are grey or RGB; the model input has {c} channels")
     return np.stack(images), np.asarray(labels, np.int64), classes
 
 
@@ -117,6 +125,9 @@ def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_out
     c, h, w = input_shape
     kind = cfg["dataset"]
     seed = cfg.get("seed", 0)
+    if kind in DETECTION_DATASETS:
+        raise DlcError(f"dataset '{kind}' is a detection set (boxes, not one label per image): it trains a model "
+                       f"with a detect layer; pick one of {', '.join(CLASSIFICATION_DATASETS)} for a classifier")
     if kind == "synthetic":
         num_classes = cfg.get("num_classes", num_outputs)
         images, labels, classes = make_shapes(cfg.get("samples", 2000), num_classes, input_shape, seed)

@@ -14,6 +14,7 @@ the graph outputs mark the spaces they touch not prunable, so the final classifi
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -301,6 +302,26 @@ def _n_keep(c: int, ratio: float, round_to: int, min_channels: int) -> int:
     return min(n, c)
 
 
+def matches(name: str, patterns) -> bool:
+    """Whether a layer name equals or fnmatch-matches any of `patterns`."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def group_ratio(group: Group, ratio: float, overrides: dict[str, float] | None, producers=frozenset()) -> float:
+    """The override of the group's producers (else of its own members: BN, depthwise convs) when a pattern
+    matches, else the global ratio; the last matching pattern wins, as in train.layers. Members in `producers`
+    (every group's producers) only read the group's channels, so their names set their own group's ratio."""
+    own = [m for m in group.members if m not in producers]
+    for names in (group.producers, own):
+        found = None
+        for pattern, r in (overrides or {}).items():
+            if any(matches(n, (pattern,)) for n in names):
+                found = r
+        if found is not None:
+            return float(found)
+    return ratio
+
+
 def prune(
     graph: Graph,
     ratio: float,
@@ -309,22 +330,38 @@ def prune(
     skip=(),
     min_channels: int = 1,
     seed: int = 0,
+    overrides: dict[str, float] | None = None,
+    original_sizes: dict[str, int] | None = None,
 ) -> list[dict]:
-    """Prune `ratio` of the channels of every prunable group in place; returns one report row per group."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    skip = set(skip)
+    """Prune `ratio` of the channels of every prunable group in place; returns one report row per group.
+
+    `overrides` maps layer names or fnmatch patterns to their group's own ratio (0 keeps it whole); `skip`
+    (names or patterns) leaves a group whole. With `original_sizes` ({first producer: channels}), ratios count
+    from those sizes rather than the current ones, so iterative steps land on the same final widths as one shot.
+    """
+    for r in [ratio, *(overrides or {}).values()]:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {r}")
     an = _Analysis(graph)
     keeps: dict[int, np.ndarray] = {}
     report = []
-    for grp in an.groups():
-        if not grp.prunable or skip & (set(grp.producers) | set(grp.members)):
+    groups = an.groups()
+    producers = {p for g in groups for p in g.producers}
+    for grp in groups:
+        if not grp.prunable or any(matches(n, skip) for n in grp.producers + grp.members):
             continue
-        n = _n_keep(grp.size, ratio, round_to, min_channels)
+        r = group_ratio(grp, ratio, overrides, producers)
+        base = (original_sizes or {}).get(grp.producers[0], grp.size)
+        n = min(_n_keep(base, r, round_to, min_channels), grp.size)
         if n < grp.size:
             score = importance(graph, grp, method, seed=seed + grp.id)
             keeps[grp.id] = np.sort(np.argsort(-score, kind="stable")[:n])
-        report.append({"producers": list(grp.producers), "before": grp.size, "after": n})
+        report.append({"producers": list(grp.producers), "before": grp.size, "after": n, "ratio": r})
     if keeps:
         an.apply(keeps)
     return report
+
+
+def group_sizes(graph: Graph) -> dict[str, int]:
+    """{first producer: channels} of every group (the reference for `prune(original_sizes=...)`)."""
+    return {g.producers[0]: g.size for g in channel_groups(graph)}

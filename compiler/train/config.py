@@ -18,7 +18,7 @@ from .schedule import POLICIES
 from .solver import SOLVERS, SolverConfig
 
 LOSSES = ("cross_entropy", "focal")
-MONITORS = ("val_loss", "val_accuracy", "train_loss")
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "val_map")  # val_map: detectors (mAP@0.5)
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EarlyStopping:
 
     @property
     def mode(self) -> str:
-        return "max" if self.monitor.endswith("accuracy") else "min"
+        return "max" if self.monitor.endswith(("accuracy", "_map")) else "min"
 
 
 @dataclass
@@ -207,8 +207,9 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
         c.error("dataset imagefolder needs 'root': a folder with one sub-folder of images per class", "dataset")
     c.number("val_fraction", 0.2, 0.0, 0.9)
     c.number("samples", 2000, 10, integer=True)
-    if "num_classes" in section:
-        c.number("num_classes", 2, 2, 12, integer=True)
+    if "num_classes" in section:  # a detection set may have a single class
+        c.number("num_classes", 2, 1 if section.get("dataset") == "synthetic_detection" else 2, 12, integer=True)
+    _check_detection_data(c, section)
     aug = section.get("augment") or {}
     crop = aug.get("crop", 0) if isinstance(aug, dict) else 0
     if crop is True:
@@ -224,3 +225,39 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
         c.error(f"'data.augment.crop' is the padding of a random crop in pixels (e.g. 4), got {crop!r}", "augment")
     prefetch = c.number("prefetch", 2, 1, 64, integer=True)
     return DataConfig(dict(section), augment, prefetch), c.diags
+
+
+_DETECTION_KEYS = {"images": ("coco",), "annotations": ("coco",), "val_images": ("coco",),
+                   "val_annotations": ("coco",), "max_objects": ("synthetic_detection",)}
+
+
+def _check_detection_data(c: _Checker, section: LDict) -> None:
+    """Value rules of the detection sets' keys (coco, yolo, synthetic_detection)."""
+    kind = section.get("dataset")
+    for key, kinds in _DETECTION_KEYS.items():
+        if key in section and kind not in kinds:
+            c.error(f"'data.{key}' is only used by dataset {' / '.join(kinds)}, not {kind!r}", key)
+    if kind == "coco":
+        for key in ("images", "annotations"):
+            if not section.get(key):
+                c.error(f"dataset coco needs '{key}': the images folder and the COCO instances JSON file, "
+                        f"relative to this file", "dataset")
+        if "val_images" in section and "val_annotations" not in section:
+            c.error("'data.val_images' needs 'val_annotations' (the validation instances JSON file)", "val_images")
+    if kind == "yolo":
+        if not section.get("root"):
+            c.error("dataset yolo needs 'root': a folder with images/ and labels/ (or images/train, images/val)",
+                    "dataset")
+        if "classes" not in section:
+            c.error("dataset yolo needs 'classes': a list of class names or a file with one name per line",
+                    "dataset")
+    classes = section.get("classes")
+    if classes is not None:
+        names_ok = isinstance(classes, list) and classes and all(isinstance(n, str) and n for n in classes)
+        if names_ok and len(set(classes)) != len(classes):
+            c.error(f"'data.classes' has repeated names: {classes!r}", "classes")
+        elif not (names_ok or (kind == "yolo" and isinstance(classes, str) and classes)):
+            what = "a list of class names or a names file" if kind == "yolo" else "a list of class names"
+            c.error(f"'data.classes' must be {what}, got {classes!r}", "classes")
+    if "max_objects" in section:
+        c.number("max_objects", 4, 1, 64, integer=True)

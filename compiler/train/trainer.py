@@ -1,6 +1,11 @@
 """The training loop behind `dlc train`: data, forward, loss, backward, solver, validation, early stopping,
 checkpoints, metrics and curves.
 
+Two tasks share the loop: classification (a flat output of class scores; softmax cross-entropy or focal loss)
+and detection (the output comes from a `detect` layer: the executor runs forward to the layer's raw head
+maps, dlc.compiler.detect.loss gives their gradients, and backward starts there; validation decodes,
+post-processes with NMS and reports mAP@0.5 as val_map).
+
 Repeatable bit for bit: the data order, each batch's augmentation and each dropout mask are functions of
 (seed, epoch, iteration), so a run resumed from any checkpoint continues exactly as if never stopped.
 A checkpoint is written atomically after every epoch (and at Ctrl-C, at the end of the current iteration);
@@ -26,6 +31,7 @@ from ..data import BatchLoader, load_dataset
 from ..errors import DlcError
 from ..frontend import LoadedModel
 from ..ops import REGISTRY
+from ..ops.detect import anchors_of, bind_strides, detect_node, strides_of
 from .checkpoint import graph_tensors, load_params_into, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .executor import Executor
@@ -68,25 +74,12 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.console = console
-        if len(self.graph.outputs) != 1:
-            raise DlcError(f"{spec.file}: training needs one model output (the class scores); "
-                           f"this model has {len(self.graph.outputs)}")
-        out = self.graph.outputs[0]
-        shape = self.graph.shapes[out]
-        if len(shape) != 1:
-            raise DlcError(f"{spec.file}: training needs a flat output of class scores, got {shape} from '{out}'")
-        producer = self.graph.producer(out)
-        # A final softmax is folded into the loss (fused softmax + cross-entropy), so train on its input.
-        self.logits = producer.inputs[0] if producer is not None and producer.op == "softmax" else out
-        self.num_outputs = shape[0]
-        self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
-                                                    Path(spec.file).parent)
-        inp = spec.input
+        self.det = detect_node(self.graph)
+        if self.det is not None:
+            self._init_detection()
+        else:
+            self._init_classification()
         c = self.cfg
-        self.train_loader = BatchLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed, spec.data.augment,
-                                        prefetch=spec.data.prefetch)
-        self.val_loader = BatchLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
-                                      drop_last=False)
         self.executor = Executor(self.graph)
         params, mults = {}, {}
         for node in self.graph.nodes():
@@ -102,8 +95,87 @@ class Trainer:
         self.schedule = LRSchedule(c.base_lr, c.lr_policy, self.iters_per_epoch, self.total_iters, c.gamma,
                                    c.step_size, c.steps, c.power, warmup_iters=warmup,
                                    warmup_start_factor=c.warmup_start_factor)
-        self.class_weights = self._class_weights()
         self._interrupted = False
+        es = c.early_stopping
+        allowed = ("val_loss", "train_loss", "val_map" if self.det is not None else "val_accuracy")
+        if es is not None and es.monitor not in allowed:
+            raise DlcError(f"{spec.file}: early_stopping.monitor is {es.monitor}, which a "
+                           f"{'detector' if self.det is not None else 'classifier'} does not report; use one of "
+                           f"{', '.join(allowed)}")
+
+    def _init_classification(self) -> None:
+        spec, c = self.spec, self.cfg
+        if len(self.graph.outputs) != 1:
+            raise DlcError(f"{spec.file}: training needs one model output (the class scores); "
+                           f"this model has {len(self.graph.outputs)}")
+        out = self.graph.outputs[0]
+        shape = self.graph.shapes[out]
+        if len(shape) != 1:
+            raise DlcError(f"{spec.file}: training needs a flat output of class scores, got {shape} from '{out}'")
+        producer = self.graph.producer(out)
+        # A final softmax is folded into the loss (fused softmax + cross-entropy), so train on its input.
+        self.logits = producer.inputs[0] if producer is not None and producer.op == "softmax" else out
+        self.num_outputs = shape[0]
+        self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
+                                                    Path(spec.file).parent)
+        inp = spec.input
+        self.train_loader = BatchLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed, spec.data.augment,
+                                        prefetch=spec.data.prefetch)
+        self.val_loader = BatchLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
+                                      drop_last=False)
+        self.class_weights = self._class_weights()
+
+    def _init_detection(self) -> None:
+        from ..data.detection import DetectionLoader, load_detection_dataset
+        from ..detect.loss import LossConfig
+
+        spec, c, node = self.spec, self.cfg, self.det
+        if spec.data is None:
+            raise DlcError(f"{spec.file}: training a detector needs a data: section with a detection dataset")
+        if c.class_weights is not None or c.loss != "cross_entropy":
+            raise DlcError(f"{spec.file}: train.loss and train.class_weights are for classifiers; a detector's "
+                           f"loss settings live on its detect layer '{node.name}' (box_loss, obj_loss, "
+                           "class_weights, ...)")
+        self.train_set, self.val_set = load_detection_dataset(spec.data.raw, spec.input.shape,
+                                                              Path(spec.file).parent)
+        if len(self.train_set.classes) != node.attrs["classes"]:
+            raise DlcError(f"{spec.file}: detect layer '{node.name}' has classes: {node.attrs['classes']} but the "
+                           f"data has {len(self.train_set.classes)} ({', '.join(self.train_set.classes)}); make "
+                           "them agree")
+        bind_strides(self.graph)
+        self.num_outputs = node.attrs["classes"]
+        self.heads = list(node.inputs)
+        self.anchor_fit = self._auto_anchors() if node.attrs["anchors"] is None else None
+        self.loss_cfg = LossConfig.from_attrs(node.attrs)
+        inp = spec.input
+        self.train_loader = DetectionLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed,
+                                            spec.data.augment, prefetch=spec.data.prefetch)
+        self.val_loader = DetectionLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
+                                          drop_last=False)
+        self.class_weights = None
+
+    def _auto_anchors(self) -> dict[str, Any]:
+        """anchors: auto: k-means (1 − IoU) over the training boxes, smallest anchors to the finest stride."""
+        from ..detect.anchors import kmeans_anchors, split_anchors
+
+        node = self.det
+        boxes = np.concatenate([b.reshape(-1, 4) for b in self.train_set.boxes])
+        wh = boxes[:, 2:] - boxes[:, :2]
+        wh = wh[(wh > 0).all(1)]
+        scales = len(node.inputs)
+        per_scale = node.attrs["anchors_per_scale"]
+        if len(wh) < per_scale * scales:
+            raise DlcError(f"{self.spec.file}: anchors: auto needs at least {per_scale * scales} training boxes, "
+                           f"the data has {len(wh)}; give the anchors explicitly")
+        anchors, mean_iou = kmeans_anchors(wh, per_scale * scales, seed=self.cfg.seed)
+        split = split_anchors(anchors, scales)
+        order = np.argsort([s[0] * s[1] for s in node.attrs["strides"]], kind="stable")
+        node.attrs["anchors"] = [None] * scales
+        for rank, i in enumerate(order):
+            node.attrs["anchors"][i] = [[float(v) for v in a] for a in split[rank]]
+        self._say(f"anchors (k-means over {len(wh)} training boxes): {node.attrs['anchors']}, mean best IoU "
+                  f"{mean_iou:.3f}")
+        return {"anchors": node.attrs["anchors"], "mean_best_iou": float(mean_iou), "boxes": int(len(wh))}
 
     # --- pieces --------------------------------------------------------------------------------------------
     def _class_weights(self) -> np.ndarray | None:
@@ -125,7 +197,17 @@ class Trainer:
             return _loss.focal_loss(logits, labels, self.cfg.focal_gamma, weights)
         return _loss.softmax_cross_entropy(logits, labels, weights, self.cfg.label_smoothing if weighted else 0.0)
 
+    def detection_loss(self, maps: list[np.ndarray], targets) -> tuple[float, list[np.ndarray]]:
+        from ..detect.loss import detection_loss
+
+        node = self.det
+        loss, _, grads = detection_loss(maps, targets, anchors_of(node), strides_of(node), node.attrs["classes"],
+                                        self.loss_cfg)
+        return loss, grads
+
     def evaluate(self) -> dict[str, Any]:
+        if self.det is not None:
+            return self._evaluate_detection()
         losses, preds = [], []
         for x, y in self.val_loader.epoch(0):
             logits = self.executor.forward(x, train=False, outputs=[self.logits])[self.logits]
@@ -137,9 +219,36 @@ class Trainer:
                 "val_macro_f1": report["macro_f1"], "per_class": report["per_class"],
                 "confusion_matrix": report["confusion_matrix"]}
 
+    def _evaluate_detection(self) -> dict[str, Any]:
+        from dlc.runtime.detect import postprocess
+        from dlc.runtime.metrics import evaluate_detections
+
+        a, out = self.det.attrs, self.det.outputs[0]
+        loss_sum, preds = 0.0, []
+        for x, y in self.val_loader.epoch(0):
+            values = self.executor.forward(x, train=False, outputs=[*self.heads, out])
+            loss, _ = self.detection_loss([values[h] for h in self.heads], y)
+            loss_sum += loss * len(y)
+            # mAP integrates over the whole precision-recall curve: keep low-confidence boxes (as YOLO's val)
+            preds += postprocess(values[out], 0.001, a["iou_threshold"], a["max_detections"], a["class_agnostic"])
+        # the val loader keeps the set's order; crowd regions count as neither missed nor false positives
+        v = self.val_set
+        gts = [(v.boxes[i], v.labels[i], v.crowd(i)) for i in range(len(v))]
+        result = evaluate_detections(gts, preds, a["classes"], 0.5, a["conf_threshold"])
+        # COCO-style average over IoU 0.50:0.05:0.95 (all-point AP at each threshold; cheap next to the forward)
+        map50_95 = np.mean([evaluate_detections(gts, preds, a["classes"], t)["map"] or 0.0
+                            for t in np.linspace(0.5, 0.95, 10)])
+        return {"val_loss": loss_sum / len(self.val_set), "val_map": float(result["map"] or 0.0),
+                "val_map50_95": float(map50_95),
+                "val_precision": result["precision"], "val_recall": result["recall"], "val_f1": result["f1"],
+                "per_class_ap": result["ap"]}
+
     def _info(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {**state, "yaml_sha256": self.spec.sha256, "solver_steps": self.solver.steps,
+        info = {**state, "yaml_sha256": self.spec.sha256, "solver_steps": self.solver.steps,
                 "classes": self.train_set.classes}
+        if self.det is not None:
+            info["anchors"] = {self.det.name: self.det.attrs["anchors"]}
+        return info
 
     def _save(self, state: dict[str, Any], best: dict[str, np.ndarray] | None, name: str = CHECKPOINT) -> None:
         save_checkpoint(self.out_dir / name, self.graph, self.solver.state, self._info(state), best)
@@ -191,7 +300,8 @@ class Trainer:
             if key in self.solver.state:
                 self.solver.state[key][...] = value
         self.solver.steps = info.get("solver_steps", 0)
-        state = {k: v for k, v in info.items() if k not in ("yaml_sha256", "solver_steps", "classes")}
+        restore_anchors(self.graph, info)
+        state = {k: v for k, v in info.items() if k not in ("yaml_sha256", "solver_steps", "classes", "anchors")}
         return state, (best or None)
 
     def _loop(self, state: dict[str, Any], best: dict[str, np.ndarray] | None) -> tuple[str, Any]:
@@ -208,21 +318,31 @@ class Trainer:
                     i, g = state["iteration"], state["global_iteration"]
                     lr = self.schedule(g)
                     rng = np.random.default_rng([c.seed, epoch, i, 2])
-                    logits = self.executor.forward(x, train=True, rng=rng, outputs=[self.logits])[self.logits]
-                    loss, dlogits = self.loss(logits, y)
-                    if not np.isfinite(loss) or not np.all(np.isfinite(logits)):
+                    if self.det is not None:
+                        values = self.executor.forward(x, train=True, rng=rng, outputs=self.heads)
+                        maps = [values[h] for h in self.heads]
+                        loss, dmaps = self.detection_loss(maps, y)
+                        finite = all(np.all(np.isfinite(m)) for m in maps)
+                        seeds = dict(zip(self.heads, dmaps))
+                    else:
+                        logits = self.executor.forward(x, train=True, rng=rng, outputs=[self.logits])[self.logits]
+                        loss, dlogits = self.loss(logits, y)
+                        finite = bool(np.all(np.isfinite(logits)))
+                        seeds = {self.logits: dlogits}
+                    if not np.isfinite(loss) or not finite:
                         raise TrainingDiverged(
                             f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} (global {g + 1}); "
                             f"training stopped and the last good checkpoint in {self.out_dir} is kept. "
                             "Try a lower base_lr, warm-up or clip_grad_norm")
-                    grads = self.executor.backward({self.logits: dlogits})
+                    grads = self.executor.backward(seeds)
                     flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
                     self.solver.step(flat, lr)
                     for cb in self.callbacks:
                         if hasattr(cb, "on_step"):
                             cb.on_step(self, state["global_iteration"])
                     partial["loss_sum"] += loss * len(y)
-                    partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
+                    if self.det is None:
+                        partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
                     partial["seen"] += len(y)
                     state["iteration"] += 1
                     state["global_iteration"] += 1
@@ -238,19 +358,22 @@ class Trainer:
                     if state["global_iteration"] >= self.total_iters:
                         break
                 partial["seconds"] += time.perf_counter() - t0
-                record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
-                          "train_accuracy": partial["correct"] / max(partial["seen"], 1),
-                          **self.evaluate(), "lr": self.schedule(max(state["global_iteration"] - 1, 0)),
-                          "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9),
-                          "seconds": partial["seconds"]}
+                record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1)}
+                if self.det is None:
+                    record["train_accuracy"] = partial["correct"] / max(partial["seen"], 1)
+                record.update({**self.evaluate(), "lr": self.schedule(max(state["global_iteration"] - 1, 0)),
+                               "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9),
+                               "seconds": partial["seconds"]})
                 state["history"].append(record)
                 state["epoch"] += 1
                 state["iteration"] = 0
                 state["partial"] = None
                 if bar:
                     bar.remove_task(task)
+                score = (f"val mAP@0.5 {record['val_map']:.4f}" if self.det is not None
+                         else f"val acc {record['val_accuracy']:.4f}")
                 self._say(f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f}  val loss "
-                          f"{record['val_loss']:.4f}  val acc {record['val_accuracy']:.4f}  lr {record['lr']:.3g}  "
+                          f"{record['val_loss']:.4f}  {score}  lr {record['lr']:.3g}  "
                           f"{record['images_per_s']:.0f} img/s")
                 for cb in self.callbacks:
                     if hasattr(cb, "on_epoch_end"):
@@ -284,13 +407,19 @@ class Trainer:
 
     def _write_reports(self, state: dict[str, Any], stopped: str) -> None:
         history = state["history"]
-        write_json(self.out_dir / "metrics.json", {
+        report = {
             "model": self.spec.name, "stopped": stopped, "best_epoch": state["best_epoch"],
             "classes": self.train_set.classes, "train_samples": len(self.train_set),
             "val_samples": len(self.val_set), "epochs": history,
-        })
+        }
+        if self.det is not None:
+            report.update(task="detection", anchors=self.det.attrs["anchors"], anchor_fit=self.anchor_fit)
+        write_json(self.out_dir / "metrics.json", report)
         if history:
-            plot_curves(history, self.out_dir / "curves.png", f"{self.spec.name}: training curves")
+            curves = history if self.det is None else [
+                {**h, "train_accuracy": float("nan"), "val_accuracy": h["val_map"]} for h in history]
+            plot_curves(curves, self.out_dir / "curves.png", f"{self.spec.name}: training curves"
+                        + (" (right: val mAP@0.5)" if self.det is not None else ""))
 
     def _say(self, text: str) -> None:
         if self.progress and self.console is not None:
@@ -306,6 +435,14 @@ class Trainer:
                        TimeRemainingColumn(), console=self.console, transient=True)
         bar.start()
         return bar
+
+
+def restore_anchors(graph, info: dict[str, Any]) -> None:
+    """Put the anchors a checkpoint recorded (anchors: auto, found at training start) back into the detect
+    layers, so a resumed run, --weights and export use the ones the weights were trained with."""
+    for name, anchors in (info.get("anchors") or {}).items():
+        if name in graph.nx and anchors is not None:
+            graph.node(name).attrs["anchors"] = anchors
 
 
 def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,
