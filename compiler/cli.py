@@ -658,7 +658,7 @@ def eval_cmd(
             report = _eval_model(model, data, device, iou, score, save, as_json)
             if report is None:
                 return
-            gt, pred = model, data
+            gt, pred = data, model  # printed as "model vs data"
         elif gt is None or pred is None:
             raise DlcError("dlc eval: pass both --gt instances.json and --pred detections.json (or --model and "
                            "--data)")
