@@ -367,7 +367,8 @@ def prune(
                                    help="Criterion: l1, l2, bn_scale or random (structured); magnitude."),
     ratio: float = typer.Option(None, show_default="prune.amount, else 0.5",
                                 help="Structured: fraction of channels removed per group; unstructured: sparsity."),
-    scope: str = typer.Option(None, help="Unstructured: layer (each layer alike) or global (one threshold)."),
+    scope: str = typer.Option(None, help="layer (every group / layer loses the ratio) or global (the least important "
+                              "channels or weights across all layers go)."),
     round_to: int = typer.Option(None, "--round-to", min=1, help="Keep a multiple of this many channels (e.g. 8)."),
     skip: str = typer.Option("", help="Comma-separated layer names or patterns left whole."),
     weights: Path = typer.Option(None, help="Checkpoint with the YAML model's weights (e.g. from dlc train)."),

@@ -88,7 +88,7 @@ def test_prune_bad_input(tmp_path):
         (["--importance", "magic"], "unknown importance method 'magic' for structured pruning"),
         (["--method", "unstructured", "--importance", "l1"], "unknown importance method 'l1' for unstructured"),
         (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
-        (["--scope", "global"], "--scope global is for unstructured pruning"),
+        (["--scope", "everywhere"], "--scope must be one of layer, global, got 'everywhere'"),
         (["--skip", "conv9"], "--skip 'conv9' matches no layer of the model; did you mean 'conv1'?"),
         (["--data", str(tmp_path / "missing.yaml")], "file not found"),
     ]

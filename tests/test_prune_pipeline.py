@@ -84,9 +84,9 @@ def test_section_errors_name_their_lines():
     for line, message in expect.items():
         assert any(e.startswith(f"m.yaml:{line}:") and message in e for e in errs), (line, message, errs)
     assert any("'prune.layers.c1' must be a number in [0, 1)" in e for e in errs)
-    errs = errors_of(MODEL + DATA + "prune: {amont: 0.5, scope: global}\n")
+    errs = errors_of(MODEL + DATA + "prune: {amont: 0.5, scope: globl}\n")
     assert any("unknown key 'amont' in 'prune' (did you mean 'amount'?)" in e for e in errs)
-    assert any("'prune.scope: global' is for unstructured pruning" in e for e in errs)
+    assert any("prune.scope" in e and "globl" in e and "global" in e for e in errs), errs
 
 
 def test_fine_tune_settings_and_data():

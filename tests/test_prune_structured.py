@@ -307,3 +307,52 @@ def test_steps_on_original_sizes_match_one_shot():
         prune(steps, amount, round_to=2, original_sizes=sizes)
     assert [n.attrs.get("out") for n in steps.nodes()] == [n.attrs.get("out") for n in one.nodes()]
     assert summarize(steps).total_params == summarize(one).total_params
+
+
+GLOBAL_NET = """
+- {name: a, type: conv, out: 16, kernel: 3, pad: 1, bias: false}
+- {name: ra, type: relu}
+- {name: b, type: conv, out: 16, kernel: 3, pad: 1, bias: false}
+- {name: rb, type: relu}
+- {name: c, type: conv, out: 8, kernel: 3, pad: 1}
+"""
+
+
+def test_global_scope_ranks_channels_across_layers():
+    """Layer a has 8 dead (zero) filters, b none: a global 25 % cut takes all 8 from a, exactly, and the
+    outputs do not change (the dead filters contributed nothing)."""
+    graph = load(GLOBAL_NET, shape=(3, 8, 8)).graph
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        w = graph.node(name).params["weight"]
+        graph.node(name).params["weight"] = (rng.uniform(0.5, 1.5, w.shape) * rng.choice([-1, 1], w.shape)
+                                             ).astype(np.float32)
+    graph.node("a").params["weight"][1::2] = 0.0
+    x = random_input(graph, batch=2)
+    before = Executor(graph).forward(x)["c"]
+    report = prune(graph, 0.25, "l1", scope="global")
+    assert {r["producers"][0]: r["after"] for r in report} == {"a": 8, "b": 16}
+    assert report[0]["ratio"] == 0.5 and report[1]["ratio"] == 0.0
+    np.testing.assert_array_equal(Executor(graph).forward(x)["c"], before)
+
+
+def test_global_scope_counts_floors_overrides_and_round_to():
+    graph = load(GLOBAL_NET, shape=(3, 8, 8)).graph
+    rng = np.random.default_rng(1)
+    graph.node("a").params["weight"] *= np.linspace(0.01, 1, 16, dtype=np.float32)[:, None, None, None]
+    graph.node("b").params["weight"] = rng.standard_normal(graph.node("b").params["weight"].shape).astype(np.float32)
+    g = graph.copy()
+    kept = {r["producers"][0]: r["after"] for r in prune(g, 0.5, "l1", scope="global")}
+    assert sum(kept.values()) == 16  # exactly half of the 32 channels go
+    scales = np.abs(g.node("a").params["weight"]).reshape(kept["a"], -1).sum(1)
+    full = np.abs(graph.node("a").params["weight"]).reshape(16, -1).sum(1)
+    np.testing.assert_allclose(np.sort(scales), np.sort(full)[-kept["a"]:], rtol=1e-6)  # a kept its largest
+    # a group never drops below max(min_channels, round_to), and counts round up to round_to
+    kept = {r["producers"][0]: r["after"] for r in prune(graph.copy(), 0.9, "l1", scope="global", min_channels=2)}
+    assert min(kept.values()) >= 2 and sum(kept.values()) == max(32 - int(0.9 * 32), 4)
+    kept = {r["producers"][0]: r["after"] for r in prune(graph.copy(), 0.5, "l1", scope="global", round_to=4)}
+    assert all(n % 4 == 0 for n in kept.values()) and 16 <= sum(kept.values()) <= 20
+    # an override takes its group out of the global pool: b keeps its own 25 %, a alone shares the 50 %
+    kept = {r["producers"][0]: r["after"] for r in prune(graph.copy(), 0.5, "l1", scope="global",
+                                                          overrides={"b": 0.25})}
+    assert kept == {"a": 8, "b": 12}

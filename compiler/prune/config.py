@@ -117,9 +117,6 @@ def parse_prune(section: LDict, file: str, layer_names: list[str], train: dict |
     if isinstance(section.get("amount"), (int, float)):  # other types are reported by sections.py
         c.amount = fraction(section["amount"], "prune.amount", "amount") or 0.0
     c.scope = choice("scope", "layer", SCOPES)
-    if c.scope == "global" and c.method == "structured":
-        error("'prune.scope: global' is for unstructured pruning; structured pruning takes per-layer ratios "
-              "(prune.layers)", "scope")
     layers = section.get("layers", {})
     if not isinstance(layers, dict):
         error("'prune.layers' maps layer names or patterns to their own amount, e.g. {conv1: 0.3, 'stage3_*': 0.6}",

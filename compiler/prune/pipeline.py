@@ -195,7 +195,7 @@ def run_prune(loaded, cfg: PruneConfig, out_dir: str | Path, progress: bool = Fa
                 callbacks.append(MaskKeeper(masks))
         else:
             groups = prune_structured(graph, amount, cfg.importance, cfg.round_to, cfg.exclude, seed=k,
-                                      overrides=overrides, original_sizes=sizes0)
+                                      overrides=overrides, original_sizes=sizes0, scope=cfg.scope)
             for g in groups:  # channels before any step, not before this one
                 g["before"] = sizes0.get(g["producers"][0], g["before"])
         row = _row(graph, k, amount, params0, masks)
@@ -317,9 +317,6 @@ def cli_config(loaded, train: dict | None, method: str | None = None, importance
         if scope not in SCOPES:
             raise DlcError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
         cfg.scope = scope
-    if cfg.method == "structured" and cfg.scope == "global":
-        raise DlcError("--scope global is for unstructured pruning; structured pruning prunes every group by the "
-                       "ratio (per-layer overrides go in the prune: section's layers)")
     if round_to is not None:
         cfg.round_to = round_to
     if skip:

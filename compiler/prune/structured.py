@@ -307,7 +307,8 @@ def matches(name: str, patterns) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def group_ratio(group: Group, ratio: float, overrides: dict[str, float] | None, producers=frozenset()) -> float:
+def group_ratio(group: Group, ratio: float | None, overrides: dict[str, float] | None,
+                producers=frozenset()) -> float | None:
     """The override of the group's producers (else of its own members: BN, depthwise convs) when a pattern
     matches, else the global ratio; the last matching pattern wins, as in train.layers. Members in `producers`
     (every group's producers) only read the group's channels, so their names set their own group's ratio."""
@@ -332,9 +333,14 @@ def prune(
     seed: int = 0,
     overrides: dict[str, float] | None = None,
     original_sizes: dict[str, int] | None = None,
+    scope: str = "layer",
 ) -> list[dict]:
-    """Prune `ratio` of the channels of every prunable group in place; returns one report row per group.
+    """Prune channels of every prunable group in place; returns one report row per group.
 
+    scope "layer": each group loses `ratio` of its channels. scope "global" (Torch-Pruning's global pruning):
+    `ratio` of all the channels of the groups without an override go, the least important first, ranked across
+    groups by importance divided by its group's mean (so wide and narrow layers compare fairly); each group keeps
+    at least max(min_channels, round_to) and its count is rounded up to round_to.
     `overrides` maps layer names or fnmatch patterns to their group's own ratio (0 keeps it whole); `skip`
     (names or patterns) leaves a group whole. With `original_sizes` ({first producer: channels}), ratios count
     from those sizes rather than the current ones, so iterative steps land on the same final widths as one shot.
@@ -342,24 +348,56 @@ def prune(
     for r in [ratio, *(overrides or {}).values()]:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got '{scope}'")
     an = _Analysis(graph)
-    keeps: dict[int, np.ndarray] = {}
-    report = []
     groups = an.groups()
     producers = {p for g in groups for p in g.producers}
+    rows = []  # (group, its ratio or None for the global pool, channels it counts from)
     for grp in groups:
         if not grp.prunable or any(matches(n, skip) for n in grp.producers + grp.members):
             continue
-        r = group_ratio(grp, ratio, overrides, producers)
-        base = (original_sizes or {}).get(grp.producers[0], grp.size)
-        n = min(_n_keep(base, r, round_to, min_channels), grp.size)
+        r = group_ratio(grp, None, overrides, producers)  # None: no override
+        if r is None and scope == "layer":
+            r = ratio
+        rows.append((grp, r, (original_sizes or {}).get(grp.producers[0], grp.size)))
+    scores = {grp.id: importance(graph, grp, method, seed=seed + grp.id) for grp, _, _ in rows}
+    counts = {grp.id: min(_n_keep(base, r, round_to, min_channels), grp.size) for grp, r, base in rows if r is not None}
+    counts.update(_global_counts([(g, b) for g, r, b in rows if r is None], scores, ratio, round_to, min_channels))
+    keeps: dict[int, np.ndarray] = {}
+    report = []
+    for grp, r, base in rows:
+        n = counts[grp.id]
         if n < grp.size:
-            score = importance(graph, grp, method, seed=seed + grp.id)
-            keeps[grp.id] = np.sort(np.argsort(-score, kind="stable")[:n])
-        report.append({"producers": list(grp.producers), "before": grp.size, "after": n, "ratio": r})
+            keeps[grp.id] = np.sort(np.argsort(-scores[grp.id], kind="stable")[:n])
+        report.append({"producers": list(grp.producers), "before": grp.size, "after": n,
+                       "ratio": r if r is not None else 1.0 - n / base})
     if keeps:
         an.apply(keeps)
     return report
+
+
+def _global_counts(pool: list[tuple[Group, int]], scores: dict[int, np.ndarray], ratio: float, round_to: int,
+                   min_channels: int) -> dict[int, int]:
+    """Channels each pooled group keeps when the least important `ratio` of all their channels (counted from
+    their original sizes) go, by importance normalised by each group's mean."""
+    if not pool:
+        return {}
+    floor = {g.id: min(max(min_channels, round_to, 1), g.size) for g, _ in pool}
+    target = sum(b for _, b in pool) - math.floor(round(ratio * sum(b for _, b in pool), 6))
+    keep = dict(floor)
+    # Every channel above its group's floor competes on its normalised score; ties go to the earlier group/index.
+    cand = []
+    for g, _ in pool:
+        s = scores[g.id]
+        norm = s / s.mean() if s.mean() > 0 else np.zeros_like(s)
+        top = np.sort(norm)[::-1][floor[g.id]:]
+        cand += [(-v, g.id, i) for i, v in enumerate(top)]
+    cand.sort()
+    for _, gid, _ in cand[:max(target - sum(floor.values()), 0)]:
+        keep[gid] += 1
+    sizes = {g.id: g.size for g, _ in pool}
+    return {gid: min(math.ceil(n / round_to) * round_to if round_to > 1 else n, sizes[gid]) for gid, n in keep.items()}
 
 
 def group_sizes(graph: Graph) -> dict[str, int]:
