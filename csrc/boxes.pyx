@@ -21,8 +21,8 @@ with every box, so for a threshold >= 0 it is kept and suppresses nothing. Two p
 overlap strictly on both axes, and the cell of a coordinate is a monotone function of it, so they share at
 least one grid cell: looking only at the kept boxes in the candidate's cells finds every box that the
 plain greedy scan would find, and the result is identical to it. The threshold narrows the cells further
-(see `_query_range`: for a threshold >= 0.5 a single cell), and `_suppresses` skips most divisions; both
-are exact, and the tests check the result against the plain greedy reference on adversarial inputs.
+(see `_query_range`: for a threshold >= 0.5 a single cell, read by the candidate or, in a sparse class,
+written by the kept box; see `_greedy_class`), and `_suppresses` skips most divisions; both are exact, and the tests check the result against the plain greedy reference on adversarial inputs.
 Scores are ordered by an LSD radix sort on (descending score, index) keys (`_order_desc`).
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport atan2, exp, fabs, sqrt
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
@@ -39,7 +39,7 @@ cnp.import_array()
 
 # Below this many box pairs a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN_PAIRS = 4096
-# Up to this many participants a segment is scanned without a grid (building one costs more).
+# Up to this many boxes a class is scanned without a grid (building one costs more).
 cdef Py_ssize_t _GRID_MIN = 48
 # Samples taken to estimate the typical box size (the median) that sets the cell size.
 cdef enum:
@@ -288,11 +288,17 @@ cdef Py_ssize_t _order_desc(const float* s, Py_ssize_t n, int64_t* out, uint64_t
     cdef Py_ssize_t total, h
     cdef int shift, d
     cdef bint trivial
-    for i in range(n):
+    memset(&hist[0][0], 0, sizeof(hist))
+    for i in range(n):  # keys and all three digit histograms in one pass
         if s[i] != s[i]:
             continue
-        a[cnt] = _desc_key(s[i], i)
+        v = _desc_key(s[i], i)
+        a[cnt] = v
         cnt += 1
+        v = v >> 32
+        hist[0][v & 2047] += 1
+        hist[1][(v >> 11) & 2047] += 1
+        hist[2][(v >> 22) & 1023] += 1
     if cnt <= 32:
         for i in range(1, cnt):  # insertion sort: the full 64-bit value orders by key, then index
             v = a[i]
@@ -302,12 +308,6 @@ cdef Py_ssize_t _order_desc(const float* s, Py_ssize_t n, int64_t* out, uint64_t
                 j -= 1
             a[j + 1] = v
     else:
-        memset(&hist[0][0], 0, sizeof(hist))
-        for i in range(cnt):
-            v = a[i] >> 32
-            hist[0][v & 2047] += 1
-            hist[1][(v >> 11) & 2047] += 1
-            hist[2][(v >> 22) & 1023] += 1
         # Input is in index order and every pass is stable, so equal keys stay in index order.
         for pass_ in range(3):
             shift = 32 + 11 * pass_
@@ -359,32 +359,42 @@ cdef struct Entry:
     double area
 
 
+cdef enum:
+    _CHUNK = 6  # entries per chunk of a cell's list: one dependent load per chunk, not per entry
+
+
+cdef struct Chunk:
+    Entry e[_CHUNK]
+    int32_t n     # entries used
+    int32_t next  # the cell's next (older) chunk, or -1
+
+
 cdef struct Work:
     Py_ssize_t n_cap          # capacity of the per-box buffers below
-    Py_ssize_t cells_cap      # capacity of start / fill
+    Py_ssize_t cells_cap      # capacity of head
     Py_ssize_t arena_cap
     # per call: score order, sort keys, kept indices
     int64_t* order
     uint64_t* ka
     uint64_t* kb
     int64_t* keep
-    # the boxes gathered in score order: xyxy, area, class, grid cells covered (x1, x2, y1, y2)
+    # the boxes gathered by class (class c: slots cstart[c]:cstart[c + 1]), each class in score order:
+    # xyxy, area and score-order position; and a kept flag per score-order position
     float* gx
     double* ga
-    int64_t* gk
-    int32_t* gc
-    # per kept box, for the linear scan and the big list
-    int64_t* kcls
+    int32_t* pos
+    Py_ssize_t* cstart
+    uint8_t* kept
+    # per kept box of the class being scanned, for the linear scan and the big list
     float* kx1
     float* ky1
     float* kx2
     float* ky2
     double* karea
     Py_ssize_t* big
-    # the grid
-    Entry* arena
-    Py_ssize_t* start
-    Py_ssize_t* fill
+    # the grid: per cell, a list of chunks of the kept boxes that cover it, newest chunk first
+    Chunk* arena
+    int32_t* head
 
 
 cdef int _grow(void** p, size_t size) noexcept nogil:
@@ -408,9 +418,8 @@ cdef int _work_reserve(Work* w, Py_ssize_t n, Py_ssize_t ncls) noexcept nogil:
         bad |= _grow(<void**>&w.keep, n * sizeof(int64_t))
         bad |= _grow(<void**>&w.gx, 4 * n * sizeof(float))
         bad |= _grow(<void**>&w.ga, n * sizeof(double))
-        bad |= _grow(<void**>&w.gk, n * sizeof(int64_t))
-        bad |= _grow(<void**>&w.gc, 4 * n * sizeof(int32_t))
-        bad |= _grow(<void**>&w.kcls, n * sizeof(int64_t))
+        bad |= _grow(<void**>&w.kept, n * sizeof(uint8_t))
+        bad |= _grow(<void**>&w.pos, n * sizeof(int32_t))
         bad |= _grow(<void**>&w.kx1, n * sizeof(float))
         bad |= _grow(<void**>&w.ky1, n * sizeof(float))
         bad |= _grow(<void**>&w.kx2, n * sizeof(float))
@@ -422,17 +431,17 @@ cdef int _work_reserve(Work* w, Py_ssize_t n, Py_ssize_t ncls) noexcept nogil:
             return -1
         w.n_cap = n
     if cells > w.cells_cap:
-        bad |= _grow(<void**>&w.start, (cells + 1) * sizeof(Py_ssize_t))
-        bad |= _grow(<void**>&w.fill, cells * sizeof(Py_ssize_t))
+        bad |= _grow(<void**>&w.head, cells * sizeof(int32_t))
+        bad |= _grow(<void**>&w.cstart, (cells + 1) * sizeof(Py_ssize_t))
         if bad:
             w.cells_cap = 0
             return -1
         w.cells_cap = cells
-    if 4 * n > w.arena_cap:
-        if _grow(<void**>&w.arena, 4 * n * sizeof(Entry)):
+    if n > w.arena_cap:
+        if _grow(<void**>&w.arena, n * sizeof(Chunk)):
             w.arena_cap = 0
             return -1
-        w.arena_cap = 4 * n
+        w.arena_cap = n
     return 0
 
 
@@ -443,9 +452,9 @@ cdef void _work_free(Work* w) noexcept nogil:
     free(w.keep)
     free(w.gx)
     free(w.ga)
-    free(w.gk)
-    free(w.gc)
-    free(w.kcls)
+    free(w.kept)
+    free(w.pos)
+    free(w.cstart)
     free(w.kx1)
     free(w.ky1)
     free(w.kx2)
@@ -453,8 +462,7 @@ cdef void _work_free(Work* w) noexcept nogil:
     free(w.karea)
     free(w.big)
     free(w.arena)
-    free(w.start)
-    free(w.fill)
+    free(w.head)
     memset(w, 0, sizeof(Work))
 
 
@@ -586,34 +594,170 @@ cdef inline void _query_range(float lo, float hi, double tt, double origin, doub
         q_hi[0] = _cell(hi, origin, scale, g)
 
 
+cdef int _greedy_class(Work* w, Py_ssize_t s, Py_ssize_t e_, double thr, double tt, bint use_grid,
+                       Py_ssize_t gw, Py_ssize_t gh, double bx0, double by0, double sx, double sy,
+                       Py_ssize_t big_cells) noexcept nogil:
+    """Greedy NMS over the gathered boxes s:e_, all of one class and in score order; sets w.kept[t] (t their
+    score-order positions, w.pos) for the participants it keeps. Returns 0, or -1 when out of memory.
+
+    Classes run one at a time, so one class's grid, boxes and kept boxes stay in cache. The grid: each
+    kept box is stored in every cell it covers, and a candidate reads only the cells that `_query_range`
+    names (for a threshold >= 0.5 one cell). In a sparse class (no more boxes than cells) most boxes are
+    kept, so the roles swap: a kept box is stored only in the cells `_query_range` names for it, and a
+    candidate reads every cell it covers. That is exact too: IoU is symmetric, so the bound that
+    `_query_range` proves for a suppressing kept box holds for the candidate it suppresses, whose cells
+    then meet the kept box's. A kept box that would fill more than `big_cells` cells goes to the `big`
+    list instead, checked by every candidate. A cell's entries form a list of chunks taken from one arena
+    in keep order: only kept boxes cost memory and time, with no pass over all boxes to reserve slots.
+    """
+    cdef Py_ssize_t p, k, cx, cy, nkp = 0, nbig = 0, nent = 0, need, cap
+    cdef Py_ssize_t cx1, cx2, cy1, cy2, qx1 = 0, qx2 = 0, qy1 = 0, qy2 = 0
+    cdef int32_t e, j
+    cdef float x1, y1, x2, y2
+    cdef double area
+    cdef bint suppressed, sparse
+    cdef const float* g
+    cdef Entry* ent
+    cdef Chunk* ch_
+    cdef Chunk* grown
+    # Local copies of the buffers: the kept flags are bytes, which may alias anything, so fields read
+    # through `w` would be reloaded after every store.
+    cdef const float* gx = w.gx
+    cdef const double* ga = w.ga
+    cdef uint8_t* kept = w.kept
+    cdef const int32_t* pos = w.pos
+    cdef int32_t* head = w.head
+    cdef Chunk* arena = w.arena
+    cdef float* kx1 = w.kx1
+    cdef float* ky1 = w.ky1
+    cdef float* kx2 = w.kx2
+    cdef float* ky2 = w.ky2
+    cdef double* karea = w.karea
+    cdef Py_ssize_t* big = w.big
+    cdef Py_ssize_t arena_cap = w.arena_cap
+    use_grid = use_grid and e_ - s > _GRID_MIN  # a grid costs more than it saves on a small class
+    sparse = e_ - s <= gw * gh
+    if use_grid:
+        memset(head, 0xFF, gw * gh * sizeof(int32_t))  # every cell's list empty (-1)
+    for p in range(s, e_):
+        area = ga[p]
+        if not _participant(area):  # already kept: see _greedy_nms
+            continue
+        g = gx + 4 * p
+        x1 = g[0]
+        y1 = g[1]
+        x2 = g[2]
+        y2 = g[3]
+        suppressed = False
+        if use_grid and sparse:
+            qx1 = _cell(x1, bx0, sx, gw)
+            qx2 = _cell(x2, bx0, sx, gw)
+            qy1 = _cell(y1, by0, sy, gh)
+            qy2 = _cell(y2, by0, sy, gh)
+        elif use_grid:
+            _query_range(x1, x2, tt, bx0, sx, gw, &qx1, &qx2)
+            _query_range(y1, y2, tt, by0, sy, gh, &qy1, &qy2)
+        if not use_grid or (qx2 - qx1 + 1) * (qy2 - qy1 + 1) > nkp:
+            for k in range(nkp):
+                if _suppresses(x1, y1, x2, y2, area, kx1[k], ky1[k], kx2[k], ky2[k], karea[k], thr):
+                    suppressed = True
+                    break
+        else:
+            cy = qy1
+            while not suppressed and cy <= qy2:
+                for cx in range(qx1, qx2 + 1):
+                    e = head[cy * gw + cx]
+                    while e >= 0 and not suppressed:
+                        ch_ = &arena[e]
+                        for j in range(ch_.n):
+                            ent = &ch_.e[j]
+                            if _suppresses(x1, y1, x2, y2, area, ent.x1, ent.y1, ent.x2, ent.y2, ent.area, thr):
+                                suppressed = True
+                                break
+                        e = ch_.next
+                    if suppressed:
+                        break
+                cy += 1
+            k = 0
+            while not suppressed and k < nbig:
+                e = <int32_t>big[k]
+                suppressed = _suppresses(x1, y1, x2, y2, area, kx1[e], ky1[e], kx2[e], ky2[e], karea[e], thr)
+                k += 1
+        if suppressed:
+            continue
+        kept[pos[p]] = 1
+        kx1[nkp] = x1
+        ky1[nkp] = y1
+        kx2[nkp] = x2
+        ky2[nkp] = y2
+        karea[nkp] = area
+        if use_grid:
+            if sparse:
+                _query_range(x1, x2, tt, bx0, sx, gw, &cx1, &cx2)
+                _query_range(y1, y2, tt, by0, sy, gh, &cy1, &cy2)
+            else:
+                cx1 = _cell(x1, bx0, sx, gw)
+                cx2 = _cell(x2, bx0, sx, gw)
+                cy1 = _cell(y1, by0, sy, gh)
+                cy2 = _cell(y2, by0, sy, gh)
+            need = nent + (cx2 - cx1 + 1) * (cy2 - cy1 + 1)  # at most one new chunk per cell
+            if need - nent > big_cells:
+                big[nbig] = nkp
+                nbig += 1
+            else:
+                if need > arena_cap:
+                    if need > 0x7FFFFFFF:  # chunks are linked by int32 positions
+                        return -1
+                    cap = 2 * arena_cap if 2 * arena_cap > need else need
+                    if cap > 0x7FFFFFFF:
+                        cap = 0x7FFFFFFF
+                    grown = <Chunk*>realloc(arena, cap * sizeof(Chunk))
+                    if grown == NULL:
+                        return -1
+                    arena = w.arena = grown
+                    arena_cap = w.arena_cap = cap
+                for cy in range(cy1, cy2 + 1):
+                    for cx in range(cx1, cx2 + 1):
+                        e = head[cy * gw + cx]
+                        if e < 0 or arena[e].n == _CHUNK:  # start a new chunk in front
+                            arena[nent].n = 0
+                            arena[nent].next = e
+                            e = <int32_t>nent
+                            head[cy * gw + cx] = e
+                            nent += 1
+                        ch_ = &arena[e]
+                        ent = &ch_.e[ch_.n]
+                        ch_.n += 1
+                        ent.x1 = x1
+                        ent.y1 = y1
+                        ent.x2 = x2
+                        ent.y2 = y2
+                        ent.area = area
+        nkp += 1
+    return 0
+
+
 cdef Py_ssize_t _greedy_nms(const float[:, ::1] boxes, const int64_t* order,
                             Py_ssize_t m, const int64_t* cls, Py_ssize_t ncls, double thr, double cell_scale,
                             Py_ssize_t big_cells, Work* w, int64_t* keep) noexcept nogil:
     """Greedy NMS over boxes order[0:m] (best score first); writes kept indices to `keep` in that order.
 
     With `cls` (class numbers in [0, ncls)), only boxes of the same class suppress each other; NULL means
-    one class. The grid: each kept participant is stored in every cell it covers, unless it covers more
-    than `big_cells` cells (then it goes to the `big` list, checked by every candidate of its class).
-    Every class has its own block of cells over the same bounds, so a cell only holds boxes of one class.
-    A candidate reads only the cells that `_query_range` names, and the big list. Cells are `cell_scale`
-    times the median box size (sampled). Each cell's slots are reserved up front (one per participant
-    covering it), so a cell's kept boxes lie contiguously, oldest (highest score) first. Returns how many
-    were kept, or -1 when out of memory.
+    one class. The boxes are gathered in score order, the participants grouped by class (stably, so each
+    class stays in score order) and every class scanned on its own by `_greedy_class`; one pass over the
+    kept flags then lists the kept boxes of all classes in the global score order, with no merge and no
+    coordinate offsets. All classes share one grid geometry: cells are `cell_scale` times the median box
+    size (sampled) over the bounds of all participants, with at most about 2 * participants / ncls cells.
+    Returns how many were kept, or -1 when out of memory.
     """
-    cdef Py_ssize_t t, k, e, i, nkeep = 0, nkp = 0, nbig = 0, npart = 0, nsamp = 0, step
-    cdef Py_ssize_t gw = 1, gh = 1, cx1 = 0, cx2 = 0, cy1 = 0, cy2 = 0, qx1 = 0, qx2 = 0, qy1 = 0, qy2 = 0
-    cdef Py_ssize_t cx, cy, c, end, total, block = 1, base = 0, ncells
-    cdef int64_t ci = 0
-    cdef float x1, y1, x2, y2
-    cdef double area, bx0 = _INF, by0 = _INF, bx1 = -_INF, by1 = -_INF, ex, ey, sx = 0, sy = 0, maxc, f
+    cdef Py_ssize_t t, i, c, k, nkeep = 0, npart = 0, nsamp = 0, step, next_sample = 0, total, h
+    cdef Py_ssize_t gw = 1, gh = 1
+    cdef double bx0 = _INF, by0 = _INF, bx1 = -_INF, by1 = -_INF, ex, ey, sx = 0, sy = 0, maxc, f
     cdef double cw, ch, tt
     cdef double sw[_SAMPLES]
     cdef double sh[_SAMPLES]
-    cdef bint suppressed, use_grid
-    cdef Entry* ent
-    cdef Entry* grown
+    cdef bint use_grid
     cdef float* g
-    cdef int32_t* gc
     if m == 0:
         return 0
     if ncls < 1:
@@ -623,26 +767,43 @@ cdef Py_ssize_t _greedy_nms(const float[:, ::1] boxes, const int64_t* order,
             keep[0] = order[0]
             return 1
         for c in range(ncls):
-            w.fill[c] = 0
+            w.head[c] = 0
         for t in range(m):
-            if w.fill[cls[order[t]]] == 0:
-                w.fill[cls[order[t]]] = 1
+            if w.head[cls[order[t]]] == 0:
+                w.head[cls[order[t]]] = 1
                 keep[nkeep] = order[t]
                 nkeep += 1
         return nkeep
     tt = (thr if thr < 1.0 else 1.0) * (1.0 - 2e-6)
     step = m // _SAMPLES + 1
-    for t in range(m):  # gather the boxes in score order: every later pass reads them sequentially
+    # Class c's boxes go to slots cstart[c]:cstart[c + 1] (counted here, placed by the gather below).
+    memset(w.cstart, 0, (ncls + 1) * sizeof(Py_ssize_t))
+    if cls == NULL:
+        w.cstart[1] = m
+    else:
+        for t in range(m):
+            w.cstart[cls[order[t]] + 1] += 1
+    total = 0
+    for c in range(ncls):  # counts become start positions, kept in cstart[c + 1] while class c fills up
+        h = w.cstart[c + 1]
+        w.cstart[c + 1] = total
+        total += h
+    for t in range(m):  # gather the boxes grouped by class, each class in score order: scanned sequentially
         i = order[t]
-        g = w.gx + 4 * t
+        c = (cls[i] if cls != NULL else 0) + 1
+        k = w.cstart[c]
+        w.cstart[c] = k + 1
+        w.pos[k] = <int32_t>t
+        g = w.gx + 4 * k
         g[0] = boxes[i, 0]
         g[1] = boxes[i, 1]
         g[2] = boxes[i, 2]
         g[3] = boxes[i, 3]
-        w.ga[t] = _area(g[0], g[1], g[2], g[3])
-        w.gk[t] = cls[i] if cls != NULL else 0
-        if not _participant(w.ga[t]):
+        w.ga[k] = _area(g[0], g[1], g[2], g[3])
+        if not _participant(w.ga[k]):  # IoU 0 with every box: kept, and never suppresses
+            w.kept[t] = 1
             continue
+        w.kept[t] = 0
         npart += 1
         if g[0] < bx0:
             bx0 = g[0]
@@ -652,7 +813,8 @@ cdef Py_ssize_t _greedy_nms(const float[:, ::1] boxes, const int64_t* order,
             bx1 = g[2]
         if g[3] > by1:
             by1 = g[3]
-        if t % step == 0 and nsamp < _SAMPLES:
+        if t >= next_sample and nsamp < _SAMPLES:  # every step-th position (a counter, not a division)
+            next_sample = (t // step + 1) * step
             sw[nsamp] = <double>g[2] - g[0]
             sh[nsamp] = <double>g[3] - g[1]
             nsamp += 1
@@ -662,7 +824,7 @@ cdef Py_ssize_t _greedy_nms(const float[:, ::1] boxes, const int64_t* order,
         ey = by1 - by0
         cw = _median(sw, nsamp) * cell_scale if nsamp > 0 else ex
         ch = _median(sh, nsamp) * cell_scale if nsamp > 0 else ey
-        maxc = <double>((2 * npart + 64) // ncls)  # cells per class; all classes: <= w.cells_cap
+        maxc = <double>((2 * npart + 64) // ncls)  # cells per class: <= w.cells_cap
         if maxc < 1.0:
             maxc = 1.0
         gw = _grid_size(ex, cw, maxc)
@@ -673,119 +835,14 @@ cdef Py_ssize_t _greedy_nms(const float[:, ::1] boxes, const int64_t* order,
             gh = _grid_size(<double>gh * f, 1.0, maxc)
         sx = gw / ex
         sy = gh / ey
-        block = gw * gh
-        ncells = block * ncls
-        for c in range(ncells):
-            w.fill[c] = 0
-        for t in range(m):  # reserve one slot per participant in each cell it covers
-            if not _participant(w.ga[t]):
-                continue
-            g = w.gx + 4 * t
-            gc = w.gc + 4 * t
-            cx1 = _cell(g[0], bx0, sx, gw)
-            cx2 = _cell(g[2], bx0, sx, gw)
-            cy1 = _cell(g[1], by0, sy, gh)
-            cy2 = _cell(g[3], by0, sy, gh)
-            gc[0] = <int32_t>cx1
-            gc[1] = <int32_t>cx2
-            gc[2] = <int32_t>cy1
-            gc[3] = <int32_t>cy2
-            if (cx2 - cx1 + 1) * (cy2 - cy1 + 1) > big_cells:
-                continue
-            base = w.gk[t] * block
-            for cy in range(cy1, cy2 + 1):
-                for cx in range(cx1, cx2 + 1):
-                    w.fill[base + cy * gw + cx] += 1
-        total = 0
-        for c in range(ncells):
-            w.start[c] = total
-            total += w.fill[c]
-            w.fill[c] = 0
-        w.start[ncells] = total
-        if total > w.arena_cap:
-            grown = <Entry*>realloc(w.arena, total * sizeof(Entry))
-            if grown == NULL:
+    for c in range(ncls):
+        if w.cstart[c + 1] > w.cstart[c]:
+            if _greedy_class(w, w.cstart[c], w.cstart[c + 1], thr, tt, use_grid, gw, gh, bx0, by0, sx, sy,
+                             big_cells) != 0:
                 return -1
-            w.arena = grown
-            w.arena_cap = total
-    for t in range(m):
-        area = w.ga[t]
-        if not _participant(area):  # IoU 0 with every box: kept, and never suppresses
-            keep[nkeep] = order[t]
-            nkeep += 1
-            continue
-        g = w.gx + 4 * t
-        x1 = g[0]
-        y1 = g[1]
-        x2 = g[2]
-        y2 = g[3]
-        ci = w.gk[t]
-        suppressed = False
-        if use_grid:
-            _query_range(x1, x2, tt, bx0, sx, gw, &qx1, &qx2)
-            _query_range(y1, y2, tt, by0, sy, gh, &qy1, &qy2)
-        if not use_grid or (qx2 - qx1 + 1) * (qy2 - qy1 + 1) > nkp:
-            for k in range(nkp):
-                if w.kcls[k] == ci and _suppresses(x1, y1, x2, y2, area, w.kx1[k], w.ky1[k], w.kx2[k], w.ky2[k],
-                                                   w.karea[k], thr):
-                    suppressed = True
-                    break
-        else:
-            base = ci * block
-            cy = qy1
-            while not suppressed and cy <= qy2:
-                for cx in range(qx1, qx2 + 1):
-                    c = base + cy * gw + cx
-                    e = w.start[c]
-                    end = e + w.fill[c]
-                    while e < end:
-                        ent = &w.arena[e]
-                        if _suppresses(x1, y1, x2, y2, area, ent.x1, ent.y1, ent.x2, ent.y2, ent.area, thr):
-                            suppressed = True
-                            break
-                        e += 1
-                    if suppressed:
-                        break
-                cy += 1
-            k = 0
-            while not suppressed and k < nbig:
-                e = w.big[k]
-                if w.kcls[e] == ci and _suppresses(x1, y1, x2, y2, area, w.kx1[e], w.ky1[e], w.kx2[e], w.ky2[e],
-                                                   w.karea[e], thr):
-                    suppressed = True
-                k += 1
-        if suppressed:
-            continue
+    for t in range(m):  # branch-free: whether a box is kept is as good as random here
         keep[nkeep] = order[t]
-        nkeep += 1
-        w.kcls[nkp] = ci
-        w.kx1[nkp] = x1
-        w.ky1[nkp] = y1
-        w.kx2[nkp] = x2
-        w.ky2[nkp] = y2
-        w.karea[nkp] = area
-        if use_grid:
-            gc = w.gc + 4 * t
-            cx1 = gc[0]
-            cx2 = gc[1]
-            cy1 = gc[2]
-            cy2 = gc[3]
-            if (cx2 - cx1 + 1) * (cy2 - cy1 + 1) > big_cells:
-                w.big[nbig] = nkp
-                nbig += 1
-            else:
-                base = ci * block
-                for cy in range(cy1, cy2 + 1):
-                    for cx in range(cx1, cx2 + 1):
-                        c = base + cy * gw + cx
-                        ent = &w.arena[w.start[c] + w.fill[c]]
-                        w.fill[c] += 1
-                        ent.x1 = x1
-                        ent.y1 = y1
-                        ent.x2 = x2
-                        ent.y2 = y2
-                        ent.area = area
-        nkp += 1
+        nkeep += w.kept[t]
     return nkeep
 
 
@@ -846,8 +903,8 @@ def batched_nms(const float[:, ::1] boxes, const float[::1] scores, const int64_
                 Py_ssize_t big_cells=64):
     """Greedy NMS within each class; kept indices of all classes in descending score order (ties: lower index).
 
-    `classes` holds dense class numbers in [0, num_classes). One pass over the global score order with one
-    grid that has a separate block of cells per class: classes are kept apart natively, with no coordinate
+    `classes` holds dense class numbers in [0, num_classes). The boxes are grouped by class and each class
+    is scanned on its own grid (see `_greedy_nms`): classes are kept apart natively, with no coordinate
     offsets, and the kept boxes come out in the global score order without a merge. Each class gets fewer
     cells than a single-class grid, and they are sparser, so the default cells are twice as large.
     """

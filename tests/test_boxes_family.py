@@ -216,6 +216,53 @@ def test_batched_nms_is_exact_where_coordinate_offsets_fail():
             assert mine == members[nms(boxes[members], scores[members], 0.5)].tolist()
 
 
+def greedy_fast_batched(boxes, scores, classes, thr):
+    """Per-class `greedy_fast`, merged by descending score (ties: lower index): the batched NMS result."""
+    members = [np.flatnonzero(classes == c) for c in np.unique(classes)]
+    kept = np.concatenate([m[greedy_fast(boxes[m], scores[m], thr)] for m in members])
+    return kept[np.lexsort((kept, -scores[kept].astype(np.float64)))]
+
+
+@pytest.mark.parametrize("cell_scale", [0.1, 1.0, 8.0])
+def test_batched_nms_many_classes_at_scale(cell_scale):
+    # 40 classes of ~100 boxes each get their own grids: with small cells a class has fewer boxes than cells
+    # (kept boxes stored once, candidates read all their cells), with large ones more (the other way round);
+    # with many cells per box and no big list, one cell's list overflows its chunk and the arena grows.
+    rng = np.random.default_rng(11)
+    boxes = np.vstack([random_boxes(rng, 2000), clustered_boxes(rng, 20, 100)])
+    scores = rng.random(len(boxes)).astype(np.float32)
+    classes = rng.integers(0, 40, size=len(boxes))
+    for thr in (0.0, 0.3, 0.5, 0.8):
+        expected = greedy_fast_batched(boxes, scores, classes, thr)
+        got = native.batched_nms(boxes, scores, classes.astype(np.int64), 40, thr, cell_scale, 10**6)
+        np.testing.assert_array_equal(got, expected)
+        if cell_scale == 1.0:
+            np.testing.assert_array_equal(batched_nms(boxes, scores, classes, thr), expected)
+
+
+@pytest.mark.parametrize("cell_scale", [0.1, 2.0])
+def test_single_class_grid_both_layouts_without_big_list(cell_scale):
+    # 3000 boxes: with cell_scale 0.1 the grid has more cells than boxes, with 2.0 far fewer (dozens of
+    # kept boxes per cell, chained over several chunks)
+    rng = np.random.default_rng(12)
+    boxes = np.vstack([random_boxes(rng, 2000), clustered_boxes(rng, 10, 100)])
+    scores = rng.random(len(boxes)).astype(np.float32)
+    for thr in (0.0, 0.5, 0.8):
+        got = native.nms(boxes, scores, thr, cell_scale, 10**6)
+        np.testing.assert_array_equal(got, greedy_fast(boxes, scores, thr))
+
+
+def test_grid_arena_grows_when_kept_boxes_fill_many_cells():
+    # 6000 boxes over 72 x 72 cells of ~14 px, each kept box stored in the ~25 cells it covers: ~26000 chunks,
+    # more than any other test's boxes, so the chunk arena is reallocated in the middle of the scan
+    rng = np.random.default_rng(13)
+    boxes = random_boxes(rng, 6000)
+    scores = rng.random(len(boxes)).astype(np.float32)
+    by_score = np.lexsort((np.arange(len(boxes)), -scores.astype(np.float64)))
+    np.testing.assert_array_equal(native.nms(boxes, scores, 1.0, 0.25, 10**6), by_score)  # nothing suppressed
+    np.testing.assert_array_equal(native.nms(boxes, scores, 0.7, 0.25, 10**6), greedy_fast(boxes, scores, 0.7))
+
+
 def test_batched_nms_hand_values():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=np.float32)
     scores = np.array([0.9, 0.8, 0.85, 0.1], dtype=np.float32)
