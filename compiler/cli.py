@@ -139,7 +139,8 @@ def compile_cmd(
     p = report.get("pruning")
     if p:
         b, a = p["before"], p["after"]
-        acc = f"; val accuracy {a['val_accuracy']:.4f}" if a.get("val_accuracy") is not None else ""
+        metric = "mAP@0.5" if p.get("metric") == "mAP@0.5" else "accuracy"
+        acc = f"; val {metric} {a['val_accuracy']:.4f}" if a.get("val_accuracy") is not None else ""
         tuned = "fine-tuned" if p["fine_tuned"] else "not fine-tuned"
         out.print(f"  pruned      {p['config']['method']} {p['config']['amount']:g} in {len(p['steps'])} step(s), "
                   f"{tuned}: params {b['params']:,} -> {a['params']:,}, MACs {b['macs']:,} -> {a['macs']:,}{acc}")
@@ -423,7 +424,8 @@ def prune(
         return
     table = Table(title=f"{cfg.method} pruning of {model} ({cfg.importance}, {cfg.amount:g} in {cfg.steps} "
                   f"step{'s' if cfg.steps > 1 else ''})", title_justify="left")
-    for col in ("step", "amount", "params", "MACs", "sparsity", "val acc pruned", "val acc fine-tuned",
+    score = "val mAP@0.5" if result.metric == "mAP@0.5" else "val acc"
+    for col in ("step", "amount", "params", "MACs", "sparsity", f"{score} pruned", f"{score} fine-tuned",
                 "epochs", "seconds"):
         table.add_column(col, justify="right")
 
@@ -441,7 +443,8 @@ def prune(
     out.print(f"  params      {b['params']:,} -> {a['params']:,} ({a['params'] / max(b['params'], 1):.0%}); MACs "
               f"{b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.0%})")
     if b["val_accuracy"] is not None:
-        out.print(f"  accuracy    {b['val_accuracy']:.4f} -> {a['val_accuracy']:.4f} (validation split)")
+        out.print(f"  {'mAP@0.5' if result.metric == 'mAP@0.5' else 'accuracy':<11} {b['val_accuracy']:.4f} -> "
+                  f"{a['val_accuracy']:.4f} (validation split)")
     if result.sizes:
         s = result.sizes
         out.print(f"  sizes       file {s['dense_bytes'] / 1024:,.1f} -> {s['sparse_bytes'] / 1024:,.1f} KiB; "
@@ -469,14 +472,15 @@ def _prune_sensitivity(loaded, cfg, ratios: str, plot: Path | None, as_json: boo
         raise DlcError(f"--ratios must be numbers in [0, 1), got '{ratios}'")
     val = ValData.from_spec(loaded.spec, loaded.graph)
     if val is None:
-        raise DlcError("--sensitivity measures classification accuracy: the model needs one output of class scores")
+        raise DlcError("--sensitivity measures validation accuracy (a classifier: one output of class scores) or "
+                       "mAP@0.5 (a detector with a detection data set); this model and data are neither")
     result = run_sensitivity(loaded.graph, val, cfg.method, cfg.importance, values, cfg.exclude, cfg.round_to)
     if plot is not None:
         plot_sensitivity(result, plot, f"{loaded.spec.name}: {cfg.method} pruning sensitivity ({cfg.importance})")
     if as_json:
         out.print_json(json.dumps({**result.to_dict(), "plot": str(plot) if plot else None}))
         return
-    table = Table(title=f"{loaded.spec.name}: validation accuracy with one {'group' if cfg.method == 'structured' else 'layer'}"
+    table = Table(title=f"{loaded.spec.name}: {result.label} with one {'group' if cfg.method == 'structured' else 'layer'}"
                   f" pruned, no fine-tuning (base {result.base_accuracy:.4f})", title_justify="left")
     table.add_column("group" if cfg.method == "structured" else "layer")
     table.add_column("channels" if cfg.method == "structured" else "weights", justify="right")

@@ -226,3 +226,33 @@ def test_predict_draws_the_detections_in_original_pixels(trained, tmp_path):
         with Image.open(row["drawn"]) as im:
             assert im.size == (48, 64)
     assert sum(len(r["detections"]) for r in rows) > 0
+
+
+def test_pruning_a_detector_reports_map_and_fine_tunes(trained, tmp_path):
+    """dlc prune on a detector: the detect layer and its heads stay whole, the backbone shrinks, and the
+    validation score is mAP@0.5 of the backend before and after (equal to a direct computation)."""
+    from typer.testing import CliRunner
+
+    from dlc.compiler.cli import app
+    from dlc.compiler.prune.pipeline import DetectionValData
+    from dlc.compiler.train.checkpoint import load_params_into
+    from dlc.compiler.train.trainer import restore_anchors
+
+    path, run, _, _, _ = trained
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(app, ["prune", str(path), "--weights", str(run / "checkpoint.safetensors"), "-o",
+                                      str(out), "--ratio", "0.5", "--fine-tune-epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metric"] == "mAP@0.5" and report["fine_tuned"]
+    before, after = report["before"], report["after"]
+    assert after["params"] < before["params"] and 0.0 <= after["val_accuracy"] <= 1.0
+    loaded = load_model(path)
+    params, _, _, info = read_checkpoint(run / "checkpoint.safetensors")
+    load_params_into(loaded.graph, params, "ckpt")
+    restore_anchors(loaded.graph, info)
+    assert before["val_accuracy"] == pytest.approx(DetectionValData.from_spec(loaded.spec, loaded.graph)
+                                                   .accuracy(loaded.graph), abs=1e-12)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["dlc"])
+    assert meta["task"] == "detection" and session.get_outputs()[0].shape[1:] == [48, 7]  # 4×4 cells × 3 anchors, 5 + 2 classes

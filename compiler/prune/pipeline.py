@@ -52,19 +52,24 @@ def training_callbacks(cfg: PruneConfig | None) -> list:
 
 @dataclass
 class ValData:
-    """The validation split, normalised once, for accuracy without fine-tuning."""
+    """The validation split, normalised once, for accuracy without fine-tuning (top-1; detectors: mAP@0.5)."""
 
     x: np.ndarray
     y: np.ndarray
     batch_size: int = 256
     classes: list[str] | None = None
+    metric = "top-1"
 
     @classmethod
-    def from_spec(cls, spec, graph: Graph) -> ValData | None:
-        """None unless the model is a classifier (one flat output of class scores) with classification data."""
+    def from_spec(cls, spec, graph: Graph) -> ValData | DetectionValData | None:
+        """A classifier (one flat output of class scores) with classification data, or a detector with detection
+        data; None for anything else."""
         from ..data import load_dataset
+        from ..ops.detect import detect_node
 
         out = graph.outputs[0]
+        if detect_node(graph) is not None:
+            return DetectionValData.from_spec(spec, graph)
         if len(graph.outputs) != 1 or len(graph.shapes[out] or ()) != 1 or "detection" in str(
                 spec.data.raw.get("dataset")):
             return None
@@ -86,6 +91,46 @@ class ValData:
 
 
 @dataclass
+class DetectionValData:
+    """A detector's validation split: `accuracy` is mAP@0.5 (VOC all-point) of the backend's decoded boxes after
+    dlc's NMS at confidence 0.001, as the trainer's val_map."""
+
+    x: np.ndarray
+    gts: list
+    batch_size: int = 64
+    classes: list[str] | None = None
+    metric = "mAP@0.5"
+
+    @classmethod
+    def from_spec(cls, spec, graph: Graph) -> DetectionValData | None:
+        from ..data.datasets import DETECTION_DATASETS
+        from ..data.detection import load_detection_dataset
+
+        if spec.data.raw.get("dataset") not in DETECTION_DATASETS:
+            return None
+        _, val = load_detection_dataset(spec.data.raw, spec.input.shape, Path(spec.file).parent)
+        mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
+        std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
+        gts = [(val.boxes[i], val.labels[i], val.crowd(i)) for i in range(len(val))]
+        return cls(np.ascontiguousarray((val.images - mean) / std, dtype=np.float32), gts, classes=list(val.classes))
+
+    def accuracy(self, graph: Graph) -> float:
+        from dlc.runtime.detect import postprocess
+        from dlc.runtime.metrics import evaluate_detections
+
+        from ..ops.detect import bind_strides, detect_node
+        from ..train.executor import Executor
+
+        node = detect_node(graph)
+        bind_strides(graph)
+        a, ex, preds = node.attrs, Executor(graph), []
+        for i in range(0, len(self.x), self.batch_size):
+            rows = ex.forward(self.x[i:i + self.batch_size])[node.outputs[0]]
+            preds += postprocess(rows, 0.001, a["iou_threshold"], a["max_detections"], a["class_agnostic"])
+        return float(evaluate_detections(self.gts, preds, a["classes"], 0.5)["map"] or 0.0)
+
+
+@dataclass
 class PruneResult:
     config: PruneConfig
     rows: list[dict[str, Any]]  # step 0: the model before pruning
@@ -95,6 +140,7 @@ class PruneResult:
     fine_tuned: bool = False
     notes: list[str] = field(default_factory=list)
     checkpoint: str | None = None
+    metric: str = "top-1"  # what val_accuracy holds: top-1 accuracy, or mAP@0.5 for detectors
 
     @property
     def before(self) -> dict[str, Any]:
@@ -107,7 +153,7 @@ class PruneResult:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "fine_tuned": self.fine_tuned, "steps": self.rows[1:],
                 "before": self.before, "after": self.after, "groups": self.groups, "sparsity": self.sparsity,
-                "sizes": self.sizes, "notes": self.notes, "checkpoint": self.checkpoint}
+                "sizes": self.sizes, "notes": self.notes, "checkpoint": self.checkpoint, "metric": self.metric}
 
 
 def _row(graph: Graph, step: int, amount: float, params0: int | None, masks=None) -> dict[str, Any]:
@@ -228,7 +274,8 @@ def run_prune(loaded, cfg: PruneConfig, out_dir: str | Path, progress: bool = Fa
         sparsity = {"prunable": report["prunable"], "all": report["all"], "note": report["note"]}
         sizes = size_report(dense_onnx, to_onnx(graph).SerializeToString())
         notes.append(report["note"])
-    return PruneResult(cfg, rows, groups, sparsity, sizes, fine_tune, notes, checkpoint)
+    return PruneResult(cfg, rows, groups, sparsity, sizes, fine_tune, notes, checkpoint,
+                       val.metric if val else "top-1")
 
 
 # --- `dlc prune`: a YAML or an ONNX file, data from the YAML or from --data ----------------------------------
@@ -277,8 +324,11 @@ def load_for_pruning(model: Path, weights: Path | None = None, data: Path | None
         loaded = load_model(model)
         if weights is not None:
             from ..train.checkpoint import load_params_into, read_checkpoint
+            from ..train.trainer import restore_anchors
 
-            load_params_into(loaded.graph, read_checkpoint(weights)[0], str(weights))
+            params, _, _, info = read_checkpoint(weights)
+            load_params_into(loaded.graph, params, str(weights))
+            restore_anchors(loaded.graph, info)  # a detector's anchors: auto, as training found them
         train = loaded.spec.sections.get("train")
     if data is not None:
         data_cfg, train = _data_yaml(Path(data), [n.name for n in loaded.graph.nodes()])

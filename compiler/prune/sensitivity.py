@@ -28,10 +28,15 @@ class Sensitivity:
     ratios: list[float]
     base_accuracy: float
     rows: list[dict[str, Any]] = field(default_factory=list)  # {name, size, accuracy: [per ratio]}
+    metric: str = "top-1"  # what "accuracy" holds: top-1, or mAP@0.5 for detectors
+
+    @property
+    def label(self) -> str:
+        return "validation mAP@0.5" if self.metric == "mAP@0.5" else "validation accuracy"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "ratios": self.ratios, "base_accuracy": self.base_accuracy,
-                "rows": self.rows}
+        return {"method": self.method, "metric": self.metric, "ratios": self.ratios,
+                "base_accuracy": self.base_accuracy, "rows": self.rows}
 
 
 def sensitivity(graph: Graph, val: ValData, method: str = "structured", importance_method: str = "l1",
@@ -39,7 +44,7 @@ def sensitivity(graph: Graph, val: ValData, method: str = "structured", importan
     """Accuracy vs ratio for every prunable group (structured, named by its producers) or layer (unstructured).
     `progress`, when given, is called with (done, total) after each trial."""
     ratios = [float(r) for r in ratios]
-    result = Sensitivity(method, ratios, val.accuracy(graph))
+    result = Sensitivity(method, ratios, val.accuracy(graph), metric=val.metric)
     if method == "unstructured":
         from .unstructured import apply_masks, magnitude_masks, prunable_weights
 
@@ -96,7 +101,7 @@ def plot_sensitivity(result: Sensitivity, path: str | Path, title: str = "prunin
         ax.plot(result.ratios, row["accuracy"], marker="o", markersize=3, label=f"{label} ({row['size']})")
     ax.axhline(result.base_accuracy, color="grey", linestyle="--", linewidth=1, label="unpruned")
     ax.set_xlabel("ratio pruned" + (" (channels)" if result.method == "structured" else " (weights)"))
-    ax.set_ylabel("validation accuracy (no fine-tuning)")
+    ax.set_ylabel(f"{result.label} (no fine-tuning)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6 if len(result.rows) > 12 else 8, loc="lower left", ncol=2 if len(result.rows) > 12 else 1)
