@@ -64,11 +64,25 @@ cdef extern from *:
     static inline double dlc_max(double a, double b) { return a > b ? a : b; }
     static inline double dlc_nonneg(double d) { return d < 0.0 ? 0.0 : d; }
     static inline double dlc_select(int c, double a, double b) { return c ? a : b; }
+    /* IoU of box a with box b (areas aa, ba), 0 for a zero union or NaN; the union goes to *u. One copy of
+       the arithmetic for every kind of the vectorised matrix row (inlined, so it still vectorises). */
+    static inline double dlc_iou(double ax1, double ay1, double ax2, double ay2, double aa,
+                                 double bx1, double by1, double bx2, double by2, double ba, double* u) {
+        double w = dlc_min(ax2, bx2) - dlc_max(ax1, bx1);
+        double h = dlc_min(ay2, by2) - dlc_max(ay1, by1);
+        double inter = dlc_nonneg(w) * dlc_nonneg(h);
+        double uni = aa + ba - inter;
+        double q = dlc_select(uni > 0.0, inter / uni, 0.0);
+        *u = uni;
+        return dlc_select(q == q, q, 0.0);
+    }
     """
     double _min "dlc_min"(double a, double b) noexcept nogil
     double _max "dlc_max"(double a, double b) noexcept nogil
     double _nonneg "dlc_nonneg"(double d) noexcept nogil
     double _select "dlc_select"(bint c, double a, double b) noexcept nogil
+    double _iou_u "dlc_iou"(double ax1, double ay1, double ax2, double ay2, double aa, double bx1, double by1,
+                            double bx2, double by2, double ba, double* u) noexcept nogil
 
 
 cdef inline double _clamp0(double d) noexcept nogil:
@@ -148,7 +162,7 @@ cdef void _angles(const float[:, ::1] boxes, double[::1] out) noexcept nogil:
 
 cdef void _iou_row(int kind, double ax1, double ay1, double ax2, double ay2, double aa, double ga,
                    const double* b, Py_ssize_t m, float* out) noexcept nogil:
-    """One row of the IoU-family matrix against the columns in `b` (9 rows of m: x1, y1, x2, y2, area,
+    """One row of the IoU-family matrix against the columns in `b` (8 rows of m: x1, y1, x2, y2, area,
     angle, centre x, centre y). The same operations as `_iou_kind`, written without branches (every
     quotient is computed, then selected) so that the compiler vectorises the loop; the values are
     identical, and a quotient that is not selected never reaches the output."""
@@ -161,26 +175,14 @@ cdef void _iou_row(int kind, double ax1, double ay1, double ax2, double ay2, dou
     cdef const double* bcx = b + 6 * m
     cdef const double* bcy = b + 7 * m
     cdef double acx = (ax1 + ax2) / 2.0, acy = (ay1 + ay2) / 2.0
-    cdef double w, h, inter, union, q, iou, cw, ch, c, r, dx, dy, d, v, den
+    cdef double union, q, iou, cw, ch, c, r, dx, dy, d, v, den
     cdef Py_ssize_t j
     if kind == 0:
         for j in range(m):
-            w = _min(ax2, bx2[j]) - _max(ax1, bx1[j])
-            h = _min(ay2, by2[j]) - _max(ay1, by1[j])
-            inter = _nonneg(w) * _nonneg(h)
-            union = aa + ba[j] - inter
-            q = inter / union
-            q = _select(union > 0.0, q, 0.0)
-            out[j] = <float>_select(q == q, q, 0.0)
+            out[j] = <float>_iou_u(ax1, ay1, ax2, ay2, aa, bx1[j], by1[j], bx2[j], by2[j], ba[j], &union)
     elif kind == 1:
         for j in range(m):
-            w = _min(ax2, bx2[j]) - _max(ax1, bx1[j])
-            h = _min(ay2, by2[j]) - _max(ay1, by1[j])
-            inter = _nonneg(w) * _nonneg(h)
-            union = aa + ba[j] - inter
-            q = inter / union
-            q = _select(union > 0.0, q, 0.0)
-            iou = _select(q == q, q, 0.0)
+            iou = _iou_u(ax1, ay1, ax2, ay2, aa, bx1[j], by1[j], bx2[j], by2[j], ba[j], &union)
             cw = _max(ax2, bx2[j]) - _min(ax1, bx1[j])
             ch = _max(ay2, by2[j]) - _min(ay1, by1[j])
             c = _nonneg(cw) * _nonneg(ch)
@@ -189,13 +191,7 @@ cdef void _iou_row(int kind, double ax1, double ay1, double ax2, double ay2, dou
             out[j] = <float>_select(r == r, r, 0.0)
     else:
         for j in range(m):
-            w = _min(ax2, bx2[j]) - _max(ax1, bx1[j])
-            h = _min(ay2, by2[j]) - _max(ay1, by1[j])
-            inter = _nonneg(w) * _nonneg(h)
-            union = aa + ba[j] - inter
-            q = inter / union
-            q = _select(union > 0.0, q, 0.0)
-            iou = _select(q == q, q, 0.0)
+            iou = _iou_u(ax1, ay1, ax2, ay2, aa, bx1[j], by1[j], bx2[j], by2[j], ba[j], &union)
             cw = _max(ax2, bx2[j]) - _min(ax1, bx1[j])
             ch = _max(ay2, by2[j]) - _min(ay1, by1[j])
             cw = _nonneg(cw)

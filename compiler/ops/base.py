@@ -11,6 +11,7 @@ vectors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,7 +48,8 @@ class Param:
     """One YAML parameter of a layer.
 
     kind: 'int' | 'float' | 'bool' | 'choice' | 'pair' (int or [h, w]) | 'pad' (int, [h, w], [t, l, b, r],
-    'same' or 'valid') | 'ints' (a non-empty list of integers, e.g. a shape or a permutation).
+    'same' or 'valid') | 'ints' (a non-empty list of integers, e.g. a shape or a permutation) | 'custom'
+    (`parser` turns the YAML value, or None when absent, into the attribute and raises ParamError).
     """
 
     name: str
@@ -57,12 +59,15 @@ class Param:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     help: str = ""
+    parser: Callable[[Any], Any] | None = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
     def parse(self, value: Any) -> Any:
+        if self.parser is not None:
+            return self.parser(value)
         if value is None and self.default is None:
             return None
         kind = self.kind

@@ -22,12 +22,52 @@ from .base import OpDef, Param, ParamError, Shape, ShapeError, _is_int, _is_numb
 
 BOX_LOSSES = ("ciou", "diou", "giou", "smooth_l1")
 OBJ_LOSSES = ("bce", "focal")
-# Parsed by Detect.parse_attrs itself (nested lists, or 'auto').
-_SPECIAL = ("anchors", "class_weights", "strides")
 # The settings the ONNX metadata carries (postprocess, detection.loss), so that `dlc import` restores them.
 POSTPROCESS_PARAMS = ("conf_threshold", "iou_threshold", "max_detections", "class_agnostic")
 LOSS_PARAMS = ("box_loss", "obj_loss", "focal_gamma", "focal_alpha", "class_weights", "box_gain", "obj_gain",
                "cls_gain", "anchor_t", "neighbor_cells", "obj_target")
+
+
+def _parse_anchors(value: Any):
+    if value == "auto":
+        return None
+    msg = "'anchors' must be auto or one list of [w, h] pairs per scale, e.g. [[[10, 13], [16, 30]], [[33, 23]]]"
+    if not isinstance(value, list) or not value:
+        raise ParamError(f"{msg}; got {value!r}")
+    out = []
+    for scale in value:
+        if not isinstance(scale, list) or not scale:
+            raise ParamError(f"{msg}; got {value!r}")
+        pairs = []
+        for pair in scale:
+            if (not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair)
+                    or not all(math.isfinite(v) and v > 0 for v in pair)):
+                raise ParamError(f"{msg} with positive sizes; got {pair!r}")
+            pairs.append([float(pair[0]), float(pair[1])])
+        out.append(pairs)
+    return out
+
+
+def _parse_strides(value: Any):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ParamError(f"'strides' must be a list with one stride per input map (8 or [8, 8]), got {value!r}")
+    out = []
+    for s in value:
+        pair = [s, s] if _is_int(s) else s
+        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_int(v) and v > 0 for v in pair):
+            raise ParamError(f"'strides' must be a list of positive integers or [sh, sw] pairs, got {value!r}")
+        out.append((int(pair[0]), int(pair[1])))
+    return out
+
+
+def _parse_class_weights(value: Any):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(_is_number(v) and v >= 0 for v in value):
+        raise ParamError(f"'class_weights' must be a list of non-negative numbers, one per class, got {value!r}")
+    return [float(v) for v in value]
 
 
 @register
@@ -38,14 +78,14 @@ class Detect(OpDef):
     max_inputs = None
     params = (
         Param("classes", "int", minimum=1, help="number of object classes"),
-        Param("anchors", "any", help="[[[w, h], ...] per scale] in input pixels, or auto"),
+        Param("anchors", "custom", help="[[[w, h], ...] per scale] in input pixels, or auto", parser=_parse_anchors),
         Param("anchors_per_scale", "int", None, minimum=1),
-        Param("strides", "any", None),
+        Param("strides", "custom", None, parser=_parse_strides),
         Param("box_loss", "choice", "ciou", choices=BOX_LOSSES),
         Param("obj_loss", "choice", "bce", choices=OBJ_LOSSES),
         Param("focal_gamma", "float", 1.5, minimum=0.0),
         Param("focal_alpha", "float", 0.25, minimum=0.0, maximum=1.0),
-        Param("class_weights", "any", None),
+        Param("class_weights", "custom", None, parser=_parse_class_weights),
         Param("box_gain", "float", 0.05, minimum=0.0),
         Param("obj_gain", "float", 1.0, minimum=0.0),
         Param("cls_gain", "float", 0.5, minimum=0.0),
@@ -59,34 +99,6 @@ class Detect(OpDef):
     )
 
     # --- YAML -> attributes -----------------------------------------------------------------------------
-    def parse_attrs(self, raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-        attrs: dict[str, Any] = {}
-        errors: list[tuple[str, str]] = []
-        for p in self.params:
-            if p.name in _SPECIAL:
-                continue
-            if p.name in raw:
-                try:
-                    attrs[p.name] = p.parse(raw[p.name])
-                except ParamError as exc:
-                    errors.append((p.name, str(exc)))
-            elif p.required:
-                errors.append((p.name, f"missing required parameter '{p.name}' ({p.help})"))
-            else:
-                attrs[p.name] = p.parse(p.default)
-        for name, parse in (("anchors", _parse_anchors), ("strides", _parse_strides),
-                            ("class_weights", _parse_class_weights)):
-            try:
-                attrs[name] = parse(raw.get(name))
-            except ParamError as exc:
-                errors.append((name, str(exc)))
-        if not errors:
-            try:
-                self.check_attrs(attrs)
-            except ParamError as exc:
-                errors.append(("", str(exc)))
-        return attrs, errors
-
     def check_attrs(self, attrs: dict[str, Any]) -> None:
         if attrs["anchors"] is None and attrs["anchors_per_scale"] is None:
             raise ParamError("anchors: auto needs 'anchors_per_scale' (e.g. 3): how many anchors k-means finds "
@@ -289,46 +301,10 @@ def detect_node(graph):
     return node if node is not None and node.op == "detect" else None
 
 
-def _parse_anchors(value: Any):
-    if value == "auto":
-        return None
-    msg = "'anchors' must be auto or one list of [w, h] pairs per scale, e.g. [[[10, 13], [16, 30]], [[33, 23]]]"
-    if not isinstance(value, list) or not value:
-        raise ParamError(f"{msg}; got {value!r}")
-    out = []
-    for scale in value:
-        if not isinstance(scale, list) or not scale:
-            raise ParamError(f"{msg}; got {value!r}")
-        pairs = []
-        for pair in scale:
-            if (not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair)
-                    or not all(math.isfinite(v) and v > 0 for v in pair)):
-                raise ParamError(f"{msg} with positive sizes; got {pair!r}")
-            pairs.append([float(pair[0]), float(pair[1])])
-        out.append(pairs)
-    return out
 
 
-def _parse_strides(value: Any):
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        raise ParamError(f"'strides' must be a list with one stride per input map (8 or [8, 8]), got {value!r}")
-    out = []
-    for s in value:
-        pair = [s, s] if _is_int(s) else s
-        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_int(v) and v > 0 for v in pair):
-            raise ParamError(f"'strides' must be a list of positive integers or [sh, sw] pairs, got {value!r}")
-        out.append((int(pair[0]), int(pair[1])))
-    return out
 
 
-def _parse_class_weights(value: Any):
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value or not all(_is_number(v) and v >= 0 for v in value):
-        raise ParamError(f"'class_weights' must be a list of non-negative numbers, one per class, got {value!r}")
-    return [float(v) for v in value]
 
 
 def detection_metadata(graph) -> dict[str, Any] | None:
