@@ -10,7 +10,7 @@ import numpy as np
 from dlc._C import conv as _k
 
 from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
-from .window import resolve_pads, window_output
+from .window import onnx_pads, resolve_pads, window_output
 
 # Shared by conv and conv_transpose (which adds output_padding after pad).
 _CONV_PARAMS = (
@@ -86,7 +86,8 @@ class Conv(OpDef):
         inputs = b.weight_inputs(node)
         a = node.attrs
         b.node("Conv", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
-               strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"])
+               strides=list(a["stride"]), **onnx_pads(a, b.dynamic_hw), dilations=list(a["dilation"]),
+               group=a["groups"])
 
 
 @register

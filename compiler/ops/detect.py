@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from dlc._C import detect as _k
 
@@ -168,6 +169,9 @@ class Detect(OpDef):
 
     # --- ONNX ---------------------------------------------------------------------------------------------
     def to_onnx(self, node, b) -> None:
+        """With a fixed input size the grids and the per-row anchors are constants of A·H·W rows; with dynamic
+        height/width the grid comes from each map's Shape (Range, opset 11) and the anchors broadcast as
+        (1, A, 1, 2). The rows and their order are the same either way."""
         a = node.attrs
         d = 5 + a["classes"]
         anchors = anchors_of(node)
@@ -176,47 +180,105 @@ class Detect(OpDef):
         two = b.initializer(f"{node.name}.two", np.array(2.0, np.float32))
         half = b.initializer(f"{node.name}.half", np.array(0.5, np.float32))
         rows = []
-        for i, (value, anc, (sh, sw)) in enumerate(zip(node.inputs, anchors, strides)):
-            h, w = b.shapes[value][1:]
-            na = len(anc)
-            p = f"{node.name}/s{i}"
-            shape1 = b.initializer(f"{p}.shape1", np.array([-1, na, d, h * w], np.int64))
-            shape2 = b.initializer(f"{p}.shape2", np.array([-1, na * h * w, d], np.int64))
-            gy, gx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-            grid = np.stack([gx, gy], -1).reshape(1, 1, h * w, 2) - 0.5
-            grid = np.broadcast_to(grid, (1, na, h * w, 2)).reshape(1, na * h * w, 2).astype(np.float32)
-            anchor_px = np.repeat(np.asarray(anc, np.float32)[None, :, None, :], h * w, axis=2)
-            anchor_c = b.initializer(f"{p}.anchors", anchor_px.reshape(1, na * h * w, 2))
-            grid_c = b.initializer(f"{p}.grid", grid)
-            stride_c = b.initializer(f"{p}.stride", np.array([sw, sh], np.float32))
-            names = {k: b.fresh(f"{p}/{k}") for k in ("r1", "t", "r2", "s", "xy", "wh", "rest", "xy2", "xyg",
-                                                       "cxy", "wh2", "whp", "bwh", "hwh", "x1y1", "x2y2", "out")}
-            b.node("Reshape", [value, shape1], [names["r1"]], b.fresh(f"{p}/reshape1"))
-            b.node("Transpose", [names["r1"]], [names["t"]], b.fresh(f"{p}/transpose"), perm=[0, 1, 3, 2])
-            b.node("Reshape", [names["t"], shape2], [names["r2"]], b.fresh(f"{p}/reshape2"))
-            b.node("Sigmoid", [names["r2"]], [names["s"]], b.fresh(f"{p}/sigmoid"))
-            for key, lo, hi in (("xy", 0, 2), ("wh", 2, 4), ("rest", 4, d)):
-                starts = b.initializer(f"{p}.{key}_start", np.array([lo], np.int64))
-                ends = b.initializer(f"{p}.{key}_end", np.array([hi], np.int64))
-                axes = b.initializer(f"{p}.{key}_axis", np.array([2], np.int64))
-                b.node("Slice", [names["s"], starts, ends, axes], [names[key]], b.fresh(f"{p}/slice_{key}"))
-            # cxy = (2 s_xy + grid - 0.5) * stride; wh = (2 s_wh)^2 * anchor
-            b.node("Mul", [names["xy"], two], [names["xy2"]], b.fresh(f"{p}/mul_xy"))
-            b.node("Add", [names["xy2"], grid_c], [names["xyg"]], b.fresh(f"{p}/add_grid"))
-            b.node("Mul", [names["xyg"], stride_c], [names["cxy"]], b.fresh(f"{p}/mul_stride"))
-            b.node("Mul", [names["wh"], two], [names["wh2"]], b.fresh(f"{p}/mul_wh"))
-            b.node("Pow", [names["wh2"], two], [names["whp"]], b.fresh(f"{p}/pow"))
-            b.node("Mul", [names["whp"], anchor_c], [names["bwh"]], b.fresh(f"{p}/mul_anchor"))
-            b.node("Mul", [names["bwh"], half], [names["hwh"]], b.fresh(f"{p}/half"))
-            b.node("Sub", [names["cxy"], names["hwh"]], [names["x1y1"]], b.fresh(f"{p}/x1y1"))
-            b.node("Add", [names["cxy"], names["hwh"]], [names["x2y2"]], b.fresh(f"{p}/x2y2"))
-            b.node("Concat", [names["x1y1"], names["x2y2"], names["rest"]], [names["out"]], b.fresh(f"{p}/concat"),
-                   axis=2)
-            rows.append(names["out"])
+        for i, (value, anc, stride) in enumerate(zip(node.inputs, anchors, strides)):
+            decode = _decode_any_size if b.dynamic_hw else _decode_fixed_size
+            rows.append(decode(b, f"{node.name}/s{i}", value, anc, stride, d, two, half))
         if len(rows) == 1:
             b.node("Identity", rows, node.outputs, node.name)
         else:
             b.node("Concat", rows, node.outputs, node.name, axis=1)
+
+
+_BOX_KEYS = ("xy", "wh", "rest", "xy2", "xyg", "cxy", "wh2", "whp", "bwh", "hwh", "x1y1", "x2y2")
+
+
+def _decode_fixed_size(b, p: str, value: str, anc, stride, d: int, two: str, half: str) -> str:
+    """One scale's rows (N, A·H·W, d) with the grid and anchors as constants of A·H·W rows."""
+    (sh, sw), (h, w), na = stride, b.shapes[value][1:], len(anc)
+    shape1 = b.initializer(f"{p}.shape1", np.array([-1, na, d, h * w], np.int64))
+    shape2 = b.initializer(f"{p}.shape2", np.array([-1, na * h * w, d], np.int64))
+    gy, gx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    grid = np.stack([gx, gy], -1).reshape(1, 1, h * w, 2) - 0.5
+    grid = np.broadcast_to(grid, (1, na, h * w, 2)).reshape(1, na * h * w, 2).astype(np.float32)
+    anchor_px = np.repeat(np.asarray(anc, np.float32)[None, :, None, :], h * w, axis=2)
+    anchor_c = b.initializer(f"{p}.anchors", anchor_px.reshape(1, na * h * w, 2))
+    grid_c = b.initializer(f"{p}.grid", grid)
+    stride_c = b.initializer(f"{p}.stride", np.array([sw, sh], np.float32))
+    names = {k: b.fresh(f"{p}/{k}") for k in ("r1", "t", "r2", "s", *_BOX_KEYS, "out")}
+    b.node("Reshape", [value, shape1], [names["r1"]], b.fresh(f"{p}/reshape1"))
+    b.node("Transpose", [names["r1"]], [names["t"]], b.fresh(f"{p}/transpose"), perm=[0, 1, 3, 2])
+    b.node("Reshape", [names["t"], shape2], [names["r2"]], b.fresh(f"{p}/reshape2"))
+    b.node("Sigmoid", [names["r2"]], [names["s"]], b.fresh(f"{p}/sigmoid"))
+    _boxes(b, p, names, grid_c, stride_c, anchor_c, two, half, d, axis=2, out=names["out"])
+    return names["out"]
+
+
+def _decode_any_size(b, p: str, value: str, anc, stride, d: int, two: str, half: str) -> str:
+    """One scale's rows (N, A·H·W, d) for a map of any size: decoded as (N, A, H·W, d) against a grid
+    (1, 1, H·W, 2) built from the map's Shape and anchors (1, A, 1, 2), then reshaped (0/-1, no H·W constant)."""
+    (sh, sw), na = stride, len(anc)
+    shape1 = b.initializer(f"{p}.shape1", np.array([0, na, d, -1], np.int64))
+    anchor_c = b.initializer(f"{p}.anchors", np.asarray(anc, np.float32).reshape(1, na, 1, 2))
+    stride_c = b.initializer(f"{p}.stride", np.array([sw, sh], np.float32))
+    names = {k: b.fresh(f"{p}/{k}") for k in ("r1", "t", "s", *_BOX_KEYS, "rows", "out")}
+    b.node("Reshape", [value, shape1], [names["r1"]], b.fresh(f"{p}/reshape1"))
+    b.node("Transpose", [names["r1"]], [names["t"]], b.fresh(f"{p}/transpose"), perm=[0, 1, 3, 2])
+    b.node("Sigmoid", [names["t"]], [names["s"]], b.fresh(f"{p}/sigmoid"))
+    grid_c = _grid(b, p, value, half)
+    _boxes(b, p, names, grid_c, stride_c, anchor_c, two, half, d, axis=3, out=names["rows"])
+    b.node("Reshape", [names["rows"], b.initializer(f"{p}.shape2", np.array([0, -1, d], np.int64))],
+           [names["out"]], b.fresh(f"{p}/reshape2"))
+    return names["out"]
+
+
+def _grid(b, p: str, value: str, half: str) -> str:
+    """(1, 1, H·W, 2): (x - 0.5, y - 0.5) of every cell of `value`'s map, row-major, from its runtime Shape."""
+    g = {k: b.fresh(f"{p}/grid_{k}") for k in ("shape", "h", "w", "hf", "wf", "y", "x", "y3", "x3", "hw", "hw1",
+                                               "ye", "xe", "xy", "c", "out")}
+    const = {
+        "i2": np.array(2, np.int64), "i3": np.array(3, np.int64), "zero": np.array(0.0, np.float32),
+        "one": np.array(1.0, np.float32), "col": np.array([-1, 1, 1], np.int64),
+        "row": np.array([1, -1, 1], np.int64), "start": np.array([2], np.int64), "end": np.array([4], np.int64),
+        "ones": np.array([1], np.int64), "flat": np.array([1, 1, -1, 2], np.int64),
+    }
+    c = {k: b.initializer(f"{p}.grid_{k}", v) for k, v in const.items()}
+    b.node("Shape", [value], [g["shape"]], b.fresh(f"{p}/grid_shape"))
+    for axis, idx in (("h", "i2"), ("w", "i3")):
+        b.node("Gather", [g["shape"], c[idx]], [g[axis]], b.fresh(f"{p}/grid_{axis}"), axis=0)  # a scalar
+        b.node("Cast", [g[axis]], [g[axis + "f"]], b.fresh(f"{p}/grid_{axis}f"), to=TensorProto.FLOAT)
+    b.node("Range", [c["zero"], g["hf"], c["one"]], [g["y"]], b.fresh(f"{p}/grid_range_y"))
+    b.node("Range", [c["zero"], g["wf"], c["one"]], [g["x"]], b.fresh(f"{p}/grid_range_x"))
+    b.node("Reshape", [g["y"], c["col"]], [g["y3"]], b.fresh(f"{p}/grid_col"))  # (H, 1, 1)
+    b.node("Reshape", [g["x"], c["row"]], [g["x3"]], b.fresh(f"{p}/grid_row"))  # (1, W, 1)
+    b.node("Slice", [g["shape"], c["start"], c["end"]], [g["hw"]], b.fresh(f"{p}/grid_hw"))
+    b.node("Concat", [g["hw"], c["ones"]], [g["hw1"]], b.fresh(f"{p}/grid_hw1"), axis=0)  # [H, W, 1]
+    b.node("Expand", [g["x3"], g["hw1"]], [g["xe"]], b.fresh(f"{p}/grid_expand_x"))
+    b.node("Expand", [g["y3"], g["hw1"]], [g["ye"]], b.fresh(f"{p}/grid_expand_y"))
+    b.node("Concat", [g["xe"], g["ye"]], [g["xy"]], b.fresh(f"{p}/grid_xy"), axis=2)  # (H, W, 2): x, y
+    b.node("Sub", [g["xy"], half], [g["c"]], b.fresh(f"{p}/grid_centre"))
+    b.node("Reshape", [g["c"], c["flat"]], [g["out"]], b.fresh(f"{p}/grid"))
+    return g["out"]
+
+
+def _boxes(b, p: str, names: dict[str, str], grid: str, stride: str, anchors: str, two: str, half: str, d: int,
+           axis: int, out: str) -> None:
+    """Sigmoid outputs `names['s']` (fields along `axis`) -> rows (x1, y1, x2, y2, objectness, classes)."""
+    for key, lo, hi in (("xy", 0, 2), ("wh", 2, 4), ("rest", 4, d)):
+        starts = b.initializer(f"{p}.{key}_start", np.array([lo], np.int64))
+        ends = b.initializer(f"{p}.{key}_end", np.array([hi], np.int64))
+        axes = b.initializer(f"{p}.{key}_axis", np.array([axis], np.int64))
+        b.node("Slice", [names["s"], starts, ends, axes], [names[key]], b.fresh(f"{p}/slice_{key}"))
+    # cxy = (2 s_xy + grid - 0.5) * stride; wh = (2 s_wh)^2 * anchor
+    b.node("Mul", [names["xy"], two], [names["xy2"]], b.fresh(f"{p}/mul_xy"))
+    b.node("Add", [names["xy2"], grid], [names["xyg"]], b.fresh(f"{p}/add_grid"))
+    b.node("Mul", [names["xyg"], stride], [names["cxy"]], b.fresh(f"{p}/mul_stride"))
+    b.node("Mul", [names["wh"], two], [names["wh2"]], b.fresh(f"{p}/mul_wh"))
+    b.node("Pow", [names["wh2"], two], [names["whp"]], b.fresh(f"{p}/pow"))
+    b.node("Mul", [names["whp"], anchors], [names["bwh"]], b.fresh(f"{p}/mul_anchor"))
+    b.node("Mul", [names["bwh"], half], [names["hwh"]], b.fresh(f"{p}/half"))
+    b.node("Sub", [names["cxy"], names["hwh"]], [names["x1y1"]], b.fresh(f"{p}/x1y1"))
+    b.node("Add", [names["cxy"], names["hwh"]], [names["x2y2"]], b.fresh(f"{p}/x2y2"))
+    b.node("Concat", [names["x1y1"], names["x2y2"], names["rest"]], [out], b.fresh(f"{p}/concat"), axis=axis)
 
 
 # --- helpers used by the op, the trainer, the loss and the exporter ----------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 from dlc._C import pool as _k
 
 from .base import OpDef, Param, RField, Shape, ShapeError, fmt_shape, register
-from .window import resolve_pads, window_output
+from .window import onnx_pads, resolve_pads, window_output
 
 
 class _Pool(OpDef):
@@ -46,7 +46,7 @@ class _Pool(OpDef):
     def to_onnx(self, node, b) -> None:
         a = node.attrs
         b.node(self.onnx_type, [node.inputs[0]], node.outputs, node.name, kernel_shape=list(a["kernel"]),
-               strides=list(a["stride"]), pads=list(a["pads"]), ceil_mode=int(a["ceil_mode"]),
+               strides=list(a["stride"]), **onnx_pads(a, b.dynamic_hw), ceil_mode=int(a["ceil_mode"]),
                **self.onnx_attrs(a))
 
 

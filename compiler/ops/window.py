@@ -52,3 +52,21 @@ def window_output(in_shape: Shape, kernel: tuple[int, int], stride: tuple[int, i
             n -= 1  # the last window must start inside the input or its leading padding (as in PyTorch)
         out.append(n)
     return out[0], out[1]
+
+
+def same_pads_vary(attrs: dict[str, Any]) -> bool:
+    """Whether a window layer's resolved 'same' pads depend on the input size: a stride above 1 with a kernel
+    wider than one pixel on some axis (at stride 1 the pads are k - 1 at every size)."""
+    if attrs.get("pad") != "same":
+        return False
+    dilation = attrs.get("dilation", (1, 1))
+    return any(attrs["stride"][a] > 1 and (attrs["kernel"][a] - 1) * dilation[a] > 0 for a in range(2))
+
+
+def onnx_pads(attrs: dict[str, Any], dynamic_hw: bool) -> dict[str, Any]:
+    """A window op's ONNX padding: the resolved pads, or, in a file whose height/width vary and where 'same'
+    pads change with the size, auto_pad SAME_UPPER (ONNX's rule is dlc's 'same'; compiler/dynamic_shapes.py
+    refuses the layers onnxruntime cannot run that way)."""
+    if dynamic_hw and same_pads_vary(attrs):
+        return {"auto_pad": "SAME_UPPER"}
+    return {"pads": list(attrs["pads"])}
