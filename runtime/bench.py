@@ -23,20 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from dlc.compiler.errors import DlcError
 
+from .cost import ModelCost, count_macs, count_params, model_cost, node_macs  # noqa: F401 (re-exported)
 from .session import Session
 
 MIN_RUNS = 20
 ACCURACY_DROP = 0.01  # warn when a model's accuracy is more than 1 point below the first model's
-_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.BFLOAT16,
-}
 
 
 @dataclass
@@ -69,78 +63,6 @@ def latency_stats(times_ms: Sequence[float]) -> LatencyStats:
         min_ms=float(t.min()),
         mean_ms=float(kept.mean()),
     )
-
-
-@dataclass
-class ModelCost:
-    """What a model file costs: bytes on disk, float parameters (initializers) and MACs per image."""
-
-    file_bytes: int
-    params: int
-    macs: int
-
-
-def model_cost(path: str | Path) -> ModelCost:
-    """File size, float initializer elements, and Conv/ConvTranspose/Gemm/MatMul MACs for one image."""
-    from dlc.compiler.onnx_io import load_onnx
-
-    model = load_onnx(path)
-    params = sum(
-        int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES
-    )
-    return ModelCost(file_bytes=Path(path).stat().st_size, params=params, macs=count_macs(model))
-
-
-def count_macs(model: onnx.ModelProto) -> int:
-    """MACs per image from onnx shape inference with the batch dimension fixed to 1.
-
-    Conv: output elements × C_in/groups × kh × kw; ConvTranspose: input elements × C_out/groups × kh × kw;
-    Gemm and MatMul: M × K × N (times any batch dimensions of MatMul). Other ops count zero.
-    """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference can fail on unusual graphs: count what the file's own shapes allow
-        pass
-    shapes: dict[str, list[int] | None] = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-            shapes[vi.name] = None if None in dims else dims
-    for t in model.graph.initializer:
-        shapes[t.name] = list(t.dims)
-
-    def shape(name: str) -> list[int] | None:
-        return shapes.get(name)
-
-    total = 0
-    for node in model.graph.node:
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose"):
-            w = shape(node.input[1])
-            ref = shape(node.output[0] if op == "Conv" else node.input[0])
-            if w and ref:
-                total += int(np.prod(ref, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
-        elif op == "Gemm":
-            a, y = shape(node.input[0]), shape(node.output[0])
-            if a and y and len(a) == 2:
-                trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
-                k = a[0] if trans_a else a[1]
-                total += y[0] * y[1] * k
-        elif op == "MatMul":
-            a, y = shape(node.input[0]), shape(node.output[0])
-            if a and y:
-                total += int(np.prod(y, dtype=np.int64)) * a[-1]
-    return total
 
 
 @dataclass
@@ -202,12 +124,22 @@ def bench(
     on_run: Callable[[int, int], None] | None = None,
     data: str | Path | None = None,
     threads: int | None = None,
+    optimization: str = "all",
+    shared_threads: bool = False,
 ) -> BenchResult:
     """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
 
     data: a YAML file with a `data:` section: also measure accuracy on its validation split.
     threads: onnxruntime intra-op threads for every model (None: onnxruntime's default, one per core).
     on_run(model index, batch), if given, is called after every timed run (tests use it to see the order).
+    optimization: onnxruntime's graph optimization level for every model (Session's names; default 'all').
+    shared_threads: all models run on one process-wide intra-op thread pool of `threads` threads (see
+    Session). With a pool per session (onnxruntime's default), the threads of the session that just ran keep
+    spinning on the cores the next one needs: on 2 cores that inflated and scattered the next one's times (the
+    ratio of minima of one pair swung 1.0x-3.0x between runs, min and median far apart); with one shared pool,
+    interleaved times match each model timed alone, min and median within a few per cent. The pool is
+    process-wide and excludes sessions with their own threads afterwards: use bench_isolated.bench_isolated,
+    which runs this in a process of its own.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -223,7 +155,8 @@ def bench(
         from .evaluate import Evaluator
 
         evaluator = Evaluator(data)  # reads and checks the spec before any model is loaded
-    sessions = [Session(p, device=device, threads=threads) for p in paths]
+    sessions = [Session(p, device=device, threads=threads, optimization=optimization, shared_threads=shared_threads)
+                for p in paths]
     costs = [model_cost(p) for p in paths]
     labels = _labels(paths)
 

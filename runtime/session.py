@@ -8,7 +8,6 @@ looks at which provider the created session really uses and says so once, plainl
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _announced: set[str] = set()
 
 
@@ -41,6 +41,28 @@ def _say_once(message: str, level: int = logging.INFO) -> None:
     if message not in _announced:
         _announced.add(message)
         log.log(level, message)
+
+
+_shared_pool: list[int] = []  # the size of the process-wide intra-op pool, once set (onnxruntime allows one)
+
+
+def shared_thread_pool(threads: int | None) -> bool:
+    """onnxruntime's process-wide intra-op thread pool, sized `threads` (None: one per core), made once per
+    process; True when sessions can share it at that size. Sessions that share it do not compete with each
+    other's spinning threads, and each run still finds its threads awake, as a model running alone would.
+    After this, onnxruntime refuses sessions with threads of their own in this process: call it only in a
+    process made for timing."""
+    want = int(threads or 0)
+    if _shared_pool:
+        return _shared_pool[0] == want
+    try:
+        from onnxruntime.capi import _pybind_state  # the Python API's only door to the global pools
+
+        _pybind_state.set_global_thread_pool_sizes(want, 1)
+    except Exception:  # made already by someone else, or an onnxruntime without global pools
+        return False
+    _shared_pool.append(want)
+    return True
 
 
 def gpu_present() -> bool:
@@ -56,10 +78,16 @@ class Session:
     device: 'auto' (TensorRT, then CUDA, then CPU), 'tensorrt', 'cuda' or 'cpu'. Asking for a GPU provider
     that cannot run is an error (DlcError) that says why; 'auto' falls back to the CPU and says so once.
     optimization: onnxruntime's graph optimization level: 'disable', 'basic', 'extended' or 'all'.
+    spinning: whether onnxruntime's intra-op threads busy-wait after a run (its default: yes).
+    shared_threads: run on the process-wide intra-op thread pool of `threads` threads (shared_thread_pool)
+    instead of the session's own. For models timed side by side: each session's own threads keep spinning after
+    its run, on the cores the next session needs, and slow it down. Once that pool exists onnxruntime refuses
+    sessions with their own threads in the same process, so only a process made for timing uses it
+    (runtime/bench_isolated.py).
     """
 
     def __init__(self, model: str | Path | bytes, device: str = "auto", optimization: str = "all",
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool | None = None, shared_threads: bool = False):
         if device not in DEVICES:
             raise DlcError(f"unknown device '{device}': use one of {', '.join(DEVICES)}")
         if optimization not in _OPT_LEVELS:
@@ -71,8 +99,17 @@ class Session:
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPT_LEVELS[optimization]
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        if shared_threads:
+            if not shared_thread_pool(threads):
+                raise DlcError(f"this process's shared thread pool has {_shared_pool[0] if _shared_pool else '?'} "
+                               f"threads, not {threads}: time models of another thread count in a new process")
+            options.use_per_session_threads = False
+        else:
+            if threads:
+                options.intra_op_num_threads = threads
+            if spinning is not None:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.thread_pool = "shared" if shared_threads else "own"
 
         available = set(ort.get_available_providers())
         wanted = [p for p in DEVICES[device] if p in available]
@@ -124,17 +161,26 @@ class Session:
     @property
     def metadata(self) -> dict[str, Any] | None:
         """dlc's JSON metadata (model name, input size, normalization, classes...), if the model has it."""
-        raw = self._session.get_modelmeta().custom_metadata_map.get("dlc")
-        return json.loads(raw) if raw else None
+        from dlc.compiler.metadata import METADATA_KEY, parse_metadata
+
+        raw = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        return parse_metadata(raw, self.path or "<in-memory model>")  # JSON only; garbage is a DlcError
 
     # --- running ----------------------------------------------------------------------------------------
     def random_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-        """Random float32 inputs of the model's shapes; symbolic (dynamic) axes take `batch`."""
+        """Random inputs of the model's shapes and float type (float32, or float16 for an fp16 model without
+        keep_io_types); a symbolic batch axis takes `batch`, symbolic spatial axes the size the model was
+        built for (dlc's metadata), else `batch` too."""
         rng = np.random.default_rng(seed)
         feeds = {}
+        meta = self.metadata or {}
+        built = (meta.get("input") or {}).get("shape") or []  # per sample: C, H, W
         for arg in self.inputs:
             shape = [d if isinstance(d, int) and d > 0 else batch for d in arg.shape]
-            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+            if len(built) == len(shape) - 1:  # the first axis is the batch; the others follow the model's size
+                shape = [shape[0], *(d if isinstance(d, int) and d > 0 else int(b)
+                                     for d, b in zip(arg.shape[1:], built))]
+            feeds[arg.name] = rng.standard_normal(shape).astype(_FLOAT_INPUTS.get(arg.type, np.float32))
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
@@ -143,6 +189,11 @@ class Session:
             if len(self.inputs) != 1:
                 raise DlcError(f"the model has {len(self.inputs)} inputs: pass a dict of arrays")
             feeds = {self.inputs[0].name: feeds}
+        for arg in self.inputs:  # float32 images into an fp16-input model: cast rather than fail
+            value = feeds.get(arg.name)
+            want = _FLOAT_INPUTS.get(arg.type)
+            if want is not None and isinstance(value, np.ndarray) and value.dtype != want and value.dtype.kind == "f":
+                feeds = {**feeds, arg.name: value.astype(want)}
         names = [o.name for o in self.outputs]
         try:
             values = self._session.run(names, feeds)
