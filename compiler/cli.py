@@ -90,8 +90,9 @@ def compile_cmd(
     model: Path = typer.Argument(..., help="Model YAML file."),
     output: Path = typer.Option(None, "--output", "-o", show_default="build/<yaml name>",
                                 help="Output folder for model.onnx and report.json."),
-    opset: int = typer.Option(None, show_default="export.opset in the YAML, else 17",
-                              help="ONNX opset to export (13-21)."),
+    opset: int = typer.Option(None, show_default="export.opset, else the target's highest, else 17",
+                              help="ONNX opset to export (11 to the newest dlc writes); "
+                              "at most what export.target loads."),
     weights: Path = typer.Option(None, help="Take the weights from this checkpoint instead of training."),
     skip_train: bool = typer.Option(False, "--skip-train",
                                     help="Export the initial (filler) weights without training, e.g. to check the graph."),
@@ -123,7 +124,7 @@ def compile_cmd(
     rf = s["receptive_field"]
     out.print(f"  receptive   {rf[0]:g}×{rf[1]:g} px (largest feature-map field, before global pooling)")
     onnx = report["onnx"]
-    out.print(f"  onnx        {onnx['path']}  (opset {onnx['opset']}, IR {onnx['ir_version']}, "
+    out.print(f"  onnx        {onnx['path']}  (opset {onnx['opset']}, IR {onnx['ir_version']}, {onnx['precision']}, "
               f"{onnx['nodes']} nodes, {onnx['bytes'] / 1024:.1f} KiB)")
     out.print(f"  verified    onnx checker + onnxruntime ({report['verification']['provider']})")
     w = report.get("weights")
@@ -247,6 +248,7 @@ def optimize(
     import onnx
 
     from .atomic import write_bytes
+    from .metadata import finalize_metadata
     from .onnx_io import load_onnx
     from .passes import DEFAULT_PASSES, PASSES, verify
     from .passes import optimize as run_passes
@@ -259,6 +261,7 @@ def optimize(
         original = load_onnx(model)
         names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
         optimized, reports = run_passes(original, names)
+        finalize_metadata(optimized, passes=reports, file=str(model))  # a dlc file's pass log stays true
         try:
             onnx.checker.check_model(optimized, full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -282,6 +285,119 @@ def optimize(
                   f"(rtol {rtol:g}, atol {atol:g})")
     else:
         out.print("  [yellow]not verified[/] (--check 0)")
+
+
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="A model YAML (with --weights, or model.weights in the YAML), or any "
+                                 "ONNX file."),
+    output: Path = typer.Option(..., "--output", "-o", help="The ONNX file to write."),
+    weights: Path = typer.Option(None, "--weights", help="YAML only: the checkpoint to export (dlc train's "
+                                 "checkpoint.safetensors)."),
+    target: str = typer.Option(None, "--target", show_default="export.target in the YAML",
+                               help="The runtime the file is for: onnxruntime@1.14, onnxruntime@1.16:cuda, ... "
+                               "Picks the highest opset and the IR version it loads."),
+    opset: int = typer.Option(None, "--opset", help="An explicit opset (11 to the newest dlc writes), at most "
+                              "what --target loads."),
+    dynamic: str = typer.Option(None, "--dynamic", show_default="export.dynamic, else batch",
+                                help="YAML only: symbolic axes, e.g. batch or batch,height,width (fully "
+                                "convolutional nets); '' for none."),
+    precision: str = typer.Option(None, "--precision", show_default="export.precision, else fp32",
+                                  help="fp32, fp16 (fp32 inputs/outputs) or int8 (static, calibrated)."),
+    data: Path = typer.Option(None, "--data", help="int8: a YAML whose data: section calibrates and scores (default: "
+                              "the model's own YAML)."),
+    samples: int = typer.Option(None, "--samples", min=1, help="int8: calibration images (default 256)."),
+    method: str = typer.Option(None, "--method", help="int8 calibration: minmax, entropy or percentile."),
+    max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", min=0.0, max=100.0,
+                                            help="int8: points of validation accuracy (mAP@0.5 × 100) it may lose "
+                                            "(default 1)."),
+    force: bool = typer.Option(False, "--force", help="int8: write it even when it is not faster than fp32."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export for a target runtime: the opset and IR version it loads, every op in that opset's form.
+
+    A YAML model is rebuilt from its weights and checked against dlc's backend; an ONNX file is converted with
+    onnx's version converter and checked against the source through onnxruntime. Then the precision is applied
+    (fp16, or int8 as `dlc quantize` does), the file is loaded in the installed onnxruntime, and dlc says when
+    that runtime is newer than the target (the load check then proves less)."""
+    from .export_cmd import export_onnx_file, export_yaml, overrides
+
+    try:
+        changes = overrides(target, dynamic, precision, samples, method, max_accuracy_drop, force)
+        if model.suffix.lower() == ".onnx":
+            if weights is not None:
+                raise DlcError("--weights applies to a YAML model; an ONNX file carries its own")
+            report = export_onnx_file(model, output, opset, changes, data, console=None if as_json else err)
+        else:
+            report = export_yaml(model, output, weights, opset, changes, data, console=None if as_json else err)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"[bold green]exported[/] {report['output']}: opset {report['opset']}, IR version "
+              f"{report['ir_version']}, {report['precision']}, {report['bytes'] / 1024:.1f} KiB", highlight=False)
+    out.print(f"  why         {report['reason']}", highlight=False)
+    if "conversion" in report:
+        conv = report["conversion"]
+        worst = max(conv["verification"]["max_scaled_error"].values(), default=0.0)
+        out.print(f"  converted   opset {conv['source_opset']} -> {report['opset']}; equal to the source on "
+                  f"{conv['verification']['runs']} random inputs (worst {worst:.2g} of scale)", highlight=False)
+    if "backend_check" in report:
+        worst = max(report["backend_check"]["max_scaled_error"].values(), default=0.0)
+        out.print(f"  verified    equal to dlc's backend (worst {worst:.2g} of scale)", highlight=False)
+    out.print(f"  loaded      onnxruntime (installed) on {report['loaded_on']}", highlight=False)
+    for note in report["notes"]:
+        out.print(f"  [yellow]note[/]        {note}", highlight=False)
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Float ONNX model to quantize."),
+    output: Path = typer.Option(..., "--output", "-o", help="The INT8 model to write; its report goes beside it "
+                                "(same name, .json)."),
+    data: Path = typer.Option(None, "--data", help="YAML file with a data: section (e.g. the model's own YAML): "
+                              "calibration reads its training split, accuracy its validation split."),
+    samples: int = typer.Option(256, "--samples", min=1, help="Calibration images from the training split."),
+    method: str = typer.Option("minmax", "--method", help="Calibration: minmax, entropy or percentile."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", min=0.0, max=100.0,
+                                            help="Points of validation accuracy (mAP@0.5 × 100 for detectors) "
+                                            "INT8 may lose."),
+    formats: str = typer.Option(None, "--formats", show_default="all the target runs",
+                                help="Comma-separated formats to try: qoperator, qdq, dynamic."),
+    force: bool = typer.Option(False, "--force", help="Write the INT8 model even when it is not faster than fp32."),
+    device: str = typer.Option("cpu", help="Target execution provider the candidates are timed on: cpu, cuda or "
+                               "tensorrt."),
+    threads: int = typer.Option(2, "--threads", min=1, help="onnxruntime intra-op threads while timing."),
+    min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Seconds of measured time per finalist and "
+                                   "batch (candidates are screened with a quarter of it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Static INT8 with onnxruntime.quantization, the format chosen by measurement: calibrates on the training
+    split, tries QOperator/QDQ × U8S8/S8S8 × per-channel/per-tensor, scores each on the validation split, times
+    them against fp32 interleaved (the `dlc bench` harness), and keeps the fastest within --max-accuracy-drop,
+    keeping the costliest layers float if it must. Refuses (exit 2) when no INT8 model is faster than fp32,
+    unless --force."""
+    from .quantize import QuantOptions, QuantRefused, quantize_file
+    from .quantize.report import summary
+
+    try:
+        names = tuple(f.strip().lower() for f in formats.split(",") if f.strip()) if formats else None
+        options = QuantOptions(samples=samples, method=method, max_accuracy_drop=max_accuracy_drop, force=force,
+                               formats=names, device=device, threads=threads, min_time_s=min_time)
+        result = quantize_file(model, output, data, options, console=None if as_json else err)
+    except QuantRefused as exc:
+        if as_json:
+            out.print_json(json.dumps(exc.result.to_dict()))
+        else:
+            out.print(summary(exc.result, str(model), None))
+        _fail(exc)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps({"output": str(output), **result.to_dict()}))
+        return
+    out.print(summary(result, str(model), str(output)))
 
 
 @app.command("import")
@@ -395,6 +511,7 @@ def prune(
     is fine-tuned (into OUT's folder, prune/step_k/). With --sensitivity, prints accuracy vs ratio per group."""
     from .atomic import write_bytes, write_json
     from .export_onnx import check, to_onnx
+    from .metadata import finalize_metadata
     from .pipeline import artifact_metadata
     from .prune.pipeline import ValData, cli_config, load_for_pruning, run_prune
 
@@ -414,6 +531,7 @@ def prune(
         result = run_prune(loaded, cfg, output.parent / output.stem, progress=not as_json, console=err, val=val)
         exported = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, val.classes if val else None))
         check(exported)
+        finalize_metadata(exported)  # opset, IR, minimum onnxruntime, precision: read from the file
         write_bytes(output, exported.SerializeToString())
         report = {"input": str(model), "output": str(output), **result.to_dict()}
         report_path = write_json(output.with_suffix(".json"), report)
@@ -710,6 +828,29 @@ def _eval_model(model: Path, data: Path, device: str, iou: float, score: float, 
         write_json(save / "instances.json", instances)
         write_json(save / "detections.json", detections)
     return coco_report(instances, detections, iou, score)
+
+
+@app.command()
+def info(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (the full metadata included)."),
+) -> None:
+    """What an ONNX file is and how to use it: opset, IR version and the oldest onnxruntime that loads it,
+    precision, inputs and outputs, op histogram, params and MACs, and dlc's metadata (task, preprocessing,
+    classes, output convention, pass log). Works on any ONNX file; says so when it has no dlc metadata."""
+    from dlc.runtime.info import info_lines, model_info
+
+    try:
+        result = model_info(model)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for label, text in info_lines(result):
+        style = "bold yellow" if label == "problem" else "bold"
+        out.print(f"[{style}]{label:>12}[/]  ", end="")
+        out.out(text, highlight=False)
 
 
 def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:

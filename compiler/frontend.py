@@ -18,6 +18,7 @@ class LoadedModel:
     spec: ModelSpec
     graph: Graph
     prune: Any = None  # prune.config.PruneConfig when the file has a prune: section
+    export: Any = None  # export_config.ExportConfig (defaults when the file has no export: section)
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -85,12 +86,22 @@ def _prune_section(spec: ModelSpec):
                        section_line=spec.section_lines.get("prune"))
 
 
+def _export_section(spec: ModelSpec):
+    """export: into an ExportConfig; its structure was checked in sections.py, so only values are left."""
+    from .export_config import parse_export
+
+    section = spec.sections.get("export")
+    return parse_export(section if isinstance(section, dict) else None, spec.file)
+
+
 def _load(doc, filename: str, text: str) -> LoadedModel:
     spec, diagnostics = parse_model_spec(doc, filename, text)
     if spec.input is None:  # without an input there is nothing to infer shapes from
         raise DlcError(diagnostics)
     diagnostics += _training_sections(spec)
     prune_config, more = _prune_section(spec)
+    diagnostics += more
+    export_config, more = _export_section(spec)
     diagnostics += more
     graph, shape_diagnostics = build_graph(spec)
     diagnostics += shape_diagnostics
@@ -99,7 +110,7 @@ def _load(doc, filename: str, text: str) -> LoadedModel:
     initialize(graph, spec.seed)
     if spec.weights is not None:
         _load_weights(spec, graph)
-    return LoadedModel(spec, graph, prune_config)
+    return LoadedModel(spec, graph, prune_config, export_config)
 
 
 def _load_weights(spec: ModelSpec, graph: Graph) -> None:

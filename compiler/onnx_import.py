@@ -68,7 +68,9 @@ SUPPORTED = (
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
 # The ops of the decode that dlc's detect layer exports (ops/detect.py, Detect.to_onnx).
-_DECODE_OPS = {"Reshape", "Transpose", "Sigmoid", "Slice", "Mul", "Add", "Sub", "Pow", "Concat", "Identity"}
+# Shape/Gather/Cast/Range/Expand build the grid of a decode exported with dynamic height and width.
+_DECODE_OPS = {"Reshape", "Transpose", "Sigmoid", "Slice", "Mul", "Add", "Sub", "Pow", "Concat", "Identity",
+               "Shape", "Gather", "Cast", "Range", "Expand"}
 # Ops that, unsupported, point to a detector's decode (or NMS) in another tool's export.
 _DECODE_HINT_OPS = {"Slice", "Split", "Pow", "Exp", "Gather", "GatherElements", "TopK", "NonMaxSuppression"}
 
@@ -351,10 +353,7 @@ class _Importer:
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _metadata(self, model: onnx.ModelProto) -> dict[str, Any]:
-        try:
-            meta = read_metadata(model)
-        except ValueError:  # not JSON: not dlc's
-            meta = None
+        meta = read_metadata(model, self.file)  # not a JSON object: a DlcError naming the file
         return meta if isinstance(meta, dict) else {}
 
     def _graph(self, name: str | None) -> Graph:

@@ -13,9 +13,10 @@ from . import __version__
 from .analysis import summarize
 from .atomic import write_json
 from .errors import DlcError
-from .export_onnx import DEFAULT_OPSET, check, save, to_onnx
+from .export_onnx import check, save, to_onnx
 from .frontend import LoadedModel, load_model
 from .graph import Graph
+from .metadata import build_metadata
 
 
 @dataclass
@@ -26,32 +27,12 @@ class CompileResult:
 
 
 def artifact_metadata(loaded: LoadedModel, classes: list[str] | None = None) -> dict[str, Any]:
-    """The self-description stored in the ONNX file under metadata key 'dlc'. Class names come from the
-    model (model.classes) or else from the data it was trained on."""
-    spec, graph = loaded.spec, loaded.graph
-    meta = {
-        "model": spec.name,
-        "input": {**graph.meta["input"], "layout": "NCHW", "dtype": "float32"},
-        "outputs": {o: list(graph.shapes[o]) for o in graph.outputs},
-        "classes": spec.classes or classes,
-        "dlc_version": __version__,
-        "yaml_sha256": spec.sha256,
-    }
-    from .ops.detect import detection_metadata
-
-    detection = detection_metadata(graph)  # a detector: task, post-processing defaults, anchors, strides, layout
-    if detection is not None:
-        meta.update(detection)
-    return meta
-
-
-def export_options(loaded: LoadedModel, opset: int | None) -> dict[str, Any]:
-    export = loaded.spec.export
-    filename = export.get("filename", "model.onnx")
-    if Path(filename).name != filename or filename in (".", "..") or not filename.endswith(".onnx"):
-        raise DlcError(f"{loaded.spec.file}: export.filename must be a plain file name ending in .onnx "
-                       f"(it is written inside the output folder), got {filename!r}")
-    return {"opset": opset or export.get("opset", DEFAULT_OPSET), "dynamic_batch": export.get("dynamic_batch", True)}
+    """The self-description stored in the ONNX file under metadata key 'dlc' (schema: compiler/metadata.py).
+    Class names come from the model (model.classes) or else from the data it was trained on. Opset, IR
+    version, precision and the pass log are stamped on the finished file by metadata.finalize_metadata."""
+    spec = loaded.spec
+    return build_metadata(loaded.graph, model=spec.name, classes=spec.classes or classes,
+                          yaml_sha256=spec.sha256)
 
 
 def verify_on_runtime(model_bytes: bytes, graph: Graph, batch: int = 2) -> dict[str, Any]:
@@ -75,8 +56,12 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
                   skip_train: bool = False) -> CompileResult:
     """Load, (train or load weights), export, verify. With a train: section and no `weights`, trains first
     (into out_dir: checkpoint, metrics, curves), so the ONNX carries the trained weights."""
+    from .artifact import finish, load_check, plan_opset
+
     loaded = load_model(yaml_path)
-    options = export_options(loaded, opset)
+    cfg = loaded.export
+    plan = plan_opset(cfg, opset, loaded.spec.file)  # before training: a bad target fails in a second, not an hour
+    options = {"opset": plan.opset, "dynamic": cfg.dynamic}
     training, classes = None, None
     if weights is not None:
         from .train.checkpoint import load_params_into, read_checkpoint
@@ -109,11 +94,11 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
 
         from .prune.pipeline import run_prune
 
-        cfg = dataclasses.replace(loaded.prune, fine_tune_epochs=0) if skip_train else loaded.prune
-        pruning = run_prune(loaded, cfg, out_dir, progress=progress, console=console).to_dict()
+        prune_cfg = dataclasses.replace(loaded.prune, fine_tune_epochs=0) if skip_train else loaded.prune
+        pruning = run_prune(loaded, prune_cfg, out_dir, progress=progress, console=console).to_dict()
     model = to_onnx(loaded.graph, metadata=artifact_metadata(loaded, classes), **options)
     check(model)
-    optimization = None
+    optimization, reports = None, []
     if "optimize" in loaded.spec.sections:
         from .passes import optimize, verify
 
@@ -125,12 +110,29 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         optimization = {"passes": [r.to_dict() for r in reports], "nodes_before": len(model.graph.node),
                         "nodes_after": len(optimized.graph.node), "verification": proof.to_dict() if proof else None}
         model = optimized
+    float_model = model
+    finished = finish(model, cfg, plan, data=yaml_path if "data" in loaded.spec.sections else None,
+                      source=str(yaml_path), console=console, passes=reports)
+    model = finished.model
+    if console is not None:
+        console.print(f"opset {plan.opset}, IR version {model.ir_version}: {plan.reason}", highlight=False)
+        for note in finished.notes:
+            console.print(f"[yellow]note[/] {note}", highlight=False)
     data = model.SerializeToString()
-    verification = {"onnx_checker": "passed (full_check)", **verify_on_runtime(data, loaded.graph)}
+    if finished.precision == "fp32":
+        verification = {"onnx_checker": "passed (full_check)", **verify_on_runtime(data, loaded.graph)}
+    else:  # the float model was verified against inference; the low-precision one against the float one
+        verification = {"onnx_checker": "passed (full_check)",
+                        **verify_on_runtime(float_model.SerializeToString(), loaded.graph),
+                        "provider": load_check(model, str(yaml_path))}
 
     out_dir = Path(out_dir)
-    onnx_path = out_dir / loaded.spec.export.get("filename", "model.onnx")
+    onnx_path = out_dir / cfg.filename
     save(model, onnx_path)
+    if finished.quantization is not None:
+        from .atomic import write_json as _write_json
+
+        _write_json(onnx_path.with_suffix(".quantization.json"), finished.quantization.to_dict())
     summary = summarize(loaded.graph)
     report = {
         "model": loaded.spec.name,
@@ -138,7 +140,10 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         "yaml_sha256": loaded.spec.sha256,
         "dlc_version": __version__,
         "onnx": {"path": str(onnx_path), "opset": options["opset"], "ir_version": model.ir_version,
-                 "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "nodes": len(model.graph.node)},
+                 "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "nodes": len(model.graph.node),
+                 "dynamic": list(cfg.dynamic), "precision": finished.precision},
+        "target": plan.to_dict(),
+        "export": finished.report(),
         "verification": verification,
         "training": training,
         "optimization": optimization,

@@ -40,7 +40,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bn_l1": "float",
     },
     "optimize": {"passes": "list", "check": "int", "rtol": "float", "atol": "float"},
-    "export": {"opset": "int", "dynamic_batch": "bool", "filename": "str"},
+    "export": {
+        "opset": "int", "dynamic_batch": "bool", "filename": "str", "target": "any", "dynamic": "any",
+        "precision": "str", "calibration": {"samples": "int", "method": "str", "percentile": "float"},
+        "max_accuracy_drop": "float", "keep_io_types": "bool", "force": "bool",
+    },
 }
 
 # Sections whose feature is built; the others are validated, then refused.

@@ -101,7 +101,7 @@ class Clip(OpDef):
         return [_k.clip_backward(dy, saved, node.attrs["min"], node.attrs["max"])], {}
 
     def to_onnx(self, node, b) -> None:
-        # Opset 11 on, min and max are inputs (dlc exports 13 and up).
+        # Opset 11 on, min and max are inputs (dlc exports 11 and up).
         lo = b.initializer(f"{node.name}.min", np.array(node.attrs["min"], np.float32))
         hi = b.initializer(f"{node.name}.max", np.array(node.attrs["max"], np.float32))
         b.node("Clip", [node.inputs[0], lo, hi], node.outputs, node.name)
@@ -182,7 +182,20 @@ class Softmax(OpDef):
         return [_k.softmax_backward(dy, saved)], {}
 
     def to_onnx(self, node, b) -> None:
-        b.node("Softmax", [node.inputs[0]], node.outputs, node.name, axis=1)
+        rank = len(b.shapes[node.inputs[0]]) + 1  # with the batch axis
+        trailing_ones = all(d == 1 for d in b.shapes[node.inputs[0]][1:]) and not b.dynamic_hw
+        if b.opset >= 13 or rank == 2 or trailing_ones:
+            # From opset 13 `axis` is the one axis; before it the input is flattened to 2-D at `axis`, which is
+            # the same softmax when nothing (or only size-1 axes) follows the channels.
+            b.node("Softmax", [node.inputs[0]], node.outputs, node.name, axis=1)
+            return
+        # Opsets 11 and 12 on N×C×H×W (or any rank): channels moved last, softmax over the last axis, moved back.
+        last = b.fresh(f"{node.name}.channels_last")
+        soft = b.fresh(f"{node.name}.softmax")
+        b.node("Transpose", [node.inputs[0]], [last], f"{node.name}/to_channels_last",
+               perm=[0, *range(2, rank), 1])
+        b.node("Softmax", [last], [soft], f"{node.name}/softmax", axis=rank - 1)
+        b.node("Transpose", [soft], node.outputs, node.name, perm=[0, rank - 1, *range(1, rank - 1)])
 
 
 @register

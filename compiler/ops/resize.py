@@ -42,6 +42,9 @@ class Upsample(OpDef):
     def to_onnx(self, node, b) -> None:
         sh, sw = node.attrs["scale"]
         scales = b.initializer(f"{node.name}.scales", np.array([1, 1, sh, sw], np.float32))
+        # roi is optional (an empty name) from opset 13; at 11 and 12 it is a required input, read only by
+        # tf_crop_and_resize: an empty float tensor.
+        roi = "" if b.opset >= 13 else b.initializer(f"{node.name}.roi", np.zeros(0, np.float32))
         # asymmetric + floor is PyTorch's 'nearest': output pixel i reads input pixel floor(i / s).
-        b.node("Resize", [node.inputs[0], "", scales], node.outputs, node.name, mode="nearest",
+        b.node("Resize", [node.inputs[0], roi, scales], node.outputs, node.name, mode="nearest",
                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
