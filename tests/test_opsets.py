@@ -7,11 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from dlc.compiler.artifact import plan_opset
 from dlc.compiler.errors import DlcError
+from dlc.compiler.export_config import ExportConfig, TargetSpec
 from dlc.compiler.export_onnx import MAX_OPSET, MIN_OPSET, check, to_onnx
 from dlc.compiler.frontend import load_model, load_model_text
 from dlc.compiler.passes import optimize, verify
-from dlc.compiler.targets import ir_for_opset
+from dlc.compiler.targets import ORT_TABLE, ir_for_opset, parse_version
 from dlc.compiler.train.executor import Executor
 
 from helpers import EXAMPLES, ROOT
@@ -127,6 +129,19 @@ def test_every_example_at_opset(examples, opset):
     for graph in examples.values():
         _matches_backend(graph, _export(graph, opset))
 
+
+
+@pytest.mark.parametrize("version", ["1.10", "1.14", "1.17", "1.20", "1.23"])
+def test_every_example_for_a_named_target(examples, version):
+    """A target's plan is its row's opset with the lowest IR that holds it, which that row loads; every example
+    written so passes the full checker and equals the backend."""
+    plan = plan_opset(ExportConfig(target=TargetSpec("onnxruntime", version, "cpu")))
+    row_opset, row_ir = ORT_TABLE[parse_version(version)]
+    assert plan.opset == min(row_opset, MAX_OPSET)
+    for graph in examples.values():
+        model = _export(graph, plan.opset)
+        assert model.ir_version <= row_ir
+        _matches_backend(graph, model)
 
 @pytest.mark.parametrize("opset", range(MIN_OPSET, MAX_OPSET + 1))
 def test_ops_whose_form_changes_at_every_opset(opset):
