@@ -15,6 +15,7 @@ import onnx
 
 from .errors import Diagnostic, DlcError
 from .export_config import ExportConfig
+from .metadata import read_metadata
 from .targets import ResolvedTarget, installed_runtime_note, ir_for_opset, resolve_target
 
 
@@ -115,12 +116,33 @@ def finish(model: onnx.ModelProto, cfg: ExportConfig, plan: Plan, *, data=None, 
         quant = quantize_int8(model, data, options, source=source, console=console)
         model = quant.model
         notes += quant.notes
-    keep_within(model, plan, source)
-    finalize_metadata(model, passes=passes, precision=cfg.precision, file=source)
     check = None
     if cfg.precision == "fp16" and cfg.keep_io_types:
         check = compare(float_model, model, runs=2, rtol=1e-2, what="the fp16 model against fp32")
+    if cfg.embed_nms:  # after the precision: the NMS tail stays float32 and is never quantized
+        model = embed_detector_nms(model, cfg, source)
+        notes.append(f"NMS is inside the model ({cfg.layout} layout, at most "
+                     f"{read_metadata(model)['embedded_nms']['max_detections']} detections per image)")
+    keep_within(model, plan, source)
+    finalize_metadata(model, passes=passes, precision=cfg.precision, file=source)
     return Finished(model, cfg.precision, notes, check, quant)
+
+
+def embed_detector_nms(model: onnx.ModelProto, cfg: ExportConfig, source: str) -> onnx.ModelProto:
+    """NMS inside a detector, with the detect layer's post-processing settings from the metadata (conf and IoU
+    thresholds, class agnostic, the detection cap unless export.max_detections sets it)."""
+    from .embed_nms import NmsSettings, embed_nms
+
+    meta = read_metadata(model, source) or {}
+    post = meta.get("postprocess")
+    if meta.get("task") != "detection" or not isinstance(post, dict):
+        raise DlcError(Diagnostic("embed_nms applies to detectors (a model with a detect layer)", file=source,
+                                  hint="remove embed_nms, or export a detector"))
+    settings = NmsSettings(max_detections=cfg.max_detections or int(post.get("max_detections", 100)),
+                           iou_threshold=float(post.get("iou_threshold", 0.45)),
+                           conf_threshold=float(post.get("conf_threshold", 0.25)),
+                           class_agnostic=bool(post.get("class_agnostic", False)), layout=cfg.layout)
+    return embed_nms(model, settings, file=source)
 
 
 def keep_within(model: onnx.ModelProto, plan: Plan, source: str) -> None:

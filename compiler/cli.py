@@ -312,6 +312,12 @@ def export_cmd(
                                             help="int8: points of validation accuracy (mAP@0.5 × 100) it may lose "
                                             "(default 1)."),
     force: bool = typer.Option(False, "--force", help="int8: write it even when it is not faster than fp32."),
+    embed_nms: bool = typer.Option(False, "--embed-nms", help="Detectors: NMS inside the model (score threshold, "
+                                   "NonMaxSuppression, cap), any batch size; thresholds from the detect layer."),
+    max_detections: int = typer.Option(None, "--max-detections", min=1, max=100_000,
+                                       help="--embed-nms: detections per image (default: the detect layer's)."),
+    layout: str = typer.Option(None, "--layout", help="--embed-nms: padded (detections (N, max, 6) + "
+                               "num_detections) or efficient_nms (TensorRT's four outputs). Default padded."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Export for a target runtime: the opset and IR version it loads, every op in that opset's form.
@@ -323,7 +329,8 @@ def export_cmd(
     from .export_cmd import export_onnx_file, export_yaml, overrides
 
     try:
-        changes = overrides(target, dynamic, precision, samples, method, max_accuracy_drop, force)
+        changes = overrides(target, dynamic, precision, samples, method, max_accuracy_drop, force,
+                            embed_nms=embed_nms, max_detections=max_detections, layout=layout)
         if model.suffix.lower() == ".onnx":
             if weights is not None:
                 raise DlcError("--weights applies to a YAML model; an ONNX file carries its own")

@@ -20,7 +20,8 @@ from .export_config import ExportConfig, parse_dynamic, parse_target
 
 def overrides(target: str | None = None, dynamic: str | None = None, precision: str | None = None,
               samples: int | None = None, method: str | None = None, max_accuracy_drop: float | None = None,
-              force: bool = False, keep_io_types: bool | None = None) -> dict[str, Any]:
+              force: bool = False, keep_io_types: bool | None = None, embed_nms: bool = False,
+              max_detections: int | None = None, layout: str | None = None) -> dict[str, Any]:
     """ExportConfig fields from the command's flags (only those given), checked like the YAML's values."""
     from .export_config import CALIBRATION_METHODS, PRECISIONS
 
@@ -46,6 +47,19 @@ def overrides(target: str | None = None, dynamic: str | None = None, precision: 
         out["force"] = True
     if keep_io_types is not None:
         out["keep_io_types"] = keep_io_types
+    if embed_nms:
+        out["embed_nms"] = True
+    if max_detections is not None or layout is not None:
+        from .embed_nms import LAYOUTS
+
+        if not embed_nms:
+            raise DlcError("--max-detections and --layout apply with --embed-nms")
+        if layout is not None and layout not in LAYOUTS:
+            raise DlcError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if max_detections is not None:
+            out["max_detections"] = max_detections
+        if layout is not None:
+            out["layout"] = layout
     return out
 
 

@@ -49,6 +49,9 @@ class ExportConfig:
     keep_io_types: bool = True  # fp16: inputs and outputs stay float32
     filename: str = "model.onnx"
     force: bool = False  # int8: write the artifact even when it is not faster than fp32
+    embed_nms: bool = False  # detectors: NMS inside the graph (compiler/embed_nms.py)
+    max_detections: int | None = None  # embed_nms: the cap per image (default: the detect layer's)
+    layout: str = "padded"  # embed_nms: padded | efficient_nms
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,9 +190,27 @@ def parse_export(section: Any, file: str = "<export>") -> tuple[ExportConfig, li
                                      f"(or mAP@0.5 x 100), got {drop!r}")
         else:
             kwargs["max_accuracy_drop"] = float(drop)
-    for key in ("keep_io_types", "force"):
+    for key in ("keep_io_types", "force", "embed_nms"):
         if key in section and isinstance(section[key], bool):
             kwargs[key] = section[key]
+    if "max_detections" in section:
+        cap = section["max_detections"]
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            if 1 <= cap <= 100_000:
+                kwargs["max_detections"] = cap
+            else:
+                bad("max_detections", f"'export.max_detections' must be from 1 to 100000, got {cap!r}")
+    if "layout" in section and isinstance(section["layout"], str):
+        from .embed_nms import LAYOUTS
+
+        if section["layout"] in LAYOUTS:
+            kwargs["layout"] = section["layout"]
+        else:
+            bad("layout", f"'export.layout' must be one of {', '.join(LAYOUTS)}, got {section['layout']!r}",
+                hint=did_you_mean(section["layout"], LAYOUTS))
+    for key in ("max_detections", "layout"):
+        if key in section and not section.get("embed_nms"):
+            bad(key, f"'export.{key}' applies with embed_nms: true only", hint="add embed_nms: true")
     filename = section.get("filename", "model.onnx")
     from pathlib import Path
 
