@@ -41,3 +41,29 @@ def postprocess(decoded: ArrayLike, conf_threshold: float = 0.25, iou_threshold:
                                  class_agnostic=class_agnostic)
         out.append((np.ascontiguousarray(r[kept, :4]), scores[kept].astype(np.float32), labels[kept]))
     return out
+
+
+def embedded_detections(outputs: dict[str, np.ndarray], nms: dict, conf_threshold: float | None = None,
+                        max_detections: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image (boxes, scores, labels) from a model with NMS inside (dlc export embed_nms; `nms` is its
+    metadata entry `embedded_nms`), in postprocess's form. A `conf_threshold` above the embedded one is applied
+    here, which is exact: a box below it can only have suppressed boxes scoring lower still, and the capped list
+    is sorted by score, so dropping its tail equals thresholding before NMS. A lower one cannot be recovered. A
+    smaller `max_detections` keeps the first that many, likewise exact."""
+    if nms.get("layout") == "efficient_nms":
+        num = outputs["num_detections"].reshape(-1)
+        boxes, scores = outputs["detection_boxes"], outputs["detection_scores"]
+        labels = outputs["detection_classes"]
+    else:
+        rows, num = outputs["detections"], outputs["num_detections"].reshape(-1)
+        boxes, scores, labels = rows[:, :, :4], rows[:, :, 4], rows[:, :, 5]
+    out = []
+    for i, k in enumerate(num.astype(np.int64)):
+        b, s, lab = boxes[i, :k], scores[i, :k], labels[i, :k].astype(np.int64)
+        if conf_threshold is not None and conf_threshold > float(nms.get("conf_threshold", 0.0)):
+            keep = s > np.float32(conf_threshold)
+            b, s, lab = b[keep], s[keep], lab[keep]
+        if max_detections is not None:
+            b, s, lab = b[:max_detections], s[:max_detections], lab[:max_detections]
+        out.append((np.ascontiguousarray(b, np.float32), np.ascontiguousarray(s, np.float32), lab))
+    return out

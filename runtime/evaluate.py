@@ -218,11 +218,17 @@ def detect_validation(session: Session, spec: DataSpec, conf_threshold: float | 
     conf = MAP_CONF_THRESHOLD if conf_threshold is None else conf_threshold
     m = np.asarray(mean, np.float32)[None, :, None, None]
     inv = 1.0 / np.asarray(std, np.float32)[None, :, None, None]
+    embedded = meta.get("embedded_nms")  # NMS inside the model: its own thresholds (a stricter conf filters)
     preds = []
     for start in range(0, len(val.images), EVAL_BATCH):
         x = ((val.images[start:start + EVAL_BATCH] - m) * inv).astype(np.float32)
-        rows = next(iter(session.run(x).values()))
-        preds += postprocess(rows, conf_threshold=conf, **settings)
+        outputs = session.run(x)
+        if embedded:
+            from .detect import embedded_detections
+
+            preds += embedded_detections(outputs, embedded, conf)
+        else:
+            preds += postprocess(next(iter(outputs.values())), conf_threshold=conf, **settings)
     return val, preds, normalization
 
 

@@ -95,6 +95,16 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
     settings: dict[str, Any] = {}
     if detection:
         settings = dict(meta.get("postprocess") or {})
+        embedded = meta.get("embedded_nms")
+        if embedded:  # the graph holds NMS: its settings are fixed, only a stricter --conf applies
+            if iou_threshold is not None or (max_detections or 0) > embedded["max_detections"] or (
+                    conf_threshold is not None and conf_threshold < embedded["conf_threshold"]):
+                raise DlcError(f"{model}: NMS is inside this model (conf {embedded['conf_threshold']:g}, IoU "
+                               f"{embedded['iou_threshold']:g}, at most {embedded['max_detections']} per image): "
+                               "--iou, a lower --conf or a higher --max-det cannot apply; export the model again "
+                               "with other settings, or without embed_nms")
+            settings = {k: embedded[k] for k in ("conf_threshold", "iou_threshold", "max_detections",
+                                                 "class_agnostic")}
         for key, value in (("conf_threshold", conf_threshold), ("iou_threshold", iou_threshold),
                            ("max_detections", max_detections)):
             if value is not None:
@@ -104,9 +114,10 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
         chunk = images[start:start + batch]
         arrays, sizes = zip(*(read_image(p, c, h, w) for p in chunk))
         x = ((np.stack(arrays) - mean) / std).astype(np.float32)
-        output = next(iter(session.run(x).values()))
+        outputs = session.run(x)
+        output = next(iter(outputs.values()))
         if detection:
-            per_image = _detections(output, settings)
+            per_image = _detections(outputs, settings, meta.get("embedded_nms"))
         for k, (path, (w0, h0)) in enumerate(zip(chunk, sizes)):
             r = ImageResult(str(path), int(w0), int(h0))
             if detection:
@@ -127,10 +138,13 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
     return results, summary
 
 
-def _detections(output: np.ndarray, settings: dict[str, Any]):
-    from .detect import postprocess
+def _detections(outputs: dict[str, np.ndarray], settings: dict[str, Any], embedded: dict | None):
+    """NMS inside the model: its detections (a stricter --conf filters them); else dlc's NMS on the raw rows."""
+    from .detect import embedded_detections, postprocess
 
-    return postprocess(output, **settings)
+    if embedded:
+        return embedded_detections(outputs, embedded, settings.get("conf_threshold"), settings.get("max_detections"))
+    return postprocess(next(iter(outputs.values())), **settings)
 
 
 def _name(classes: list[str] | None, k: int) -> str:

@@ -227,3 +227,52 @@ def test_dlc_export_embeds_nms_with_the_detect_layers_settings(tmp_path):
     bad = run_cli("export", str(ROOT / "examples/tiny_detector.yaml"), "--weights", str(ckpt), "--opset", "17",
                   "--layout", "padded", "-o", str(tmp_path / "x.onnx"))
     assert bad.exit_code == 2 and "--embed-nms" in bad.output
+
+
+def test_predict_and_eval_take_an_embedded_nms_model_and_agree_with_dlc_nms(tmp_path):
+    from PIL import Image
+
+    from dlc.compiler.frontend import load_model as load
+    from dlc.compiler.metadata import update_metadata
+    from dlc.compiler.pipeline import artifact_metadata
+    from dlc.runtime.predict import predict
+
+    loaded = load(ROOT / "examples/tiny_detector.yaml")
+    _randomize(loaded.graph, seed=2)
+    raw_model = to_onnx(loaded.graph, opset=17, metadata=artifact_metadata(loaded, None))
+    raw = _session(raw_model).run(None, {loaded.graph.input_names[0]: _images(loaded.graph, 8, 4)})[0]
+    conf = _threshold(raw, 0.9)
+    post = {**json.loads(next(p.value for p in raw_model.metadata_props if p.key == "dlc"))["postprocess"],
+            "conf_threshold": conf}
+    update_metadata(raw_model, postprocess=post)
+    embedded = embed_nms(raw_model, NmsSettings(max_detections=post["max_detections"], conf_threshold=conf,
+                                                iou_threshold=post["iou_threshold"]))
+    onnx.save(raw_model, str(tmp_path / "raw.onnx"))
+    onnx.save(embedded, str(tmp_path / "nms.onnx"))
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(5):  # varied sizes: boxes are scaled back to each original image
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70 - 5 * i, 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    want, _ = predict(tmp_path / "raw.onnx", images, device="cpu", batch=3)
+    got, summary = predict(tmp_path / "nms.onnx", images, device="cpu", batch=3)
+    assert [r.detections for r in got] == [r.detections for r in want]
+    assert sum(len(r.detections) for r in got) > 0
+    stricter, _ = predict(tmp_path / "nms.onnx", images, device="cpu", conf_threshold=conf + 0.02)
+    ref, _ = predict(tmp_path / "raw.onnx", images, device="cpu", conf_threshold=conf + 0.02)
+    assert [r.detections for r in stricter] == [r.detections for r in ref]
+    with pytest.raises(DlcError, match="NMS is inside this model"):
+        predict(tmp_path / "nms.onnx", images, device="cpu", iou_threshold=0.3)
+    # dlc eval --model: the validation split through the embedded NMS equals dlc's NMS at the same threshold
+    from dlc.runtime.evaluate import detect_validation, read_data_spec
+    from dlc.runtime.session import Session
+
+    spec = read_data_spec(ROOT / "examples/tiny_detector.yaml")
+    _, want_preds, _ = detect_validation(Session(tmp_path / "raw.onnx", device="cpu"), spec, conf_threshold=conf)
+    _, got_preds, _ = detect_validation(Session(tmp_path / "nms.onnx", device="cpu"), spec)
+    assert len(got_preds) == len(want_preds) and sum(len(p[1]) for p in got_preds) > 0
+    for (gb, gs, gl), (wb, ws, wl) in zip(got_preds, want_preds):
+        np.testing.assert_array_equal(gb, wb)
+        np.testing.assert_array_equal(gs, ws)
+        np.testing.assert_array_equal(gl, wl)
