@@ -715,6 +715,8 @@ def bench(
                                 help="onnxruntime intra-op threads for every model."),
     plot: Path = typer.Option(None, "--plot", help="Also write a PNG: accuracy vs latency with --data, else "
                               "latency bars."),
+    postprocess: bool = typer.Option(False, "--postprocess", help="Time a detector without NMS inside together "
+                                     "with dlc's NMS after each run, to compare it with an --embed-nms export."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Benchmark ONNX models side by side on one runtime: latency percentiles, throughput, size, parameters,
@@ -732,7 +734,7 @@ def bench(
         except ValueError:
             raise DlcError(f"--batch: expected comma-separated integers such as 1,32, got '{batch}'") from None
         result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup, data=data,
-                           threads=threads)
+                           threads=threads, postprocess=postprocess)
         if plot is not None:
             plot_bench(result, plot)
     except DlcError as exc:

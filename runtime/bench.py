@@ -126,6 +126,7 @@ def bench(
     threads: int | None = None,
     optimization: str = "all",
     shared_threads: bool = False,
+    postprocess: bool = False,
 ) -> BenchResult:
     """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
 
@@ -140,6 +141,8 @@ def bench(
     interleaved times match each model timed alone, min and median within a few per cent. The pool is
     process-wide and excludes sessions with their own threads afterwards: use bench_isolated.bench_isolated,
     which runs this in a process of its own.
+    postprocess: a detector without NMS inside is timed with dlc's NMS (runtime.detect.postprocess, its
+    metadata's settings) after each run, so it compares like for like with one whose graph holds NMS.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -195,17 +198,22 @@ def bench(
         if e.accuracy < evals[0].accuracy - ACCURACY_DROP:
             result.warnings.append(f"{label} is {100 * (evals[0].accuracy - e.accuracy):.1f} points less accurate "
                                    f"than {labels[0]} ({e.metric} {e.accuracy:.2%} vs {evals[0].accuracy:.2%})")
+    runs = [_runner(s, postprocess) for s in sessions]
+    if postprocess:
+        with_nms = [label for label, s in zip(labels, sessions) if _postprocess_settings(s) is not None]
+        if with_nms:
+            result.notes.append(f"timed with dlc's NMS after the run: {', '.join(with_nms)}")
     for batch in batches:
         feeds = [s.random_inputs(batch, seed=0) for s in sessions]
-        for s, f in zip(sessions, feeds):
+        for run, f in zip(runs, feeds):
             for _ in range(warmup):
-                s.run(f)
+                run(f)
         times: list[list[float]] = [[] for _ in sessions]
         spent = [0.0] * len(sessions)
         while min(spent) < min_time_s or min(len(t) for t in times) < MIN_RUNS:
-            for i, (s, f) in enumerate(zip(sessions, feeds)):
+            for i, (run, f) in enumerate(zip(runs, feeds)):
                 start = time.perf_counter()
-                s.run(f)
+                run(f)
                 elapsed = time.perf_counter() - start
                 spent[i] += elapsed
                 times[i].append(elapsed * 1e3)
@@ -248,6 +256,27 @@ def bench(
                     f"minimum latency ({median_ratio:.2f}× by median)"
                 )
     return result
+
+
+def _postprocess_settings(session: Session) -> dict | None:
+    """dlc's NMS settings for a detector whose graph does not hold NMS; None for anything else."""
+    meta = session.metadata or {}
+    if meta.get("task") != "detection" or meta.get("embedded_nms"):
+        return None
+    post = meta.get("postprocess") or {}
+    return {k: post[k] for k in ("conf_threshold", "iou_threshold", "max_detections", "class_agnostic") if k in post}
+
+
+def _runner(session: Session, postprocess: bool) -> Callable[[dict], object]:
+    settings = _postprocess_settings(session) if postprocess else None
+    if settings is None:
+        return session.run
+    from .detect import postprocess as nms
+
+    def run(feeds):
+        return nms(next(iter(session.run(feeds).values())), **settings)
+
+    return run
 
 
 def bench_table(result: BenchResult):

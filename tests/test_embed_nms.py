@@ -276,3 +276,34 @@ def test_predict_and_eval_take_an_embedded_nms_model_and_agree_with_dlc_nms(tmp_
         np.testing.assert_array_equal(gb, wb)
         np.testing.assert_array_equal(gs, ws)
         np.testing.assert_array_equal(gl, wl)
+
+
+def test_bench_times_a_raw_detector_with_dlc_nms_against_the_embedded_one(tmp_path):
+    from dlc.compiler.frontend import load_model as load
+    from dlc.compiler.pipeline import artifact_metadata
+    from dlc.runtime.bench import bench
+
+    loaded = load(ROOT / "examples/tiny_detector.yaml")
+    raw = to_onnx(loaded.graph, opset=17, metadata=artifact_metadata(loaded, None))
+    onnx.save(raw, str(tmp_path / "raw.onnx"))
+    onnx.save(embed_nms(raw, NmsSettings(conf_threshold=0.01)), str(tmp_path / "nms.onnx"))
+    calls = []
+    import dlc.runtime.detect as detect
+
+    real = detect.postprocess
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    detect.postprocess = counting
+    try:
+        result = bench([tmp_path / "raw.onnx", tmp_path / "nms.onnx"], batches=(1, 8), device="cpu",
+                       min_time_s=0.0, warmup=1, postprocess=True)
+    finally:
+        detect.postprocess = real
+    assert {(r.model, r.batch) for r in result.rows} == {("raw.onnx", 1), ("raw.onnx", 8), ("nms.onnx", 1),
+                                                         ("nms.onnx", 8)}
+    runs_raw = sum(r.runs for r in result.rows if r.model == "raw.onnx")
+    assert len(calls) >= runs_raw  # every timed run of the raw model included dlc's NMS (plus warm-ups)
+    assert any("raw.onnx" in n for n in result.notes) and not any("nms.onnx" in n for n in result.notes)
