@@ -862,6 +862,55 @@ def info(
         out.out(text, highlight=False)
 
 
+
+@app.command()
+def package(
+    model: Path = typer.Argument(..., help="ONNX model written by dlc (compile, export, quantize, prune)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The bundle to write (.tar.gz)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """A bundle that runs with onnxruntime, numpy and Pillow only: model.onnx, model.ort with its
+    required_operators_and_types.config (for reduced onnxruntime builds), labels.txt, a parity sample, run.py
+    (preprocess from the metadata, run, post-process, JSON out; `run.py --check` runs the parity sample) and
+    manifest.json (sha256 and size of every file, opset, IR, inputs/outputs, metadata, minimum onnxruntime)."""
+    from .bundle import package as make
+
+    try:
+        manifest = make(model, output, console=None if as_json else err)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(manifest))
+        return
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    out.print(f"[bold green]packaged[/] {output}: {len(manifest['files']) + 1} files, {total / 1024:.1f} KiB "
+              f"unpacked; opset {manifest['opset']}, IR {manifest['ir_version']}, {manifest['precision']}, "
+              f"onnxruntime {manifest['min_onnxruntime'] or '?'} or newer", highlight=False)
+    out.print(f"  on the device: tar xzf {output.name} && python run.py --check && python run.py IMAGES",
+              highlight=False)
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="A bundle from dlc package (.tar.gz)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a bundle: unpack it safely (no absolute paths, '..', links or devices), check every file's sha256
+    against the manifest, load model.onnx and model.ort in onnxruntime and run the parity sample."""
+    from .bundle import verify as check_bundle
+
+    try:
+        report = check_bundle(bundle)
+    except DlcError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    worst = max(report["parity"]["max_scaled_error"].values(), default=0.0)
+    out.print(f"[bold green]verified[/] {bundle}: {report['files']} files match the manifest; model.onnx and "
+              f"model.ort load in onnxruntime {report['onnxruntime']} and match the parity sample (worst "
+              f"{worst:.2g} of scale, allowed {report['parity']['rtol']:g})", highlight=False)
+
 def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)

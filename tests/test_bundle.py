@@ -1,0 +1,198 @@
+"""Bundles: dlc package writes everything a device needs, dlc verify checks it, run.py (with dlc unimportable)
+gives what dlc predict gives, and unpacking refuses crafted archives."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dlc.compiler.bundle import package, safe_extract, verify
+from dlc.compiler.cli import app
+from dlc.compiler.embed_nms import NmsSettings, embed_nms
+from dlc.compiler.errors import DlcError
+from dlc.compiler.export_onnx import to_onnx
+from dlc.compiler.frontend import load_model
+from dlc.compiler.metadata import finalize_metadata, update_metadata
+from dlc.compiler.pipeline import artifact_metadata
+from dlc.runtime.predict import predict
+
+from helpers import ROOT
+
+# run.py with dlc made unimportable: the bundle must need only onnxruntime, numpy and Pillow
+NO_DLC = "import runpy, sys; sys.modules['dlc'] = None; sys.argv = ['run.py'] + sys.argv[1:]; " \
+         "runpy.run_path('run.py', run_name='__main__')"
+
+
+def _randomize(graph, seed):
+    rng = np.random.default_rng(seed)
+    for node in graph.nodes():
+        for key, value in node.params.items():
+            if key == "var":
+                node.params[key] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
+            elif value.ndim > 1:
+                node.params[key] = (rng.standard_normal(value.shape) * 1.5
+                                    / np.sqrt(np.prod(value.shape[1:]))).astype(np.float32)
+            else:
+                node.params[key] = (0.3 * rng.standard_normal(value.shape)).astype(np.float32)
+
+
+def _model(tmp_path, example, name, seed=0, conf=None, embed=False):
+    loaded = load_model(ROOT / f"examples/{example}.yaml")
+    _randomize(loaded.graph, seed)
+    model = to_onnx(loaded.graph, opset=17, metadata=artifact_metadata(loaded, None))
+    if conf is not None:  # random weights score low: a threshold that keeps some boxes
+        meta = json.loads(next(p.value for p in model.metadata_props if p.key == "dlc"))
+        update_metadata(model, postprocess={**meta["postprocess"], "conf_threshold": conf})
+    if embed:
+        meta = json.loads(next(p.value for p in model.metadata_props if p.key == "dlc"))["postprocess"]
+        model = embed_nms(model, NmsSettings(conf_threshold=meta["conf_threshold"], iou_threshold=meta["iou_threshold"],
+                                             max_detections=meta["max_detections"]))
+    finalize_metadata(model)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _images(tmp_path, n=4):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 50 - 3 * i, 3), dtype=np.uint8)).save(folder / f"i{i}.png")
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def det_conf(tmp_path_factory):
+    """A conf threshold that keeps a few boxes per image for the random-weight detector."""
+    import onnxruntime as ort
+
+    tmp = tmp_path_factory.mktemp("conf")
+    path = _model(tmp, "tiny_detector", "raw", seed=3)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-1.6, 1.6, (4, 3, 64, 64)).astype(np.float32)
+    raw = s.run(None, {s.get_inputs()[0].name: x})[0]
+    return float(np.quantile(raw[:, :, 4] * raw[:, :, 5:].max(2), 0.9))
+
+
+@pytest.mark.parametrize("kind", ["lenet", "detector", "detector_nms"])
+def test_bundle_runs_without_dlc_and_equals_dlc_predict(tmp_path, kind, det_conf):
+    if kind == "lenet":
+        path = _model(tmp_path, "lenet5", kind)
+    else:
+        path = _model(tmp_path, "tiny_detector", kind, seed=3, conf=det_conf, embed=kind == "detector_nms")
+    bundle = tmp_path / f"{kind}.tar.gz"
+    manifest = package(path, bundle)
+    assert set(manifest["files"]) == {"model.onnx", "model.ort", "required_operators_and_types.config",
+                                      "labels.txt", "sample_input.npy", "expected_output.npz", "run.py"}
+    assert manifest["opset"] == 17 and manifest["ir_version"] == 8 and manifest["min_onnxruntime"] == "1.12"
+    assert manifest["metadata"]["model"] and manifest["inputs"][0]["shape"][0] == "batch"
+    report = verify(bundle)
+    assert report["files"] == 7
+    device = tmp_path / "device"
+    device.mkdir()
+    safe_extract(bundle, device)
+    images = _images(tmp_path)
+    check = subprocess.run([sys.executable, "-c", NO_DLC, "--check"], cwd=device, capture_output=True, text=True)
+    assert check.returncode == 0 and "parity check passed" in check.stdout, check.stderr
+    run = subprocess.run([sys.executable, "-c", NO_DLC, *map(str, images), "--json", str(tmp_path / "out.json")],
+                         cwd=device, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = json.loads((tmp_path / "out.json").read_text())["results"]
+    want, _ = predict(path, images, device="cpu")
+    assert got == [r.to_dict() for r in want]
+    if kind != "lenet":
+        assert sum(len(r["detections"]) for r in got) > 0
+
+
+def test_tampered_bundle_names_the_file(tmp_path):
+    bundle = tmp_path / "b.tar.gz"
+    package(_model(tmp_path, "lenet5", "m"), bundle)
+    members = {}
+    with tarfile.open(bundle) as tar:
+        for m in tar.getmembers():
+            members[m.name] = tar.extractfile(m).read()
+    members["model.onnx"] = members["model.onnx"][:-1] + bytes([members["model.onnx"][-1] ^ 1])
+    _write_tar(bundle, [(name, data) for name, data in members.items()])
+    with pytest.raises(DlcError, match="model.onnx: its sha256 differs"):
+        verify(bundle)
+    result = CliRunner().invoke(app, ["verify", str(bundle)])
+    assert result.exit_code == 2 and "model.onnx" in result.output and "Traceback" not in result.output
+
+
+def test_bundle_for_a_newer_runtime_says_which_versions(tmp_path):
+    bundle = tmp_path / "b.tar.gz"
+    package(_model(tmp_path, "lenet5", "m"), bundle)
+    with tarfile.open(bundle) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    manifest = json.loads(members["manifest.json"])
+    manifest["min_onnxruntime"] = "9.4"
+    members["manifest.json"] = json.dumps(manifest).encode()
+    _write_tar(bundle, list(members.items()))
+    with pytest.raises(DlcError, match=r"needs onnxruntime 9.4 or newer .* this machine has 1\."):
+        verify(bundle)
+
+
+def _write_tar(path, entries):
+    """entries: (name, bytes) for regular files, or (TarInfo, None) for crafted members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in entries:
+            if isinstance(name, tarfile.TarInfo):
+                tar.addfile(name)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def _crafted(kind):
+    info = tarfile.TarInfo({"abs": "/tmp/evil", "dotdot": "../evil", "deep": "a/../../evil"}.get(kind, "evil"))
+    if kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, "model.onnx"
+    elif kind == "device":
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    elif kind == "fifo":
+        info.type = tarfile.FIFOTYPE
+    return info
+
+
+@pytest.mark.parametrize("kind", ["abs", "dotdot", "deep", "symlink", "hardlink", "device", "fifo"])
+def test_unpacking_refuses_crafted_archives_before_writing_anything(tmp_path, kind):
+    bundle = tmp_path / "evil.tar.gz"
+    info = _crafted(kind)
+    entries = [("manifest.json", b"{}"), (info, None)] if info.type != tarfile.REGTYPE else \
+        [("manifest.json", b"{}"), (info.name, b"x")]
+    _write_tar(bundle, entries)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(DlcError, match="refused"):
+        safe_extract(bundle, dest)
+    assert list(dest.iterdir()) == []  # nothing written, not even the harmless member
+    assert not (tmp_path / "evil").exists()
+
+
+def test_package_refuses_a_model_without_dlc_metadata_and_a_corrupt_bundle(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    plain = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(plain))
+    result = CliRunner().invoke(app, ["package", str(plain), "-o", str(tmp_path / "b.tar.gz")])
+    assert result.exit_code == 2 and "metadata" in result.output
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tar at all")
+    result = CliRunner().invoke(app, ["verify", str(junk)])
+    assert result.exit_code == 2 and "junk.tar.gz" in result.output
