@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -236,3 +237,20 @@ def verify(bundle: Path) -> dict[str, Any]:
                                               file=str(bundle)))
     return {"bundle": str(bundle), "files": len(listed), "onnxruntime": have, "min_onnxruntime": need,
             "parity": {"rtol": rtol, "max_scaled_error": worst}}
+
+
+def is_bundle(path: Path) -> bool:
+    return str(path).endswith((".tar.gz", ".tgz"))
+
+
+@contextmanager
+def model_file(path: Path):
+    """The ONNX file to run for `path`: itself, or for a bundle its verified model.onnx, unpacked for the
+    duration of the block (dlc predict / eval --model accept bundles)."""
+    if not is_bundle(path):
+        yield path
+        return
+    verify(path)
+    with tempfile.TemporaryDirectory(prefix="dlc-bundle-") as tmp:
+        safe_extract(path, Path(tmp))
+        yield Path(tmp) / "model.onnx"

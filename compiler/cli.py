@@ -659,7 +659,8 @@ def run(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="ONNX model made by dlc (classifier or detector)."),
+    model: Path = typer.Argument(..., help="ONNX model made by dlc (classifier or detector), or a bundle from "
+                                 "dlc package."),
     images: list[Path] = typer.Argument(..., help="Image files, or folders of images."),
     output: Path = typer.Option(Path("predictions"), "--output", "-o",
                                 help="Folder for predictions.json and the annotated PNG images."),
@@ -681,8 +682,12 @@ def predict(
     from dlc.runtime.predict import predict as run_predict
 
     try:
+        from .bundle import model_file
+
         files = expand_images(images)
-        results, summary = run_predict(model, files, device, batch, top_k, conf, iou, max_det)
+        with model_file(model) as onnx_file:  # a bundle: its verified model.onnx
+            results, summary = run_predict(onnx_file, files, device, batch, top_k, conf, iou, max_det)
+        summary["model"] = str(model)
         path = write_outputs(results, summary, output, images=draw)
     except DlcError as exc:
         _fail(exc)
@@ -818,8 +823,10 @@ def _eval_model(model: Path, data: Path, device: str, iou: float, score: float, 
     from dlc.runtime.evaluate import Evaluator, coco_results, detect_validation, read_data_spec
 
     from .atomic import write_json
+    from .bundle import model_file
 
-    session = Session(model, device=device)
+    with model_file(model) as onnx_file:  # a bundle: its verified model.onnx (loaded into memory here)
+        session = Session(onnx_file, device=device)
     spec = read_data_spec(data)
     if (session.metadata or {}).get("task") != "detection":
         result = Evaluator(spec).evaluate(session)

@@ -196,3 +196,20 @@ def test_package_refuses_a_model_without_dlc_metadata_and_a_corrupt_bundle(tmp_p
     junk.write_bytes(b"not a tar at all")
     result = CliRunner().invoke(app, ["verify", str(junk)])
     assert result.exit_code == 2 and "junk.tar.gz" in result.output
+
+
+def test_predict_and_eval_accept_a_bundle(tmp_path, det_conf):
+    path = _model(tmp_path, "tiny_detector", "det", seed=3, conf=det_conf, embed=True)
+    bundle = tmp_path / "det.tar.gz"
+    package(path, bundle)
+    images = _images(tmp_path)
+    runner = CliRunner()
+    a = runner.invoke(app, ["predict", str(bundle), *map(str, images), "-o", str(tmp_path / "a"), "--no-draw"])
+    b = runner.invoke(app, ["predict", str(path), *map(str, images), "-o", str(tmp_path / "b"), "--no-draw"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    got = json.loads((tmp_path / "a/predictions.json").read_text())
+    want = json.loads((tmp_path / "b/predictions.json").read_text())
+    assert got["results"] == want["results"] and got["model"] == str(bundle)
+    ev = runner.invoke(app, ["eval", "--model", str(bundle), "--data", str(ROOT / "examples/tiny_detector.yaml"),
+                             "--json"])
+    assert ev.exit_code == 0, ev.output
