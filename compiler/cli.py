@@ -625,7 +625,7 @@ def run(
     input_file: Path = typer.Option(None, "--input", help="Feed this .npy array (or .npz: one array per input)."),
     batch: int = typer.Option(1, min=1, help="Batch size for --random."),
     runs: int = typer.Option(20, min=1, help="Timed runs (after 3 warm-up runs)."),
-    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    device: str = typer.Option("auto", "--device", "--provider", help="Execution provider: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Run an ONNX model on onnxruntime: print output shapes, the provider that really ran and the latency."""
@@ -664,7 +664,7 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files, or folders of images."),
     output: Path = typer.Option(Path("predictions"), "--output", "-o",
                                 help="Folder for predictions.json and the annotated PNG images."),
-    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    device: str = typer.Option("auto", "--device", "--provider", help="Execution provider: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
     batch: int = typer.Option(16, min=1, help="Images per onnxruntime call."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classifiers: how many classes to list per image."),
     conf: float = typer.Option(None, "--conf", min=0.0, max=1.0,
@@ -710,7 +710,7 @@ def predict(
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX model files; the first is the baseline."),
     batch: str = typer.Option("1", help="Comma-separated batch sizes, e.g. 1,32."),
-    device: str = typer.Option("auto", help="auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    device: str = typer.Option("auto", "--device", "--provider", help="Execution provider: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
     min_time: float = typer.Option(2.0, "--min-time", min=0.0,
                                    help="Seconds of measured time per model and batch (at least 20 runs)."),
     warmup: int = typer.Option(5, min=0, help="Warm-up runs per model and batch."),
@@ -773,7 +773,7 @@ def eval_cmd(
                               "validation split (usually the model's own YAML)."),
     save: Path = typer.Option(None, "--save", help="With --model: also write the ground truth and detections as "
                               "COCO JSON here (DIR/instances.json, DIR/detections.json)."),
-    device: str = typer.Option("auto", help="With --model: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    device: str = typer.Option("auto", "--device", "--provider", help="Execution provider: With --model: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Evaluate detections against COCO ground truth: the 12 COCO statistics (as pycocotools' COCOeval),

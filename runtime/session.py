@@ -65,6 +65,23 @@ def shared_thread_pool(threads: int | None) -> bool:
     return True
 
 
+def _preload_gpu_libraries() -> None:
+    """onnxruntime-gpu 1.21+ can load the CUDA, cuDNN and TensorRT libraries that pip wheels (nvidia-*) put in
+    site-packages (onnxruntime.preload_dlls); without it those wheels are not on the loader's path and the GPU
+    providers quietly fail. Older versions lack it: then the system's libraries are used, as before."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or _preloaded:
+        return
+    _preloaded.append(True)
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 - a missing library is reported by the provider check afterwards
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+_preloaded: list[bool] = []
+
+
 def gpu_present() -> bool:
     """Whether an NVIDIA GPU device node exists (Linux); elsewhere we cannot tell cheaply, so we try."""
     if sys.platform.startswith("linux"):
@@ -119,6 +136,8 @@ class Session:
             wanted = ["CPUExecutionProvider"]
         elif device != "cpu" and not (available & _GPU_PROVIDERS):
             why_not_gpu = f"the installed onnxruntime ({ort.__version__}) has no GPU providers"
+        if any(p in _GPU_PROVIDERS for p in wanted):
+            _preload_gpu_libraries()
         try:
             # A GPU provider whose libraries fail to load makes onnxruntime log an error and fall back to the
             # CPU; we detect the fallback below and explain it ourselves, so silence that log while we try.

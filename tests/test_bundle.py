@@ -213,3 +213,12 @@ def test_predict_and_eval_accept_a_bundle(tmp_path, det_conf):
     ev = runner.invoke(app, ["eval", "--model", str(bundle), "--data", str(ROOT / "examples/tiny_detector.yaml"),
                              "--json"])
     assert ev.exit_code == 0, ev.output
+
+
+def test_provider_is_accepted_as_the_name_of_the_device_flag(tmp_path):
+    path = _model(tmp_path, "lenet5", "m")
+    ok = CliRunner().invoke(app, ["run", str(path), "--random", "--provider", "cpu", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["provider"] == "CPUExecutionProvider"
+    bad = CliRunner().invoke(app, ["run", str(path), "--random", "--provider", "npu"])
+    assert bad.exit_code == 2 and "npu" in bad.output
