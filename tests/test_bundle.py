@@ -222,3 +222,20 @@ def test_provider_is_accepted_as_the_name_of_the_device_flag(tmp_path):
     assert json.loads(ok.output)["provider"] == "CPUExecutionProvider"
     bad = CliRunner().invoke(app, ["run", str(path), "--random", "--provider", "npu"])
     assert bad.exit_code == 2 and "npu" in bad.output
+
+
+def test_run_py_names_images_it_cannot_read_and_exits_non_zero(tmp_path):
+    bundle = tmp_path / "b.tar.gz"
+    package(_model(tmp_path, "lenet5", "m"), bundle)
+    device = tmp_path / "device"
+    device.mkdir()
+    safe_extract(bundle, device)
+    good = _images(tmp_path, 2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run = subprocess.run([sys.executable, "-c", NO_DLC, str(good[0]), str(broken), str(good[1])], cwd=device,
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    results = json.loads(run.stdout)["results"]
+    assert [r["image"] for r in results if "error" in r] == [str(broken)]
+    assert sum("top" in r for r in results) == 2
