@@ -626,6 +626,9 @@ def run(
     batch: int = typer.Option(1, min=1, help="Batch size for --random."),
     runs: int = typer.Option(20, min=1, help="Timed runs (after 3 warm-up runs)."),
     device: str = typer.Option("auto", "--device", "--provider", help="Execution provider: auto (TensorRT, CUDA, then CPU), tensorrt, cuda or cpu."),
+    trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build fp16 engines."),
+    trt_cache: Path = typer.Option(None, "--trt-cache", help="TensorRT: keep built engines in this folder (built "
+                                   "once per model and GPU, not per run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Run an ONNX model on onnxruntime: print output shapes, the provider that really ran and the latency."""
@@ -634,7 +637,7 @@ def run(
     try:
         if random == (input_file is not None):
             raise DlcError("give exactly one of --random or --input FILE")
-        session = Session(model, device=device)
+        session = Session(model, device=device, trt_fp16=trt_fp16, trt_cache=trt_cache)
         feeds = session.random_inputs(batch) if random else _read_inputs(input_file, session)
         outputs = session.run(feeds)
         latency = measure(lambda: session.run(feeds), runs=runs)
@@ -722,6 +725,9 @@ def bench(
                               "latency bars."),
     postprocess: bool = typer.Option(False, "--postprocess", help="Time a detector without NMS inside together "
                                      "with dlc's NMS after each run, to compare it with an --embed-nms export."),
+    trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build fp16 engines."),
+    trt_cache: Path = typer.Option(None, "--trt-cache", help="TensorRT: keep built engines in this folder (built "
+                                   "once per model and GPU, not per run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Benchmark ONNX models side by side on one runtime: latency percentiles, throughput, size, parameters,
@@ -739,7 +745,8 @@ def bench(
         except ValueError:
             raise DlcError(f"--batch: expected comma-separated integers such as 1,32, got '{batch}'") from None
         result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup, data=data,
-                           threads=threads, postprocess=postprocess)
+                           threads=threads, postprocess=postprocess, trt_fp16=trt_fp16,
+                           trt_cache=trt_cache)
         if plot is not None:
             plot_bench(result, plot)
     except DlcError as exc:

@@ -127,6 +127,8 @@ def bench(
     optimization: str = "all",
     shared_threads: bool = False,
     postprocess: bool = False,
+    trt_fp16: bool = False,
+    trt_cache: str | Path | None = None,
 ) -> BenchResult:
     """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
 
@@ -158,8 +160,8 @@ def bench(
         from .evaluate import Evaluator
 
         evaluator = Evaluator(data)  # reads and checks the spec before any model is loaded
-    sessions = [Session(p, device=device, threads=threads, optimization=optimization, shared_threads=shared_threads)
-                for p in paths]
+    sessions = [Session(p, device=device, threads=threads, optimization=optimization, shared_threads=shared_threads,
+                        trt_fp16=trt_fp16, trt_cache=trt_cache) for p in paths]
     costs = [model_cost(p) for p in paths]
     labels = _labels(paths)
 

@@ -65,6 +65,21 @@ def shared_thread_pool(threads: int | None) -> bool:
     return True
 
 
+def provider_list(wanted: list[str], trt_fp16: bool = False, trt_cache: str | Path | None = None) -> list:
+    """onnxruntime's providers argument: names, with TensorRT's options (fp16 engines, an engine cache) where
+    asked for."""
+    options: dict[str, Any] = {}
+    if "TensorrtExecutionProvider" not in wanted:
+        return list(wanted)
+    if trt_fp16:
+        options["trt_fp16_enable"] = True
+    if trt_cache is not None:
+        Path(trt_cache).mkdir(parents=True, exist_ok=True)
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache),
+                       trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache))
+    return [(p, options) if p == "TensorrtExecutionProvider" and options else p for p in wanted]
+
+
 def _preload_gpu_libraries() -> None:
     """onnxruntime-gpu 1.21+ can load the CUDA, cuDNN and TensorRT libraries that pip wheels (nvidia-*) put in
     site-packages (onnxruntime.preload_dlls); without it those wheels are not on the loader's path and the GPU
@@ -101,10 +116,13 @@ class Session:
     its run, on the cores the next session needs, and slow it down. Once that pool exists onnxruntime refuses
     sessions with their own threads in the same process, so only a process made for timing uses it
     (runtime/bench_isolated.py).
+    trt_fp16: TensorRT builds fp16 engines (where the GPU has fast fp16). trt_cache: a folder where TensorRT keeps
+    its built engines, so the minutes of engine building happen once per model and GPU, not per process.
     """
 
     def __init__(self, model: str | Path | bytes, device: str = "auto", optimization: str = "all",
-                 threads: int | None = None, spinning: bool | None = None, shared_threads: bool = False):
+                 threads: int | None = None, spinning: bool | None = None, shared_threads: bool = False,
+                 trt_fp16: bool = False, trt_cache: str | Path | None = None):
         if device not in DEVICES:
             raise DlcError(f"unknown device '{device}': use one of {', '.join(DEVICES)}")
         if optimization not in _OPT_LEVELS:
@@ -143,7 +161,8 @@ class Session:
             # CPU; we detect the fallback below and explain it ourselves, so silence that log while we try.
             ort.set_default_logger_severity(4)
             self._session = ort.InferenceSession(model if isinstance(model, bytes) else self.path,
-                                                 sess_options=options, providers=wanted)
+                                                 sess_options=options,
+                                                 providers=provider_list(wanted, trt_fp16, trt_cache))
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt or invalid models
             raise DlcError(Diagnostic(f"cannot load the ONNX model: {_first_line(exc)}", file=where,
                                       hint="is it a complete .onnx file? re-export it")) from None

@@ -239,3 +239,18 @@ def test_run_py_names_images_it_cannot_read_and_exits_non_zero(tmp_path):
     results = json.loads(run.stdout)["results"]
     assert [r["image"] for r in results if "error" in r] == [str(broken)]
     assert sum("top" in r for r in results) == 2
+
+
+def test_tensorrt_options_fp16_and_an_engine_cache_in_the_given_folder(tmp_path):
+    from dlc.runtime.session import Session, provider_list
+
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    got = provider_list(wanted, trt_fp16=True, trt_cache=tmp_path / "trt")
+    assert got[0] == ("TensorrtExecutionProvider", {
+        "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt"),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(tmp_path / "trt")})
+    assert got[1:] == wanted[1:] and (tmp_path / "trt").is_dir()
+    assert provider_list(wanted) == wanted
+    # on this machine (no GPU) auto still ends on the CPU, options or not
+    s = Session(_model(tmp_path, "lenet5", "m"), device="auto", trt_fp16=True, trt_cache=tmp_path / "trt")
+    assert s.provider == "CPUExecutionProvider"
