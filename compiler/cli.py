@@ -728,6 +728,8 @@ def bench(
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build fp16 engines."),
     trt_cache: Path = typer.Option(None, "--trt-cache", help="TensorRT: keep built engines in this folder (built "
                                    "once per model and GPU, not per run)."),
+    io_binding: bool = typer.Option(False, "--io-binding", help="Also time each model with IO binding (inputs "
+                                    "placed on the device once, outputs left there): without host copies."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Benchmark ONNX models side by side on one runtime: latency percentiles, throughput, size, parameters,
@@ -746,7 +748,7 @@ def bench(
             raise DlcError(f"--batch: expected comma-separated integers such as 1,32, got '{batch}'") from None
         result = run_bench(models, batches, device=device, min_time_s=min_time, warmup=warmup, data=data,
                            threads=threads, postprocess=postprocess, trt_fp16=trt_fp16,
-                           trt_cache=trt_cache)
+                           trt_cache=trt_cache, io_binding=io_binding)
         if plot is not None:
             plot_bench(result, plot)
     except DlcError as exc:

@@ -129,6 +129,7 @@ def bench(
     postprocess: bool = False,
     trt_fp16: bool = False,
     trt_cache: str | Path | None = None,
+    io_binding: bool = False,
 ) -> BenchResult:
     """Benchmark ONNX models side by side on one runtime, runs interleaved; see the module notes.
 
@@ -143,6 +144,10 @@ def bench(
     interleaved times match each model timed alone, min and median within a few per cent. The pool is
     process-wide and excludes sessions with their own threads afterwards: use bench_isolated.bench_isolated,
     which runs this in a process of its own.
+    io_binding: also time every model with onnxruntime's IO binding (inputs placed on the provider's device
+    once, outputs left there): rows "<model> (IO binding)" beside the ordinary runs, which copy inputs and
+    outputs between host and device on every run. On the CPU provider the two differ only by the binding's
+    bookkeeping; on CUDA/TensorRT the gap is the host copies.
     postprocess: a detector without NMS inside is timed with dlc's NMS (runtime.detect.postprocess, its
     metadata's settings) after each run, so it compares like for like with one whose graph holds NMS.
     """
@@ -205,6 +210,11 @@ def bench(
         with_nms = [label for label, s in zip(labels, sessions) if _postprocess_settings(s) is not None]
         if with_nms:
             result.notes.append(f"timed with dlc's NMS after the run: {', '.join(with_nms)}")
+    if io_binding:  # the same sessions again, bound (model only, no NMS): rows "(IO binding)" after the others
+        runs += [_bound_runner(s) for s in sessions]
+        sessions, costs, paths = sessions * 2, costs * 2, paths * 2
+        labels = labels + [f"{label} (IO binding)" for label in labels]
+        evals = evals * 2
     for batch in batches:
         feeds = [s.random_inputs(batch, seed=0) for s in sessions]
         for run, f in zip(runs, feeds):
@@ -277,6 +287,30 @@ def _runner(session: Session, postprocess: bool) -> Callable[[dict], object]:
 
     def run(feeds):
         return nms(next(iter(session.run(feeds).values())), **settings)
+
+    return run
+
+
+def _bound_runner(session: Session) -> Callable[[dict], object]:
+    """A run through IO binding: the feeds are placed on the session's device once per feeds dict (per batch),
+    the outputs stay on the device."""
+    import onnxruntime as ort
+
+    device = "cuda" if session.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+    bound: dict[int, object] = {}
+
+    def run(feeds):
+        binding = bound.get(id(feeds))
+        if binding is None:
+            bound.clear()
+            binding = session._session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+            for out in session.outputs:
+                binding.bind_output(out.name, device)
+            bound[id(feeds)] = binding
+        session._session.run_with_iobinding(binding)
+        return binding  # outputs stay on the device: binding.copy_outputs_to_cpu() reads them
 
     return run
 

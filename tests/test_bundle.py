@@ -254,3 +254,19 @@ def test_tensorrt_options_fp16_and_an_engine_cache_in_the_given_folder(tmp_path)
     # on this machine (no GPU) auto still ends on the CPU, options or not
     s = Session(_model(tmp_path, "lenet5", "m"), device="auto", trt_fp16=True, trt_cache=tmp_path / "trt")
     assert s.provider == "CPUExecutionProvider"
+
+
+def test_bench_io_binding_rows_beside_the_ordinary_ones(tmp_path):
+    from dlc.runtime.bench import _bound_runner, bench
+    from dlc.runtime.session import Session
+
+    path = _model(tmp_path, "lenet5", "m")
+    result = bench([path], batches=(1, 4), device="cpu", min_time_s=0.0, warmup=1, io_binding=True)
+    assert [(r.model, r.batch) for r in result.rows] == [("m.onnx", 1), ("m.onnx (IO binding)", 1),
+                                                         ("m.onnx", 4), ("m.onnx (IO binding)", 4)]
+    assert all(r.runs >= 20 and r.min_ms > 0 for r in result.rows)
+    # the bound run computes what the ordinary run computes
+    s = Session(path, device="cpu")
+    feeds = s.random_inputs(3, seed=1)
+    binding = _bound_runner(s)(feeds)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], next(iter(s.run(feeds).values())), rtol=1e-6)
