@@ -644,7 +644,7 @@ def run(
     except DlcError as exc:
         _fail(exc)
     result = {
-        "model": str(model), "provider": session.provider,
+        "model": str(model), "provider": session.provider, "placement": session.placement,
         "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": {k: list(v.shape) for k, v in outputs.items()},
         "latency_ms": latency.to_dict(),
@@ -653,6 +653,9 @@ def run(
         out.print_json(json.dumps(result))
         return
     out.print(f"[bold]{model}[/] on {session.provider}")
+    if session.placement:
+        nodes = ", ".join(f"{k.removesuffix('ExecutionProvider')} {v}" for k, v in session.placement["nodes"].items())
+        out.print(f"  nodes   {nodes}; Memcpy {session.placement['memcpy']}", highlight=False)
     for k, v in result["inputs"].items():
         out.print(f"  input   {k}: {'×'.join(map(str, v))}")
     for k, v in result["outputs"].items():

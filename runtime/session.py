@@ -145,6 +145,8 @@ class Session:
             if spinning is not None:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.thread_pool = "shared" if shared_threads else "own"
+        # which provider runs each node (onnxruntime 1.23+): partial fallback to the CPU is otherwise silent
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
 
         available = set(ort.get_available_providers())
         wanted = [p for p in DEVICES[device] if p in available]
@@ -182,6 +184,34 @@ class Session:
                            "use --device cuda)")
         if why_not_gpu and device == "auto":
             _say_once(f"dlc: running on the CPU ({why_not_gpu})")
+        self.placement = self._placement()
+        if self.provider in _GPU_PROVIDERS and self.placement:
+            on_cpu = self.placement["nodes"].get("CPUExecutionProvider", 0)
+            if on_cpu:
+                where = ", ".join(f"{k.removesuffix('ExecutionProvider')} {v}"
+                                  for k, v in self.placement["nodes"].items())
+                name = Path(self.path).name if self.path else "the model"
+                _say_once(f"dlc: {on_cpu} of {sum(self.placement['nodes'].values())} nodes of {name} run on the "
+                          f"CPU, not the GPU (nodes per provider: {where}); {self.placement['memcpy']} Memcpy "
+                          "nodes copy between host and device", logging.WARNING)
+
+    def _placement(self) -> dict[str, Any] | None:
+        """Nodes per execution provider and the Memcpy nodes onnxruntime inserted between them; None where this
+        onnxruntime cannot tell (before 1.23)."""
+        get = getattr(self._session, "get_provider_graph_assignment_info", None)
+        if get is None:
+            return None
+        try:
+            subgraphs = get()
+        except Exception:  # noqa: BLE001 - recording unsupported in this build
+            return None
+        nodes: dict[str, int] = {}
+        memcpy = 0
+        for sub in subgraphs:
+            members = sub.get_nodes()
+            nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(members)
+            memcpy += sum(1 for n in members if n.op_type.startswith("Memcpy"))
+        return {"nodes": nodes, "memcpy": memcpy}
 
     # --- description ------------------------------------------------------------------------------------
     @property

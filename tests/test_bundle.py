@@ -270,3 +270,14 @@ def test_bench_io_binding_rows_beside_the_ordinary_ones(tmp_path):
     feeds = s.random_inputs(3, seed=1)
     binding = _bound_runner(s)(feeds)
     np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], next(iter(s.run(feeds).values())), rtol=1e-6)
+
+
+def test_session_reports_the_nodes_each_provider_runs(tmp_path):
+    from dlc.runtime.session import Session
+
+    path = _model(tmp_path, "tiny_detector", "d")
+    s = Session(path, device="cpu", optimization="disable")
+    graph_nodes = len(onnx.load(str(path)).graph.node)
+    assert s.placement == {"nodes": {"CPUExecutionProvider": graph_nodes}, "memcpy": 0}
+    result = CliRunner().invoke(app, ["run", str(path), "--random", "--provider", "cpu", "--json"])
+    assert json.loads(result.output)["placement"]["nodes"]["CPUExecutionProvider"] > 0
