@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +29,30 @@ from helpers import ROOT
 # run.py with dlc made unimportable: the bundle must need only onnxruntime, numpy and Pillow
 NO_DLC = "import runpy, sys; sys.modules['dlc'] = None; sys.argv = ['run.py'] + sys.argv[1:]; " \
          "runpy.run_path('run.py', run_name='__main__')"
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory):
+    """A fresh virtual environment that holds only onnxruntime, numpy and Pillow (linked from this one's
+    site-packages, with their bundled libraries): no dlc, no onnx, no pip."""
+    import importlib.util
+    import os
+    import venv
+
+    root = tmp_path_factory.mktemp("bare") / "venv"
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for module in ("onnxruntime", "numpy", "PIL"):
+        package_dir = Path(importlib.util.find_spec(module).submodule_search_locations[0])
+        os.symlink(package_dir, site / package_dir.name)
+        for libs in package_dir.parent.glob(f"{'pillow' if module == 'PIL' else module}.libs"):
+            os.symlink(libs, site / libs.name)
+    check = subprocess.run([str(python), "-c", "import onnxruntime, numpy, PIL\ntry:\n import dlc\nexcept ImportError:"
+                            "\n print('bare')"], capture_output=True, text=True)
+    assert check.stdout.strip() == "bare", check.stderr
+    return python
 
 
 def _randomize(graph, seed):
@@ -83,7 +108,7 @@ def det_conf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["lenet", "detector", "detector_nms"])
-def test_bundle_runs_without_dlc_and_equals_dlc_predict(tmp_path, kind, det_conf):
+def test_bundle_runs_without_dlc_and_equals_dlc_predict(tmp_path, kind, det_conf, bare_python):
     if kind == "lenet":
         path = _model(tmp_path, "lenet5", kind)
     else:
@@ -100,9 +125,10 @@ def test_bundle_runs_without_dlc_and_equals_dlc_predict(tmp_path, kind, det_conf
     device.mkdir()
     safe_extract(bundle, device)
     images = _images(tmp_path)
-    check = subprocess.run([sys.executable, "-c", NO_DLC, "--check"], cwd=device, capture_output=True, text=True)
+    # in a fresh environment with only onnxruntime, numpy and Pillow
+    check = subprocess.run([str(bare_python), "run.py", "--check"], cwd=device, capture_output=True, text=True)
     assert check.returncode == 0 and "parity check passed" in check.stdout, check.stderr
-    run = subprocess.run([sys.executable, "-c", NO_DLC, *map(str, images), "--json", str(tmp_path / "out.json")],
+    run = subprocess.run([str(bare_python), "run.py", *map(str, images), "--json", str(tmp_path / "out.json")],
                          cwd=device, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     got = json.loads((tmp_path / "out.json").read_text())["results"]
