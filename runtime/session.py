@@ -185,6 +185,8 @@ class Session:
         if why_not_gpu and device == "auto":
             _say_once(f"dlc: running on the CPU ({why_not_gpu})")
         self.placement = self._placement()
+        if self.provider in _GPU_PROVIDERS and self.placement is None:
+            self._probe_fallback(model, options, wanted)
         if self.provider in _GPU_PROVIDERS and self.placement:
             on_cpu = self.placement["nodes"].get("CPUExecutionProvider", 0)
             if on_cpu:
@@ -194,6 +196,17 @@ class Session:
                 _say_once(f"dlc: {on_cpu} of {sum(self.placement['nodes'].values())} nodes of {name} run on the "
                           f"CPU, not the GPU (nodes per provider: {where}); {self.placement['memcpy']} Memcpy "
                           "nodes copy between host and device", logging.WARNING)
+
+    def _probe_fallback(self, model, options: ort.SessionOptions, wanted: list[str]) -> None:
+        """Before onnxruntime 1.23 there is no placement to read: a second session that may not fall back to the
+        CPU (session.disable_cpu_ep_fallback) fails to load exactly when some nodes would run there."""
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        try:
+            ort.InferenceSession(model if isinstance(model, bytes) else self.path, sess_options=options,
+                                 providers=[p for p in wanted if p != "CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - the refusal is the answer
+            _say_once(f"dlc: some nodes of {Path(self.path).name if self.path else 'the model'} run on the CPU, "
+                      f"not on {self.provider} (this onnxruntime cannot say how many)", logging.WARNING)
 
     def _placement(self) -> dict[str, Any] | None:
         """Nodes per execution provider and the Memcpy nodes onnxruntime inserted between them; None where this
