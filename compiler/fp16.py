@@ -78,43 +78,13 @@ def _refuse_unconvertible(model: onnx.ModelProto, file: str) -> None:
         raise DlcError(f"{file}: the model is {what}: nothing to convert to fp16")
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope values that the node's subgraphs (If/Loop/Scan bodies) read."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                local.update(n.output)
-            for n in g.node:
-                reads.update(i for i in (*n.input, *_subgraph_reads(n)) if i and i not in local)
-    return reads
-
-
 def topological_sort(graph: onnx.GraphProto) -> None:
     """Reorder the nodes so that each comes after the producers of its inputs (stable: the original order
     wherever it is already valid). Raises DlcError on a cycle."""
-    nodes = list(graph.node)
-    producer = {out: k for k, n in enumerate(nodes) for out in n.output if out}
-    deps = [{producer[i] for i in (*n.input, *_subgraph_reads(n)) if i in producer} - {k}
-            for k, n in enumerate(nodes)]
-    users: dict[int, list[int]] = {}
-    for k, d in enumerate(deps):
-        for p in d:
-            users.setdefault(p, []).append(k)
-    import heapq
+    from .passes.graph import stable_topological_order
 
-    waiting = [len(d) for d in deps]
-    ready = [k for k, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        k = heapq.heappop(ready)
-        order.append(k)
-        for u in users.get(k, ()):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
+    nodes = list(graph.node)
+    order = stable_topological_order(nodes)
     if len(order) != len(nodes):
         raise DlcError(f"graph '{graph.name}' has a cycle: it cannot be ordered")
     del graph.node[:]

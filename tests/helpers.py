@@ -65,3 +65,19 @@ def onnx_model(nodes, inits=(), shape=(4, 6, 6), opset=17):
     graph = helper.make_graph(nodes, "g", [x], [out],
                               initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def randomize_weights(graph, seed: int = 0, gain: float = 1.0, bias_mean: float = 0.5, bias_std: float = 0.3) -> None:
+    """Random weights in place (not the fillers' constants: BN statistics, PReLU slopes, affine scales all vary):
+    weights normal × gain / sqrt(fan-in), so activations keep their scale (no saturated softmax); vectors
+    bias_mean + bias_std × normal; BN variances uniform in [0.5, 2]."""
+    rng = np.random.default_rng(seed)
+    for node in graph.nodes():
+        for key, value in node.params.items():
+            if key == "var":
+                node.params[key] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
+            elif value.ndim > 1:
+                fan_in = int(np.prod(value.shape[1:]))
+                node.params[key] = (rng.standard_normal(value.shape) * gain / np.sqrt(fan_in)).astype(np.float32)
+            else:
+                node.params[key] = (bias_mean + bias_std * rng.standard_normal(value.shape)).astype(np.float32)

@@ -24,7 +24,7 @@ from dlc.compiler.metadata import finalize_metadata, update_metadata
 from dlc.compiler.pipeline import artifact_metadata
 from dlc.runtime.predict import predict
 
-from helpers import ROOT
+from helpers import ROOT, randomize_weights
 
 # run.py with dlc made unimportable: the bundle must need only onnxruntime, numpy and Pillow
 NO_DLC = "import runpy, sys; sys.modules['dlc'] = None; sys.argv = ['run.py'] + sys.argv[1:]; " \
@@ -55,22 +55,9 @@ def bare_python(tmp_path_factory):
     return python
 
 
-def _randomize(graph, seed):
-    rng = np.random.default_rng(seed)
-    for node in graph.nodes():
-        for key, value in node.params.items():
-            if key == "var":
-                node.params[key] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
-            elif value.ndim > 1:
-                node.params[key] = (rng.standard_normal(value.shape) * 1.5
-                                    / np.sqrt(np.prod(value.shape[1:]))).astype(np.float32)
-            else:
-                node.params[key] = (0.3 * rng.standard_normal(value.shape)).astype(np.float32)
-
-
 def _model(tmp_path, example, name, seed=0, conf=None, embed=False):
     loaded = load_model(ROOT / f"examples/{example}.yaml")
-    _randomize(loaded.graph, seed)
+    randomize_weights(loaded.graph, seed=seed, gain=1.5, bias_mean=0.0)
     model = to_onnx(loaded.graph, opset=17, metadata=artifact_metadata(loaded, None))
     if conf is not None:  # random weights score low: a threshold that keeps some boxes
         meta = json.loads(next(p.value for p in model.metadata_props if p.key == "dlc"))

@@ -18,30 +18,17 @@ from dlc.compiler.frontend import load_model
 from dlc.runtime.boxes import filter_detections
 from dlc.runtime.detect import postprocess
 
-from helpers import ROOT
+from helpers import ROOT, randomize_weights
 
 
 def run_cli(*args):
     return CliRunner().invoke(app, list(args))
 
 
-def _randomize(graph, seed=0):
-    rng = np.random.default_rng(seed)
-    for node in graph.nodes():
-        for key, value in node.params.items():
-            if key == "var":
-                node.params[key] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
-            elif value.ndim > 1:
-                fan_in = int(np.prod(value.shape[1:]))
-                node.params[key] = (rng.standard_normal(value.shape) * 1.5 / np.sqrt(fan_in)).astype(np.float32)
-            else:
-                node.params[key] = (0.3 * rng.standard_normal(value.shape)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def detector():
     graph = load_model(ROOT / "examples/tiny_detector.yaml").graph
-    _randomize(graph)
+    randomize_weights(graph, seed=0, gain=1.5, bias_mean=0.0)
     return graph
 
 
@@ -206,7 +193,7 @@ def test_dlc_export_embeds_nms_with_the_detect_layers_settings(tmp_path):
     from dlc.compiler.train.checkpoint import save_checkpoint
 
     graph = load_model(ROOT / "examples/tiny_detector.yaml").graph
-    _randomize(graph, seed=5)
+    randomize_weights(graph, seed=5, gain=1.5, bias_mean=0.0)
     ckpt = tmp_path / "det.safetensors"
     save_checkpoint(ckpt, graph)
     out = tmp_path / "det_nms.onnx"
@@ -238,7 +225,7 @@ def test_predict_and_eval_take_an_embedded_nms_model_and_agree_with_dlc_nms(tmp_
     from dlc.runtime.predict import predict
 
     loaded = load(ROOT / "examples/tiny_detector.yaml")
-    _randomize(loaded.graph, seed=2)
+    randomize_weights(loaded.graph, seed=2, gain=1.5, bias_mean=0.0)
     raw_model = to_onnx(loaded.graph, opset=17, metadata=artifact_metadata(loaded, None))
     raw = _session(raw_model).run(None, {loaded.graph.input_names[0]: _images(loaded.graph, 8, 4)})[0]
     conf = _threshold(raw, 0.9)

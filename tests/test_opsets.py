@@ -16,7 +16,7 @@ from dlc.compiler.passes import optimize, verify
 from dlc.compiler.targets import ORT_TABLE, ir_for_opset, parse_version
 from dlc.compiler.train.executor import Executor
 
-from helpers import EXAMPLES, ROOT
+from helpers import EXAMPLES, ROOT, randomize_weights
 
 OPSETS = sorted({11, 13, 15, 17, 19, 21, MAX_OPSET})
 
@@ -67,21 +67,6 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _randomize(graph, seed: int = 0) -> None:
-    """Random weights (not the fillers' constants: BN statistics, PReLU slopes, affine scales all vary), scaled
-    down so that no softmax saturates."""
-    rng = np.random.default_rng(seed)
-    for node in graph.nodes():
-        for key, value in node.params.items():
-            if key == "var":
-                node.params[key] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
-            elif value.ndim > 1:
-                fan_in = int(np.prod(value.shape[1:]))
-                node.params[key] = (rng.standard_normal(value.shape) / np.sqrt(fan_in)).astype(np.float32)
-            else:
-                node.params[key] = (0.5 + 0.3 * rng.standard_normal(value.shape)).astype(np.float32)
-
-
 def _export(graph, opset: int, **kw) -> onnx.ModelProto:
     model = to_onnx(graph, opset=opset, **kw)
     check(model)  # onnx.checker.check_model(full_check=True)
@@ -106,7 +91,7 @@ def examples():
     graphs = {}
     for path in EXAMPLES:
         graph = load_model(path).graph
-        _randomize(graph)
+        randomize_weights(graph)
         graphs[path.stem] = graph
     return graphs
 
@@ -146,7 +131,7 @@ def test_every_example_for_a_named_target(examples, version):
 @pytest.mark.parametrize("opset", range(MIN_OPSET, MAX_OPSET + 1))
 def test_ops_whose_form_changes_at_every_opset(opset):
     graph = load_model_text(OPS_YAML, "ops.yaml").graph
-    _randomize(graph, seed=opset)
+    randomize_weights(graph, seed=opset)
     model = _export(graph, opset)
     want = _matches_backend(graph, model, seed=opset)
     # The softmaxes are not saturated: a wrong axis (the pre-13 2-D coercion over C·H·W) shows.
@@ -174,7 +159,7 @@ def test_detector_with_dynamic_height_and_width_at_old_opsets(examples, opset):
 def test_passes_on_old_opset_exports(examples, opset):
     for graph in (examples["resnet20"], examples["tiny_detector"], load_model_text(OPS_YAML, "ops.yaml").graph):
         if graph.name == "ops":
-            _randomize(graph, seed=3)
+            randomize_weights(graph, seed=3)
         model = _export(graph, opset)
         optimized, reports = optimize(model)
         check(optimized)

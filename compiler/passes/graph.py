@@ -101,28 +101,8 @@ class OnnxGraph:
 
     def topo_sort(self) -> None:
         """Kahn's algorithm, keeping the current order wherever the dependencies allow (a heap on position)."""
-        import heapq
-
         known = {i.name for i in self.inputs} | set(self.inits) | {""}
-        producer = {o: k for k, n in enumerate(self.nodes) for o in n.output if o}
-        waiting = [0] * len(self.nodes)
-        readers: dict[int, list[int]] = {}
-        for k, n in enumerate(self.nodes):
-            deps = {producer[i] for i in (*n.input, *outer_reads(n)) if i not in known and i in producer}
-            deps.discard(k)
-            waiting[k] = len(deps)
-            for d in deps:
-                readers.setdefault(d, []).append(k)
-        ready = [k for k, w in enumerate(waiting) if w == 0]
-        heapq.heapify(ready)
-        order = []
-        while ready:
-            k = heapq.heappop(ready)
-            order.append(k)
-            for r in readers.get(k, ()):
-                waiting[r] -= 1
-                if waiting[r] == 0:
-                    heapq.heappush(ready, r)
+        order = stable_topological_order(self.nodes, known)
         if len(order) < len(self.nodes):  # a cycle: keep the rest as they were
             seen = set(order)
             order += [k for k in range(len(self.nodes)) if k not in seen]
@@ -153,6 +133,35 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
     for n in graph.node:
         reads |= outer_reads(n)
     return reads - defined - {""}
+
+
+def stable_topological_order(nodes: list[onnx.NodeProto], known: set[str] = frozenset()) -> list[int]:
+    """Node positions in an order where each node follows the producers of what it reads (its inputs and what
+    its subgraphs read), the original order wherever it is already valid (Kahn's algorithm, a heap on
+    position). Names in `known` (graph inputs, initializers) have no producer. Shorter than `nodes` when
+    there is a cycle: the nodes on or after it are left out."""
+    import heapq
+
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        deps = {producer[i] for i in (*n.input, *outer_reads(n)) if i not in known and i in producer}
+        deps.discard(k)
+        waiting[k] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    return order
 
 
 def outer_reads(node: onnx.NodeProto) -> set[str]:
