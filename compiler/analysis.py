@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from . import limits
 from .errors import Diagnostic, DlcError
 from .graph import Graph
 from .ops import REGISTRY, RField, ShapeError, fmt_shape
@@ -26,6 +28,10 @@ def infer_shapes(graph: Graph, diagnostics: list[Diagnostic] | None = None) -> N
             continue
         try:
             out_shape, node.attrs = REGISTRY[node.op].infer(node.attrs, in_shapes)
+            elements = math.prod(out_shape)
+            if elements > limits.current().activation_elements:  # before anything is allocated
+                raise ShapeError(limits.exceeded("activation_elements", elements,
+                                                 f"output {list(out_shape)}: elements per sample"))
         except ShapeError as exc:
             src = node.source
             diag = Diagnostic(str(exc), file=src.file, line=src.line, layer=node.name, note=src.note or None)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# Temporary files are named ".<target name>.<8 random characters>.tmp" (tempfile.mkstemp with the prefix and
+# suffix below). A write killed hard (kill -9, power loss) leaves one behind; remove_stale_temps() clears them.
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -31,6 +36,25 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted write_bytes left in `folder` (only names matching TEMP_NAME,
+    only regular files, only in that folder itself). Call it only while the folder is yours (the output-folder
+    lock), since a live writer's temporary file looks the same. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+from . import limits
 from .analysis import infer_shapes
 from .errors import Diagnostic
 from .fillers import fill, layer_rng, parse_filler
@@ -31,7 +34,23 @@ def build_graph(spec: ModelSpec) -> tuple[Graph, list[Diagnostic]]:
     diagnostics: list[Diagnostic] = []
     infer_shapes(graph, diagnostics)
     diagnostics += bind_inferred_strides(graph)  # detect layers without `strides:` run on every path
+    if not diagnostics:
+        diagnostics += _check_param_bytes(spec, graph)
     return graph, diagnostics
+
+
+def _check_param_bytes(spec: ModelSpec, graph: Graph) -> list[Diagnostic]:
+    """Refuse, before allocating, a model whose float32 parameters would pass the param_bytes limit."""
+    total = 0
+    for node in graph.nodes():
+        in_shapes = [graph.shapes.get(v) for v in node.inputs]
+        if any(s is None for s in in_shapes):  # downstream of a layer already reported
+            continue
+        shapes = REGISTRY[node.op].param_shapes(node.attrs, in_shapes)
+        total += 4 * sum(math.prod(shape) for shape in shapes.values())
+    if total <= limits.current().param_bytes:
+        return []
+    return [Diagnostic(limits.exceeded("param_bytes", total), file=spec.file)]
 
 
 def initialize(graph: Graph, seed: int = 0) -> None:

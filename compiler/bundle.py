@@ -194,7 +194,7 @@ def verify(bundle: Path) -> dict[str, Any]:
         try:
             manifest = json.loads((root / MANIFEST).read_text())
             listed = manifest["files"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise DlcError(Diagnostic(f"manifest.json is not a dlc manifest: {exc}", file=str(bundle))) from None
         for name, entry in sorted(listed.items()):
             path = root / name

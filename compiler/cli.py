@@ -8,18 +8,55 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import DlcError
+from .failures import classify
+
+_debug = {"on": os.environ.get("DLC_DEBUG", "") not in ("", "0")}
+
+
+def _is_cli_flow(exc: BaseException) -> bool:
+    """typer.Exit, usage errors and aborts, whichever click (typer 0.2x vendors its own) raised them."""
+    return (type(exc).__module__ or "").split(".")[0] in ("click", "typer") or isinstance(exc, typer.Exit)
+
+
+class _OneErrorPath(TyperGroup):
+    """Every exception a command lets escape becomes one `error:` line (exit 2 for the user's input or machine,
+    1 for a bug in dlc, with the traceback under --debug), and Ctrl-C one `interrupted` line (exit 130)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while we exit: no second message
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - this is the one place that turns exceptions into messages
+            if _is_cli_flow(exc):  # usage errors and typer.Exit: click prints and exits as it should
+                raise
+            failure = classify(exc)
+            if _debug["on"]:
+                err.out("".join(traceback.format_exception(exc)), highlight=False)
+            for line in failure.lines:
+                err.print("[bold red]error:[/] ", end="")
+                err.out(line, highlight=False)
+            raise typer.Exit(failure.code) from None
+
 
 app = typer.Typer(
+    cls=_OneErrorPath,
     name="dlc",
     help="dlc: a declarative deep-learning compiler. Describe a network in YAML; dlc validates it, infers "
     "shapes and costs, and exports a verified ONNX model that onnxruntime runs on a GPU or the CPU.",
@@ -35,11 +72,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 def _fail(exc: DlcError) -> None:
     """Print every diagnostic (the user's text is never parsed as rich markup) and exit with code 2."""
-    for d in exc.diagnostics:
+    for line in classify(exc).lines:
         err.print("[bold red]error:[/] ", end="")
-        err.out(d.format(), highlight=False)
-    if len(exc.diagnostics) > 1:
-        err.print(f"{len(exc.diagnostics)} problems found")
+        err.out(line, highlight=False)
     raise typer.Exit(2)
 
 
@@ -52,7 +87,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, also print the full traceback (or set "
+                               "DLC_DEBUG=1)."),
+    limit: list[str] = typer.Option(None, "--limit", metavar="NAME=N",
+                                    help="Raise (or lower) a resource limit for this run, e.g. `--limit "
+                                    "layers=50000`; repeatable. Names: yaml_bytes, yaml_nodes, yaml_depth, layers, "
+                                    "repeat, activation_elements, param_bytes, input_bytes, image_pixels, "
+                                    "onnx_nodes (defaults in the README; also DLC_LIMITS=\"a=1,b=2\")."),
 ) -> None:
+    from .limits import configure
+
+    _debug["on"] = _debug["on"] or debug
+    configure(limit)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
@@ -66,6 +112,9 @@ def inspect(
     from .frontend import load_model
 
     try:
+        if model.suffix.lower() == ".onnx":
+            raise DlcError(f"{model}: is an ONNX file; dlc inspect reads model YAML: `dlc info {model}` describes an "
+                           f"ONNX file, `dlc import {model} -o DIR` turns it into a YAML to inspect")
         summary = summarize(load_model(model).graph)
     except DlcError as exc:
         _fail(exc)
@@ -96,20 +145,26 @@ def compile_cmd(
     weights: Path = typer.Option(None, help="Take the weights from this checkpoint instead of training."),
     skip_train: bool = typer.Option(False, "--skip-train",
                                     help="Export the initial (filler) weights without training, e.g. to check the graph."),
+    retrain: bool = typer.Option(False, "--retrain",
+                                 help="Train again even when DIR/checkpoint.safetensors is up to date with the YAML."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Validate, build and export a model to ONNX; check it with onnx's checker and onnxruntime.
 
     With a `train:` section, trains first (as `dlc train` does, into the same folder) so the ONNX file
-    carries the trained weights. Writes DIR/model.onnx (with dlc's metadata: model name, input size and
-    normalization, classes, dlc version, the YAML's sha256) and DIR/report.json, replaced atomically.
+    carries the trained weights; a finished checkpoint already in DIR whose model, data and train sections (and
+    dlc version) are unchanged is reused instead (--retrain trains anyway). Writes DIR/model.onnx (with dlc's
+    metadata: model name, input size and normalization, classes, dlc version, the YAML's sha256) and
+    DIR/report.json, replaced atomically.
     """
+    from .outdir import claim_output_folder
     from .pipeline import compile_model
 
     output = output or Path("build") / model.stem
     try:
-        result = compile_model(model, output, opset, weights, progress=not as_json, console=err,
-                               skip_train=skip_train)
+        with claim_output_folder(output, "compile", console=err):
+            result = compile_model(model, output, opset, weights, progress=not as_json, console=err,
+                                   skip_train=skip_train, retrain=retrain)
     except DlcError as exc:
         _fail(exc)
     report = result.report
@@ -134,7 +189,10 @@ def compile_cmd(
                 if fresh else "")
         out.print(f"  weights     {w['file']}: {w['loaded']} of {w['tensors']} tensors loaded{kept}", highlight=False)
     t = report.get("training") or {}
-    if "epochs" in t:
+    if "reused" in t:
+        out.print(f"  trained     reused {t['reused']} ({t['epochs']} epochs, {t['stopped']}): {_val_score(t)}, "
+                  f"val loss {t['val_loss']:.4f}", highlight=False)
+    elif "epochs" in t:
         out.print(f"  trained     {t['epochs']} epochs in {t['seconds']:.1f} s ({t['stopped']}): "
                   f"{_val_score(t)}, val loss {t['val_loss']:.4f}")
     p = report.get("pruning")
@@ -170,6 +228,7 @@ def train(
     training, names the epoch and iteration, and keeps the last good checkpoint.
     """
     from .frontend import load_model
+    from .outdir import claim_output_folder
     from .prune.pipeline import training_callbacks
     from .train.trainer import dumps, train_model
 
@@ -178,8 +237,9 @@ def train(
         loaded = load_model(model)
         if loaded.spec.train is None:
             raise DlcError(f"{model}: no 'train:' section: add one (and a 'data:' section) to train")
-        result = train_model(loaded, output, resume=resume, progress=not as_json, console=err,
-                             callbacks=training_callbacks(loaded.prune))  # prune.bn_l1: network slimming
+        with claim_output_folder(output, "train", console=err):
+            result = train_model(loaded, output, resume=resume, progress=not as_json, console=err,
+                                 callbacks=training_callbacks(loaded.prune))  # prune.bn_l1: network slimming
     except DlcError as exc:
         _fail(exc)
     if as_json:
@@ -232,8 +292,8 @@ def time(
 
 @app.command()
 def optimize(
-    model: Path = typer.Argument(..., help="ONNX model file to optimize."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the optimized model."),
+    model: Path = typer.Argument(None, help="ONNX model file to optimize (not needed with --list)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Where to write the optimized model."),
     passes: str = typer.Option(None, show_default="the default list (see --list)",
                                help="Comma-separated passes to run, in order."),
     check: int = typer.Option(3, min=0, help="Random inputs to compare before vs after (0: no check)."),
@@ -258,6 +318,14 @@ def optimize(
         out.print("default order: " + ", ".join(DEFAULT_PASSES))
         return
     try:
+        if model is None:
+            raise DlcError("dlc optimize: give the ONNX model to optimize (dlc optimize in.onnx -o out.onnx), or "
+                           "--list to see the passes")
+        if model.suffix.lower() in (".yaml", ".yml"):
+            raise DlcError(f"{model}: is a model YAML; dlc optimize works on ONNX files: run `dlc compile {model}` "
+                           "(it runs the YAML's optimize: passes) or optimize the model.onnx it writes")
+        if output is None:
+            raise DlcError("dlc optimize: give the output file: -o OUT.onnx")
         original = load_onnx(model)
         names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
         optimized, reports = run_passes(original, names)
@@ -507,6 +575,8 @@ def prune(
                                      "prunable group (or layer), one at a time, without fine-tuning."),
     ratios: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="--sensitivity: the ratios to try."),
     plot: Path = typer.Option(None, "--plot", help="--sensitivity: also write a PNG of accuracy vs ratio here."),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Prune a YAML model that has no trained "
+                                         "weights (no --weights, no model.weights): its random initial weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prune a model, then fine-tune it when there is data (the YAML's data: and train:, or --data).
@@ -531,6 +601,12 @@ def prune(
         loaded, train_section = load_for_pruning(model, weights, data)
         cfg = cli_config(loaded, train_section, method, importance, ratio, scope, round_to, skips, steps,
                          fine_tune_epochs, lr)
+        if (model.suffix.lower() != ".onnx" and weights is None and "weights" not in loaded.graph.meta
+                and not allow_untrained):
+            ckpt = Path("build") / model.stem / "checkpoint.safetensors"
+            raise DlcError(f"{model}: no trained weights, so this would prune the random initial weights: pass "
+                           f"--weights {ckpt} (from dlc train) or prune the trained {ckpt.parent / 'model.onnx'}, "
+                           "or --allow-untrained to prune the initial weights anyway")
         if sensitivity:
             _prune_sensitivity(loaded, cfg, ratios, plot, as_json)
             return
@@ -678,6 +754,9 @@ def predict(
     iou: float = typer.Option(None, "--iou", min=0.0, max=1.0, help="Detectors: NMS IoU threshold (default: the model's)."),
     max_det: int = typer.Option(None, "--max-det", min=1, help="Detectors: most detections per image (default: the model's)."),
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write one PNG per image with boxes or the top class."),
+    on_error: str = typer.Option("skip", "--on-error", help="An unreadable image: skip it (named on stderr and in "
+                                 "predictions.json's 'skipped'; exit 0 while at least one image was read) or stop "
+                                 "(exit 2, nothing written)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Run a classifier or detector on images: writes DIR/predictions.json and annotated PNGs.
@@ -690,13 +769,23 @@ def predict(
     try:
         from .bundle import model_file
 
+        if output.exists() and not output.is_dir():
+            raise DlcError(f"-o {output}: is a file; dlc predict writes a folder there (predictions.json and one "
+                           "PNG per image): give a folder path")
         files = expand_images(images)
         with model_file(model) as onnx_file:  # a bundle: its verified model.onnx
-            results, summary = run_predict(onnx_file, files, device, batch, top_k, conf, iou, max_det)
+            results, summary = run_predict(onnx_file, files, device, batch, top_k, conf, iou, max_det,
+                                           on_error=on_error)
         summary["model"] = str(model)
         path = write_outputs(results, summary, output, images=draw)
     except DlcError as exc:
         _fail(exc)
+    for s in summary["skipped"]:
+        err.print("[yellow]warning:[/] ", end="")
+        err.out(f"skipped {s['image']}: {s['error']}", highlight=False)
+    if summary["skipped"]:
+        err.out(f"{len(summary['skipped'])} of {len(files)} images could not be read (skipped; the others are in "
+                f"{path})", highlight=False)
     if as_json:
         out.print_json(json.dumps({**summary, "results": [r.to_dict() for r in results], "json": str(path)}))
         return
@@ -740,7 +829,9 @@ def bench(
 
     Runs are interleaved (A, B, A, B, ...) so machine drift hits every model alike; the speed-up is the ratio
     of minimum latencies, which is steady on shared machines where the ratio of medians (shown beside it) is
-    not. Runs above Q3 + 3·IQR are clipped from the percentiles."""
+    not. Runs above Q3 + 3·IQR are clipped from the percentiles. The speed-up's min-max over 5 blocks of rounds
+    is shown too; where minima and medians, or the blocks, disagree by over 25 %, the rounds are doubled (twice at
+    most, within a time budget) and a pair still unstable gets a warning and `unstable: true` in --json."""
     from dlc.runtime.bench import bench as run_bench
     from dlc.runtime.bench import bench_table, plot_bench
 
@@ -951,7 +1042,8 @@ def _read_inputs(path: Path, session) -> dict[str, np.ndarray]:
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside any command (while the CLI starts)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         err.print("interrupted")
         sys.exit(130)
 

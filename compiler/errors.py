@@ -7,8 +7,29 @@ prints its diagnostics and exits with code 2 instead of showing a traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# Messages quote the user's values; a 100,000-character layer name must not become a 200 KB message.
+MAX_TOKEN = 256  # long enough for any real path
+MAX_MESSAGE = 2000
+_LONG_TOKEN = re.compile(rf"\S{{{MAX_TOKEN + 1},}}")
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` with every run of more than MAX_TOKEN non-blank characters cut in the middle, and at most
+    `limit` characters in all; what was cut is counted, so the user sees that it was."""
+    text = str(text)
+
+    def cut(m: re.Match) -> str:
+        token = m.group(0)
+        return f"{token[:100]}…[{len(token) - 140:,} chars]…{token[-40:]}"
+
+    text = _LONG_TOKEN.sub(cut, text)
+    if len(text) > limit:
+        text = f"{text[:limit - 40]}…[{len(text) - limit + 40:,} more chars]"
+    return text
 
 
 @dataclass(frozen=True)
@@ -29,7 +50,7 @@ class Diagnostic:
         layer = f"layer '{self.layer}': " if self.layer else ""
         hint = f" ({self.hint})" if self.hint else ""
         note = f" [{self.note}]" if self.note else ""
-        return f"{where}{layer}{self.message}{hint}{note}"
+        return shorten(f"{where}{layer}{self.message}{hint}{note}")
 
 
 class DlcError(Exception):
@@ -46,5 +67,8 @@ class DlcError(Exception):
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A "did you mean 'x'?" hint for a misspelt word, or None when nothing is close."""
-    matches = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    word = str(word)
+    if len(word) > MAX_TOKEN:  # difflib is quadratic; nothing that long is a typo of a short name
+        return None
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"did you mean '{matches[0]}'?" if matches else None

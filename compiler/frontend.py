@@ -40,8 +40,10 @@ def _training_sections(spec: ModelSpec) -> list[Diagnostic]:
                                 "(e.g. data: {dataset: synthetic})", file=spec.file,
                                 line=spec.section_lines.get("train")))
     if "data" in sections and isinstance(sections["data"], dict):
+        from .data.datasets import unused_data_keys
+
         spec.data, more = parse_data(sections["data"], spec.file)
-        diags += more
+        diags += more + unused_data_keys(sections["data"], spec.file)
     if "train" in sections and isinstance(sections["train"], dict):
         spec.train, more = parse_train(sections["train"], spec.file, [layer.name for layer in spec.layers])
         diags += more
@@ -105,6 +107,10 @@ def _load(doc, filename: str, text: str) -> LoadedModel:
     diagnostics += more
     graph, shape_diagnostics = build_graph(spec)
     diagnostics += shape_diagnostics
+    if not diagnostics:  # class names vs the data and the output width (needs a sound graph)
+        from .data.labels import check_labels
+
+        diagnostics += check_labels(spec, graph)
     if diagnostics:
         raise DlcError(sorted(diagnostics, key=lambda d: (d.line or 0)))
     initialize(graph, spec.seed)

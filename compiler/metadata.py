@@ -149,6 +149,9 @@ def parse_metadata(raw: str | None, file: str | None = None) -> dict[str, Any] |
     if raw is None:
         return None
     where = file or "the ONNX model"
+    if isinstance(raw, bytes):  # protobuf hands back bytes for a string field that is not valid UTF-8
+        raise DlcError(Diagnostic(f"the '{METADATA_KEY}' metadata is not UTF-8 text (a corrupt file?)", file=where,
+                                  hint="re-export the model with dlc, or remove the metadata entry"))
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -202,7 +205,12 @@ def model_opset(model: onnx.ModelProto) -> int | None:
 
 
 def dtype_name(elem_type: int) -> str:
-    return _DTYPE_NAMES.get(elem_type) or TensorProto.DataType.Name(elem_type).lower()
+    if elem_type in _DTYPE_NAMES:
+        return _DTYPE_NAMES[elem_type]
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:  # a corrupt or newer file: describe it rather than fail
+        return f"unknown type {elem_type}"
 
 
 def value_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:

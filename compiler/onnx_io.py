@@ -3,18 +3,101 @@ the model's own folder (a tensor's `location` may not be absolute or climb out w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
+from onnx import TensorProto, external_data_helper
 
+from . import limits
 from .errors import Diagnostic, DlcError
 
+# Which repeated field holds a tensor's values when they are not in raw_data, and how many entries per element.
+_TYPED_FIELD = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.DOUBLE: ("double_data", 1),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT64: ("uint64_data", 1),
+    TensorProto.UINT32: ("uint64_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.COMPLEX128: ("double_data", 2),
+    **{t: ("int32_data", 1) for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
+                                      TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16,
+                                      TensorProto.BFLOAT16)},
+}
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
+
+def _itemsize(data_type: int) -> int | None:
+    if data_type not in _TYPED_FIELD:
+        return None  # strings, 4-bit and 8-bit float types: not checked here
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def check_tensors(model: onnx.ModelProto, where: str, base: Path | None = None) -> None:
+    """Refuse tensors whose declared shape does not match their data (a corrupt or crafted file that would make a
+    reader over-read or allocate from the declared size) and external data with a negative or out-of-file
+    offset or length; and graphs with more nodes than the onnx_nodes limit."""
+    def fail(message: str) -> DlcError:
+        return DlcError(Diagnostic(message, file=where, hint="the file is corrupt; export it again"))
+
+    nodes = sum(len(g.node) for g in _graphs(model.graph))
+    limits.check("onnx_nodes", nodes)
+    for tensor in external_data_helper._get_all_tensors(model):
+        name = tensor.name or "<unnamed>"
+        if any(d < 0 for d in tensor.dims):
+            raise fail(f"tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == 0:
+            raise fail(f"tensor '{name}' has no known element type (data_type {tensor.data_type})")
+        elements = math.prod(tensor.dims)
+        size = _itemsize(tensor.data_type)
+        if external_data_helper.uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            try:
+                offset, length = int(info.get("offset", 0) or 0), int(info.get("length", -1) or 0)
+            except ValueError:
+                raise fail(f"tensor '{name}': external data offset/length are not integers") from None
+            if offset < 0 or ("length" in info and length < 0):
+                raise fail(f"tensor '{name}': negative external data offset or length ({offset}, {length})")
+            if size is not None and "length" in info and length != elements * size:
+                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements * size:,} bytes) but its "
+                           f"external data is {length:,} bytes")
+            if base is not None and info.get("location"):
+                target = base / info["location"]
+                if target.is_file() and offset + max(length, 0) > target.stat().st_size:
+                    raise fail(f"tensor '{name}': external data ends past the end of '{info['location']}'")
+            continue
+        if size is None:
+            continue
+        if tensor.HasField("raw_data") or tensor.raw_data:
+            if len(tensor.raw_data) != elements * size:
+                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements * size:,} bytes) but holds "
+                           f"{len(tensor.raw_data):,} bytes")
+            continue
+        field, per = _TYPED_FIELD[tensor.data_type]
+        count = len(getattr(tensor, field))
+        if count != elements * per:
+            raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements:,} values) but holds {count:,}")
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph (If/Loop/Scan bodies), iteratively (a deep nesting is no RecursionError)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+
+
+def read_onnx_proto(path: str | Path) -> onnx.ModelProto:
+    """The model without its external data, checked: a regular file that parses, external data only from inside
+    its folder, and tensors whose data matches their declared shape."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DlcError(Diagnostic("ONNX file not found", file=str(path), hint="check the path"))
+    if not path.is_file():  # a folder, FIFO or device: reading would fail or block
+        raise DlcError(Diagnostic("not a regular file, expected an .onnx file", file=str(path)))
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -24,7 +107,14 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
+        try:
+            info = external_data_helper.ExternalDataInfo(tensor)
+        except ValueError as exc:  # onnx's own checks: a negative offset, a non-integer length
+            raise DlcError(Diagnostic(f"tensor '{tensor.name}': bad external data ({exc})", file=str(path),
+                                      hint="the file is corrupt; export it again")) from None
+        if "\x00" in info.location:
+            raise DlcError(Diagnostic(f"tensor '{tensor.name}': external data location {info.location!r} holds a NUL "
+                                      "byte", file=str(path), hint="the file is corrupt; export it again"))
         target = (base / info.location).resolve()
         if Path(info.location).is_absolute() or base not in target.parents:
             raise DlcError(Diagnostic(f"tensor '{tensor.name}' keeps its data at '{info.location}', outside the "
@@ -32,6 +122,14 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         if not target.is_file():
             raise DlcError(Diagnostic(f"external data file '{info.location}' of tensor '{tensor.name}' is missing",
                                       file=str(path)))
+    check_tensors(model, str(path), base)
+    return model
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    model = read_onnx_proto(path)
+    base = path.parent.resolve()
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as exc:

@@ -36,26 +36,44 @@ def artifact_metadata(loaded: LoadedModel, classes: list[str] | None = None) -> 
 
 
 def verify_on_runtime(model_bytes: bytes, graph: Graph, batch: int = 2) -> dict[str, Any]:
-    """Load the artifact in onnxruntime, run random inputs and check every output shape against inference."""
+    """Load the artifact in onnxruntime, run random inputs and compare every output's shape with the inferred
+    one (batch first): dlc's shape inference for the graph's tensors; for the outputs an export step adds (the
+    embedded NMS's), the shape the artifact declares, its symbolic axes the batch. `matches_inferred` says
+    whether all agree; `mismatches` gives each output that differs with its runtime and inferred shapes (None
+    where nothing declares one)."""
+    import onnx
+
     from dlc.runtime import Session
 
     session = Session(model_bytes, device="cpu")
     outputs = session.run(session.random_inputs(batch=batch))
+    declared = {o.name: [d.dim_value if d.HasField("dim_value") else batch for d in o.type.tensor_type.shape.dim]
+                for o in onnx.load_from_string(model_bytes).graph.output if o.type.tensor_type.HasField("shape")}
+    mismatches: dict[str, dict[str, list[int] | None]] = {}
     for name, value in outputs.items():
-        expected = (batch, *graph.shapes[name])
-        if value.shape != expected:
-            raise AssertionError(f"output '{name}' has shape {value.shape}, inferred {expected}: a dlc bug")
+        inferred = [batch, *graph.shapes[name]] if name in graph.shapes else declared.get(name)
+        if list(value.shape) != inferred:
+            mismatches[name] = {"runtime": list(value.shape), "inferred": inferred}
+    for name, value in outputs.items():
         if not np.all(np.isfinite(value)):
             raise DlcError(f"output '{name}' holds NaN or inf on random inputs: check the model's initial weights")
     return {"provider": session.provider, "output_shapes": {k: list(v.shape) for k, v in outputs.items()},
-            "matches_inferred": True}
+            "matches_inferred": not mismatches, "mismatches": mismatches}
+
+
+def _reuse(loaded: LoadedModel, out_dir: str | Path, console) -> dict[str, Any] | None:
+    from .prune.pipeline import training_callbacks
+    from .train.trainer import reuse_checkpoint
+
+    return reuse_checkpoint(loaded, out_dir, console, training_callbacks(loaded.prune))
 
 
 def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None = None,
                   weights: str | Path | None = None, progress: bool = False, console=None,
-                  skip_train: bool = False) -> CompileResult:
+                  skip_train: bool = False, retrain: bool = False) -> CompileResult:
     """Load, (train or load weights), export, verify. With a train: section and no `weights`, trains first
-    (into out_dir: checkpoint, metrics, curves), so the ONNX carries the trained weights."""
+    (into out_dir: checkpoint, metrics, curves), so the ONNX carries the trained weights; a finished checkpoint
+    in out_dir with the same training fingerprint is reused instead, unless `retrain`."""
     from .artifact import finish, load_check, plan_opset
 
     loaded = load_model(yaml_path)
@@ -73,6 +91,9 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         training, classes = {"weights": str(weights)}, info.get("classes")
     elif loaded.spec.train is not None and skip_train:
         training = {"skipped": True}
+    elif loaded.spec.train is not None and not retrain and (reused := _reuse(loaded, out_dir, console)):
+        training = reused
+        classes = training.pop("classes")
     elif loaded.spec.train is not None:
         from .prune.pipeline import training_callbacks
         from .train.trainer import train_model
@@ -125,6 +146,9 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         verification = {"onnx_checker": "passed (full_check)",
                         **verify_on_runtime(float_model.SerializeToString(), loaded.graph),
                         "provider": load_check(model, str(yaml_path))}
+    if not verification["matches_inferred"]:  # dlc's shape inference and the exported graph disagree: our bug
+        raise RuntimeError(f"onnxruntime's output shapes differ from dlc's inferred ones: "
+                           f"{verification['mismatches']}; model.onnx not written")
 
     out_dir = Path(out_dir)
     onnx_path = out_dir / cfg.filename

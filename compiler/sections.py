@@ -14,14 +14,13 @@ from .errors import Diagnostic, did_you_mean
 from .yaml_loader import LDict
 
 _WARMUP = {"epochs": "number", "iterations": "int", "start_factor": "float", "type": "str"}
-_AUGMENT = {"mirror": "any", "crop": "any", "pca_color": "any", "seed": "int"}
+_AUGMENT = {"mirror": "any", "crop": "any", "pca_color": "any"}
 _EARLY_STOP = {"monitor": "str", "patience": "int", "min_delta": "float", "mode": "str", "restore_best": "bool"}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "data": {
-        "dataset": "str", "root": "str", "split": "any", "val_fraction": "float", "num_classes": "int",
-        "samples": "int", "image_size": "any", "batch_size": "int", "seed": "int", "augment": _AUGMENT,
-        "workers": "int", "prefetch": "int", "classes": "any",
+        "dataset": "str", "root": "str", "val_fraction": "float", "num_classes": "int",
+        "samples": "int", "seed": "int", "augment": _AUGMENT, "prefetch": "int", "classes": "any",
         # detection sets: coco (images folder + instances JSON), synthetic_detection (max_objects)
         "images": "str", "annotations": "str", "val_images": "str", "val_annotations": "str",
         "max_objects": "int",
@@ -46,6 +45,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "max_accuracy_drop": "float", "keep_io_types": "bool", "force": "bool",
         "embed_nms": "bool", "max_detections": "int", "layout": "str",
     },
+}
+
+# Keys that look plausible but that dlc does not read: refused with what to do instead, never ignored.
+UNUSED: dict[str, str] = {
+    "data.image_size": "images are always made at, or resized to, model.input's shape; remove it (change "
+                       "model.input.shape to train at another size)",
+    "data.batch_size": "the batch size is train.batch_size",
+    "data.workers": "one background thread prepares the batches; data.prefetch sets how many it makes ahead",
+    "data.split": "the validation split is data.val_fraction (imagefolder: or root/train and root/val folders)",
+    "data.augment.seed": "augmentation is seeded by train.seed (with the epoch and iteration)",
 }
 
 # Sections whose feature is built; the others are validated, then refused.
@@ -81,6 +90,10 @@ def _check(path: str, value: Any, schema: dict[str, Any], file: str, line: int |
     diags = []
     for key, v in value.items():
         key_line = value.line_of(key) if isinstance(value, LDict) else line
+        if key not in schema and f"{path}.{key}" in UNUSED:
+            diags.append(Diagnostic(f"'{path}.{key}' is not a dlc setting", file=file, line=key_line,
+                                    hint=UNUSED[f"{path}.{key}"]))
+            continue
         if key not in schema:
             diags.append(Diagnostic(f"unknown key '{key}' in '{path}'", file=file, line=key_line,
                                     hint=did_you_mean(key, schema) or f"known keys: {', '.join(schema)}"))

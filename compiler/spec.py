@@ -11,12 +11,14 @@ Every problem is collected as a Diagnostic (file, line, layer, did-you-mean); no
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .errors import Diagnostic, did_you_mean
+from . import limits
+from .errors import Diagnostic, DlcError, did_you_mean
 from .fillers import parse_filler
 from .ops import REGISTRY, ParamError
 from .sections import SCHEMAS, check_section
@@ -61,6 +63,7 @@ class ModelSpec:
     layers: list[LayerSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     classes: list[str] | None = None
+    classes_line: int | None = None
     weights: str | None = None  # safetensors file of layer tensors, relative to the YAML file's folder
     weights_line: int | None = None
     export: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +141,7 @@ class _Parser:
                 self.error("'model.classes' must be a non-empty list of class names", m.line_of("classes"))
             else:
                 self.spec.classes = [str(c) for c in classes]
+                self.spec.classes_line = m.line_of("classes")
         if "weights" in m:
             self.weights(m["weights"], m.line_of("weights"))
         if "input" not in m:
@@ -200,8 +204,9 @@ class _Parser:
             value = spec.get(key, default)
             values = [value] * channels if isinstance(value, (int, float)) and not isinstance(value, bool) else value
             if (not isinstance(values, list) or len(values) != channels
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-                self.error(f"'model.input.{key}' must be a number or a list of {channels} numbers (one per "
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in values)):
+                self.error(f"'model.input.{key}' must be a finite number or a list of {channels} (one per "
                            f"channel), got {value!r}", spec.line_of(key))
                 ok = False
                 continue
@@ -292,6 +297,9 @@ class _Parser:
             self.error(f"block '{bname}' takes {len(block_inputs)} input(s) ({', '.join(block_inputs)}), "
                        f"got {len(inputs)}", item.line_of("inputs") or line, name, note=scope.note)
             return None
+        if repeat > limits.current().repeat:
+            raise DlcError(Diagnostic(limits.exceeded("repeat", repeat), file=self.file, line=item.line_of("repeat"),
+                                      layer=name))
         if repeat > 1 and len(block_inputs) != 1:
             self.error(f"'repeat' needs a block with one input; '{bname}' takes {len(block_inputs)}",
                        item.line_of("repeat"), name, note=scope.note)
@@ -386,7 +394,8 @@ class _Parser:
             self.error("the layer has no 'type' (or 'block')", line, name, note=scope.note)
             return None
         if not isinstance(op_type, str) or op_type not in REGISTRY:
-            hint = (f"'{op_type}' is a block: write 'block: {op_type}'" if op_type in self.blocks
+            is_block = isinstance(op_type, str) and op_type in self.blocks  # a list or mapping is not hashable
+            hint = (f"'{op_type}' is a block: write 'block: {op_type}'" if is_block
                     else did_you_mean(str(op_type), REGISTRY) or f"layer types: {', '.join(sorted(REGISTRY))}")
             self.error(f"unknown layer type '{op_type}'", item.line_of("type"), name, hint, scope.note)
             return None
@@ -413,6 +422,10 @@ class _Parser:
             self.error(f"{op_type} takes {want} input(s), got {n}", item.line_of("inputs") or line, name,
                        hint="name them with inputs: [a, b]" if op.max_inputs is None else None, note=scope.note)
             ok = False
+        if len(self.spec.layers) >= limits.current().layers:  # stop expanding now: blocks multiply
+            raise DlcError(Diagnostic(limits.exceeded("layers", len(self.spec.layers) + 1,
+                                                      "layers after block expansion (counting so far)"),
+                                      file=self.file, line=line, layer=name, note=scope.note or None))
         self.spec.layers.append(LayerSpec(name, op_type, inputs, attrs, fillers, line, scope.note,
                                           ok and not errors))
         return name

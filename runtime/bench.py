@@ -8,6 +8,15 @@ within about ±10 % on shared machines where the ratio of medians of sub-millise
 the ratio of medians is reported beside it, and the paired ratio: the median over rounds of the two models'
 time ratio within one round, which cancels load that changes slower than a round.
 
+The ratio of minima is only as good as the machine is steady: on a loaded 2-core machine two identical models
+once came out 2.94× apart by minima (1.05× by medians). So the rounds are also split into `STABILITY_BLOCKS`
+consecutive blocks and the speed-up (ratio of minima) is taken in each: its min–max over the blocks is the
+`speedup_interval` (it always holds the overall ratio). A pair is unstable when the ratio of minima and the
+ratio of medians differ by more than `UNSTABLE_TOLERANCE` (25 %), or the blocks' speed-ups spread by more than
+that. Then the measurement is widened: the rounds doubled, at most `WIDEN_MAX` times and while each model's
+measured time stays within `WIDEN_BUDGET` × max(min_time_s, 0.25 s); a pair still unstable afterwards gets
+`unstable: true` and a warning naming the model and the batch.
+
 With a data spec (`--data`), each model's top-1 accuracy and macro-F1 on the validation split are measured
 first (runtime/evaluate.py), on the same sessions, and reported beside the latencies. Warnings: models that ran
 on different execution providers, a model that is not faster than the first, accuracy more than
@@ -31,6 +40,10 @@ from .session import Session
 
 MIN_RUNS = 20
 ACCURACY_DROP = 0.01  # warn when a model's accuracy is more than 1 point below the first model's
+STABILITY_BLOCKS = 5  # consecutive blocks of rounds, each giving its own speed-up (at least 4 rounds a block)
+UNSTABLE_TOLERANCE = 0.25  # minima vs medians, or block vs block, more than 25 % apart: unstable
+WIDEN_MAX = 2  # an unstable measurement is widened (rounds doubled) at most this many times
+WIDEN_BUDGET = 4.0  # ... while each model's measured time stays within this × max(min_time_s, 0.25 s)
 
 
 @dataclass
@@ -66,6 +79,44 @@ def latency_stats(times_ms: Sequence[float]) -> LatencyStats:
 
 
 @dataclass
+class SpeedupStability:
+    """How far one speed-up can be trusted: the ratio of minima, the ratio of medians, and the ratio of minima
+    within each block of consecutive rounds (`low`–`high` over the blocks)."""
+
+    speedup: float
+    median_ratio: float
+    low: float
+    high: float
+    blocks: int
+    unstable: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def speedup_stability(base_ms: Sequence[float], other_ms: Sequence[float], blocks: int = STABILITY_BLOCKS,
+                      tolerance: float = UNSTABLE_TOLERANCE) -> SpeedupStability:
+    """The speed-up of `other` over `base` from interleaved runs (round i: base_ms[i], then other_ms[i]), its
+    interval over `blocks` consecutive blocks of rounds (at least 4 rounds a block) and whether it is unstable:
+    the ratio of minima and the ratio of medians (after latency_stats' clipping) more than `tolerance` apart,
+    or the blocks' speed-ups spread by more than `tolerance` (max / min - 1)."""
+    n = min(len(base_ms), len(other_ms))
+    if n == 0:
+        raise ValueError("no timed runs")
+    a = np.asarray(base_ms[:n], dtype=np.float64)
+    b = np.asarray(other_ms[:n], dtype=np.float64)
+    k = max(1, min(blocks, n // 4))
+    per_block = [float(a[idx].min() / b[idx].min()) for idx in np.array_split(np.arange(n), k)]
+    speedup = float(a.min() / b.min())
+    median_ratio = latency_stats(a).p50_ms / latency_stats(b).p50_ms
+    low, high = min(per_block), max(per_block)
+    reasons = []
+    if max(speedup, median_ratio) / min(speedup, median_ratio) - 1 > tolerance:
+        reasons.append(f"{speedup:.2f}× by minima but {median_ratio:.2f}× by medians")
+    if k > 1 and high / low - 1 > tolerance:
+        reasons.append(f"{low:.2f}×–{high:.2f}× across {k} blocks of rounds")
+    return SpeedupStability(speedup, median_ratio, low, high, k, bool(reasons), reasons)
+
+
+@dataclass
 class BenchRow:
     model: str
     path: str
@@ -87,6 +138,9 @@ class BenchRow:
     # vs the first model: median over rounds of the first model's time / this model's time in the same round;
     # runs of one round are milliseconds apart, so load that comes and goes hits both sides of each ratio
     paired_ratio: float = 1.0
+    # vs the first model: min-max over blocks of consecutive rounds of the speed-up (ratio of minima) in each
+    speedup_interval: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    unstable: bool = False  # minima vs medians or block vs block more than 25 % apart, even after widening
     accuracy: float | None = None  # on the --data validation split, a fraction: top-1, or mAP@0.5 for detectors
     macro_f1: float | None = None
     accuracy_delta: float | None = None  # accuracy minus the first model's (a fraction: 0.01 is one point)
@@ -223,19 +277,20 @@ def bench(
         times: list[list[float]] = [[] for _ in sessions]
         spent = [0.0] * len(sessions)
         while min(spent) < min_time_s or min(len(t) for t in times) < MIN_RUNS:
-            for i, (run, f) in enumerate(zip(runs, feeds)):
-                start = time.perf_counter()
-                run(f)
-                elapsed = time.perf_counter() - start
-                spent[i] += elapsed
-                times[i].append(elapsed * 1e3)
-                if on_run is not None:
-                    on_run(i, batch)
+            _round(runs, feeds, batch, times, spent, on_run)
+        budget = WIDEN_BUDGET * max(min_time_s, 0.25)
+        for widened in range(WIDEN_MAX + 1):
+            stability = [None] + [speedup_stability(times[0], t) for t in times[1:]]
+            if not any(st.unstable for st in stability[1:]) or widened == WIDEN_MAX or 2 * max(spent) > budget:
+                break
+            for _ in range(len(times[0])):  # widen: as many rounds again
+                _round(runs, feeds, batch, times, spent, on_run)
         stats = [latency_stats(t) for t in times]
         base = stats[0]
         for i, (st, cost, s) in enumerate(zip(stats, costs, sessions)):
             speedup = 1.0 if i == 0 else base.min_ms / st.min_ms
             median_ratio = 1.0 if i == 0 else base.p50_ms / st.p50_ms
+            stable = stability[i]
             paired = 1.0 if i == 0 else float(np.median(np.asarray(times[0]) / np.asarray(times[i])))
             result.rows.append(
                 BenchRow(
@@ -257,17 +312,37 @@ def bench(
                     speedup=speedup,
                     median_ratio=median_ratio,
                     paired_ratio=paired,
+                    speedup_interval=[1.0, 1.0] if i == 0 else [stable.low, stable.high],
+                    unstable=bool(i and stable.unstable),
                     accuracy=evals[i].accuracy if evals else None,
                     macro_f1=evals[i].macro_f1 if evals else None,
                     accuracy_delta=evals[i].accuracy - evals[0].accuracy if evals else None,
                 )
             )
+            if i and stable.unstable:
+                result.warnings.append(
+                    f"unstable timing of {labels[i]} vs {labels[0]} at batch {batch} ({st.runs} runs each): "
+                    f"{'; '.join(stable.reasons)}; quote the interval {stable.low:.2f}×–{stable.high:.2f}×, or "
+                    "rerun on a quieter machine (or with --threads)"
+                )
             if i and speedup < 1.0:
                 result.warnings.append(
                     f"{labels[i]} is not faster than {labels[0]} at batch {batch}: speed-up {speedup:.2f}× by "
                     f"minimum latency ({median_ratio:.2f}× by median)"
                 )
     return result
+
+
+def _round(runs, feeds, batch: int, times: list[list[float]], spent: list[float], on_run) -> None:
+    """One interleaved round: every model once, in order; its time (ms) appended to `times`, added to `spent` (s)."""
+    for i, (run, f) in enumerate(zip(runs, feeds)):
+        start = time.perf_counter()
+        run(f)
+        elapsed = time.perf_counter() - start
+        spent[i] += elapsed
+        times[i].append(elapsed * 1e3)
+        if on_run is not None:
+            on_run(i, batch)
 
 
 def _postprocess_settings(session: Session) -> dict | None:
@@ -326,16 +401,19 @@ def bench_table(result: BenchResult):
     table = Table(title=f"dlc bench: input {_fmt(result.input_shape)}, interleaved runs, ≥{result.min_time_s:g} s "
                   f"per model and batch{threads}", title_justify="left", box=box.SIMPLE_HEAD,
                   caption="vs the first model: speed-up = ratio of minimum latencies (robust); median × = ratio of "
-                  "medians; paired × = median of per-round ratios", caption_justify="left")
+                  f"medians; paired × = median of per-round ratios; blocks × = speed-up's min-max over "
+                  f"{STABILITY_BLOCKS} blocks of rounds; ? = unstable (see the warning)", caption_justify="left")
     for col in ("model", "batch", "provider", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "speed-up",
-                "median ×", "paired ×", "KiB", "params", "MMACs"):
+                "blocks ×", "median ×", "paired ×", "KiB", "params", "MMACs"):
         table.add_column(col, justify="left" if col in ("model", "provider") else "right")
     for i, r in enumerate(result.rows):
         if i and r.batch != result.rows[i - 1].batch:
             table.add_section()
         table.add_row(r.model, str(r.batch), r.provider.removesuffix("ExecutionProvider"), f"{r.p50_ms:.3f}",
                       f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.min_ms:.3f}", f"{r.throughput:,.0f}",
-                      f"{r.speedup:.2f}×", f"{r.median_ratio:.2f}×", f"{r.paired_ratio:.2f}×",
+                      f"[yellow]{r.speedup:.2f}×?[/]" if r.unstable else f"{r.speedup:.2f}×",
+                      f"{r.speedup_interval[0]:.2f}–{r.speedup_interval[1]:.2f}", f"{r.median_ratio:.2f}×",
+                      f"{r.paired_ratio:.2f}×",
                       f"{r.file_bytes / 1024:,.1f}", f"{r.params:,}", f"{r.macs / 1e6:,.2f}")
     if not result.evaluations:
         return table
@@ -356,8 +434,9 @@ def _fmt(shapes: list) -> str:
     return ", ".join("×".join(map(str, s)) for s in shapes)
 
 
-def plot_bench(result: BenchResult, path: str | Path) -> None:
-    """A PNG, written atomically: accuracy vs median latency when accuracy was measured, else latency bars."""
+def plot_bench(result: BenchResult, path: str | Path):
+    """A PNG, written atomically: accuracy vs median latency when accuracy was measured, else latency bars.
+    Returns the (closed) matplotlib Figure, for inspection."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,47 +444,73 @@ def plot_bench(result: BenchResult, path: str | Path) -> None:
 
     from dlc.compiler.atomic import write_bytes
 
-    if result.evaluations:
-        fig = _plot_accuracy(result, plt)
-    else:
-        fig = _plot_latency(result, plt)
+    fig = _plot_accuracy(result, plt) if result.evaluations else _plot_latency(result, plt)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_bytes(path, buf.getvalue())
+    return fig
+
+
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def _speedup_text(r: BenchRow) -> str:
+    text = f"{r.speedup:.2f}×"
+    if r.unstable:
+        text += f"? ({r.speedup_interval[0]:.2f}–{r.speedup_interval[1]:.2f})"
+    return text
 
 
 def _plot_accuracy(result: BenchResult, plt):
-    """One labelled point per model: top-1 accuracy (mAP for detectors) against median latency at the first
-    batch size (log x)."""
+    """A panel per batch size, a point per model (its own colour and marker): accuracy (mAP for detectors)
+    against median latency (log x), whiskers min to p90. The model names, scores and speed-ups are in a legend
+    under the panels, not beside the points, so close points cannot hide each other's labels; the y axis ends
+    at 100 %."""
     from matplotlib.ticker import FormatStrFormatter
 
-    batch = result.rows[0].batch
-    rows = [r for r in result.rows if r.batch == batch]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.errorbar([r.p50_ms], [100 * r.accuracy], xerr=[[r.p50_ms - r.min_ms], [r.p90_ms - r.p50_ms]],
-                    fmt="o", capsize=3, label=r.model)
-        ax.annotate(f"{r.model}\n{100 * r.accuracy:.1f} %, {r.speedup:.2f}×", (r.p50_ms, 100 * r.accuracy),
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.margins(x=0.3)  # room for the labels right of the points
-    ax.set_xlabel(f"latency at batch {batch} (ms, log): median, whiskers min to p90")
+    batches = list(dict.fromkeys(r.batch for r in result.rows))
+    models = list(dict.fromkeys(r.model for r in result.rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {m: (colours[j % len(colours)], _MARKERS[j % len(_MARKERS)]) for j, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6.0, 4.2 * len(batches) + 1.2), 4.2 + 0.22 * len(models)),
+                             sharey=True, squeeze=False, layout="constrained")
+    scores = [100 * r.accuracy for r in result.rows]
+    lo, hi = min(scores), max(scores)
+    pad = max(2.0, 0.1 * (hi - lo))
     metrics = sorted({e["metric"] for e in result.evaluations})
-    ax.set_ylabel(" / ".join("top-1 accuracy" if m == "accuracy" else m for m in metrics) + " (%)")
-    lo = min(100 * r.accuracy for r in rows)
-    ax.set_ylim(max(0.0, lo - 5), 101)
-    ax.set_title(f"dlc bench: accuracy vs latency ({rows[0].provider.removesuffix('ExecutionProvider')})")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    provider = result.rows[0].provider.removesuffix("ExecutionProvider")
+    handles = {}
+    for ax, batch in zip(axes[0], batches):
+        for r in (r for r in result.rows if r.batch == batch):
+            colour, marker = style[r.model]
+            handles[r.model] = ax.errorbar([r.p50_ms], [100 * r.accuracy],
+                                           xerr=[[r.p50_ms - r.min_ms], [r.p90_ms - r.p50_ms]], fmt=marker,
+                                           color=colour, markersize=7, capsize=3, clip_on=False)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.margins(x=0.15)
+        ax.set_xlabel(f"latency at batch {batch} (ms, log)\nmedian, whiskers min to p90")
+        ax.set_title(f"batch {batch}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(" / ".join("top-1 accuracy" if m == "accuracy" else m for m in metrics) + " (%)")
+    axes[0][0].set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    labels = []
+    for m in models:
+        rows = [r for r in result.rows if r.model == m]
+        labels.append(f"{m}: {100 * rows[0].accuracy:.1f} %, " + " / ".join(_speedup_text(r) for r in rows))
+    fig.legend([handles[m] for m in models], labels, loc="outside lower center", fontsize=8, frameon=False,
+               title=f"model: score, speed-up at batch {' / '.join(map(str, batches))}", title_fontsize=8)
+    fig.suptitle(f"dlc bench: accuracy vs latency ({provider})")
     return fig
 
 
 def _plot_latency(result: BenchResult, plt):
-    """Median latency per model and batch as grouped bars (whiskers: minimum to p90)."""
-    batches = sorted({r.batch for r in result.rows})
+    """Median latency per model and batch as grouped bars (whiskers: minimum to p90); a log y axis where the
+    batch sizes' latencies are more than 20× apart."""
+    batches = list(dict.fromkeys(r.batch for r in result.rows))
     models = list(dict.fromkeys(r.model for r in result.rows))
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(batches) * len(models) ** 0.5 + 2), 4))
@@ -417,6 +522,9 @@ def _plot_latency(result: BenchResult, plt):
         high = [rows[b].p90_ms - rows[b].p50_ms for b in batches]
         ax.bar(xs, p50, width, yerr=[low, high], capsize=3, label=model)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    p50s = [r.p50_ms for r in result.rows]
+    if p50s and max(p50s) > 20 * min(p50s):
+        ax.set_yscale("log")
     ax.set_ylabel("latency (ms): median, whiskers min to p90")
     ax.set_title(f"dlc bench ({result.rows[0].provider if result.rows else result.device})")
     ax.legend()

@@ -16,7 +16,7 @@ import numpy as np
 
 from dlc.compiler.atomic import write_bytes, write_json
 from dlc.compiler.data.datasets import IMAGE_SUFFIXES, read_image
-from dlc.compiler.errors import DlcError
+from dlc.compiler.errors import Diagnostic, DlcError
 
 from .session import Session
 
@@ -80,10 +80,19 @@ def _probabilities(values: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+ON_ERROR = ("skip", "stop")
+
+
 def predict(model: str | Path, images: list[Path], device: str = "auto", batch: int = 16, top_k: int = 5,
             conf_threshold: float | None = None, iou_threshold: float | None = None,
-            max_detections: int | None = None) -> tuple[list[ImageResult], dict[str, Any]]:
-    """Run the model on every image; returns one result per image and a summary (task, provider, settings)."""
+            max_detections: int | None = None, on_error: str = "stop") -> tuple[list[ImageResult], dict[str, Any]]:
+    """Run the model on every image; returns one result per image and a summary (task, provider, settings).
+
+    An image that cannot be read (corrupt, not an image, not a regular file) stops the run with a DlcError
+    naming it when `on_error` is "stop"; with "skip" it is left out and listed in summary["skipped"] as
+    {image, error}, and only when no image at all could be read is it a DlcError (listing every one)."""
+    if on_error not in ON_ERROR:
+        raise DlcError(f"--on-error must be one of {', '.join(ON_ERROR)}, got '{on_error}'")
     model = Path(model)
     session = Session(model, device=device)
     meta = _metadata(session, model)
@@ -110,9 +119,24 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
             if value is not None:
                 settings[key] = value
     results: list[ImageResult] = []
+    skipped: list[dict[str, str]] = []
+    failures = []
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        arrays, sizes = zip(*(read_image(p, c, h, w) for p in chunk))
+        chunk, arrays, sizes = [], [], []
+        for p in images[start:start + batch]:
+            try:
+                array, size = read_image(p, c, h, w)
+            except DlcError as exc:
+                if on_error == "stop":
+                    raise
+                failures += exc.diagnostics
+                skipped.append({"image": str(p), "error": "; ".join(d.message for d in exc.diagnostics)})
+                continue
+            chunk.append(p)
+            arrays.append(array)
+            sizes.append(size)
+        if not chunk:
+            continue
         x = ((np.stack(arrays) - mean) / std).astype(np.float32)
         outputs = session.run(x)
         output = next(iter(outputs.values()))
@@ -133,8 +157,10 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
                     r.top.append({"label": _name(classes, int(j)), "class_id": int(j),
                                   "score": round(float(probs[j]), 5)})
             results.append(r)
+    if not results:
+        raise DlcError(failures + [Diagnostic(f"none of the {len(images)} image(s) could be read; nothing written")])
     summary = {"model": str(model), "task": "detection" if detection else "classification",
-               "provider": session.provider, "images": len(results), "settings": settings}
+               "provider": session.provider, "images": len(results), "settings": settings, "skipped": skipped}
     return results, summary
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dlc.compiler.errors import Diagnostic, DlcError
+from dlc.compiler.limits import check_input
 
 log = logging.getLogger("dlc.runtime")
 
@@ -129,8 +130,11 @@ class Session:
             raise DlcError(f"unknown optimization level '{optimization}': use one of {', '.join(_OPT_LEVELS)}")
         self.path = None if isinstance(model, bytes) else str(model)
         where = self.path or "<in-memory model>"
-        if self.path is not None and not Path(self.path).is_file():
-            raise DlcError(Diagnostic("ONNX file not found", file=where, hint="check the path"))
+        if self.path is not None:
+            from dlc.compiler.onnx_io import read_onnx_proto
+
+            # onnxruntime would read external data from anywhere and trust declared tensor sizes: check first
+            read_onnx_proto(self.path)
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPT_LEVELS[optimization]
         options.log_severity_level = 3
@@ -257,11 +261,13 @@ class Session:
         meta = self.metadata or {}
         built = (meta.get("input") or {}).get("shape") or []  # per sample: C, H, W
         for arg in self.inputs:
-            shape = [d if isinstance(d, int) and d > 0 else batch for d in arg.shape]
+            shape = [d if isinstance(d, int) and d >= 0 else batch for d in arg.shape]  # a fixed 0 stays 0
             if len(built) == len(shape) - 1:  # the first axis is the batch; the others follow the model's size
-                shape = [shape[0], *(d if isinstance(d, int) and d > 0 else int(b)
+                shape = [shape[0], *(d if isinstance(d, int) and d >= 0 else int(b)
                                      for d, b in zip(arg.shape[1:], built))]
-            feeds[arg.name] = rng.standard_normal(shape).astype(_FLOAT_INPUTS.get(arg.type, np.float32))
+            dtype = _FLOAT_INPUTS.get(arg.type, np.float32)
+            check_input(shape, 8, f"random input '{arg.name}'")  # standard_normal draws float64 first
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
@@ -287,5 +293,8 @@ class Session:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """onnxruntime's reason, without its C++ location; a reason split over a few lines is joined."""
+    from dlc.compiler.failures import ort_message
+
+    lines = [line.strip() for line in ort_message(str(exc)).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) if lines else type(exc).__name__

@@ -81,3 +81,32 @@ def randomize_weights(graph, seed: int = 0, gain: float = 1.0, bias_mean: float 
                 node.params[key] = (rng.standard_normal(value.shape) * gain / np.sqrt(fan_in)).astype(np.float32)
             else:
                 node.params[key] = (bias_mean + bias_std * rng.standard_normal(value.shape)).astype(np.float32)
+
+
+TORCH_FIXTURES = ROOT / "tests" / "fixtures" / "torch_onnx"
+
+
+def torch_fixture(name: str, onnx_name: str | None = None):
+    """A committed PyTorch export (tests/fixtures/torch_onnx/, written by tests/fixtures/make_torch_fixtures.py)
+    and its arrays: `x`, a fixed input, and `want`, torch's output for it (`onnx_name` picks one of a net's exports)."""
+    import onnx
+
+    with np.load(TORCH_FIXTURES / f"{name}.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    return onnx.load(TORCH_FIXTURES / f"{onnx_name or name}.onnx"), arrays
+
+
+def torch_nets():
+    """tests/fixtures/make_torch_fixtures.py as a module, to export its nets live; skips the test without torch."""
+    import importlib.util
+    import sys
+
+    pytest.importorskip("torch")
+    if "make_torch_fixtures" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "make_torch_fixtures", ROOT / "tests" / "fixtures" / "make_torch_fixtures.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_torch_fixtures"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["make_torch_fixtures"]

@@ -12,7 +12,7 @@ from dlc.compiler.cli import app
 from dlc.compiler.errors import DlcError
 from dlc.compiler.frontend import load_model
 from dlc.compiler.pipeline import compile_model
-from dlc.runtime.bench import MIN_RUNS, bench, latency_stats
+from dlc.runtime.bench import MIN_RUNS, WIDEN_MAX, bench, latency_stats, speedup_stability
 
 from helpers import ROOT
 
@@ -97,7 +97,8 @@ def test_slower_model_warns(lenets):
     result = bench([half, full], [32], device="cpu", min_time_s=0.0, warmup=1)
     assert result.rows[0].speedup == 1.0
     # No timing assertion (machines are noisy): a warning appears exactly when the robust speed-up is < 1.
-    assert bool(result.warnings) == (result.rows[1].speedup < 1.0)
+    slower = [w for w in result.warnings if "not faster" in w]
+    assert bool(slower) == (result.rows[1].speedup < 1.0)
 
 
 def test_cli_json_and_plot(lenets, tmp_path):
@@ -421,3 +422,130 @@ def test_ratios_under_changing_load(lenets, monkeypatch):
     ratios = [2.0 * f / (1.0 * (1.2 if f == 1.0 else f)) for f in loads]
     assert b.paired_ratio == pytest.approx(sorted(ratios)[2]) == pytest.approx(2.0)
     assert a.paired_ratio == 1.0
+
+
+# --- unstable measurements: minima vs medians, block vs block, widening ----------------------------------
+
+
+def test_stability_flags_minima_far_from_medians():
+    """The reported case: two identical models, 2.94× apart by minima (one quiet run of B), 1.05× by medians."""
+    rng = np.random.default_rng(0)
+    a = 1.05 + 0.02 * rng.random(40)
+    b = 1.0 + 0.02 * rng.random(40)
+    b[7] = a.min() / 2.94
+    st = speedup_stability(a, b)
+    assert st.speedup == pytest.approx(2.94) and st.median_ratio == pytest.approx(1.05, rel=0.03)
+    assert st.unstable and "2.94× by minima but 1.05× by medians" in st.reasons[0]
+    assert st.blocks == 5 and st.high == pytest.approx(2.94, rel=0.01) and st.low == pytest.approx(1.05, rel=0.03)
+    steady = speedup_stability(a, 1.0 + 0.02 * rng.random(40))
+    assert not steady.unstable and not steady.reasons
+    assert steady.low <= steady.speedup <= steady.high and steady.high / steady.low < 1.05
+
+
+def test_stability_flags_blocks_that_disagree():
+    """Minima and medians agree (1.0×) but the last block's speed-up is 1.3×: flagged by the blocks alone."""
+    a = np.ones(40)
+    a[32:] = 1.3
+    b = np.ones(40)
+    st = speedup_stability(a, b)
+    assert st.speedup == st.median_ratio == 1.0
+    assert st.unstable and st.reasons == ["1.00×–1.30× across 5 blocks of rounds"]
+    assert (st.low, st.high) == (1.0, pytest.approx(1.3))
+    assert not speedup_stability(a, b, tolerance=0.35).unstable
+    few = speedup_stability(a[:9], b[:9])  # at least 4 rounds a block: 2 blocks
+    assert few.blocks == 2 and not speedup_stability(a[:3], b[:3]).unstable  # one block: no spread to judge
+
+
+def _fake_bench(monkeypatch, cost_ms: float, quiet_run: int | None):
+    """Sessions on a fake clock: every run takes cost_ms, except B's run number `quiet_run` (a third of it)."""
+    import types
+
+    import dlc.runtime.bench as bench_module
+
+    clock = types.SimpleNamespace(now=0.0, b_runs=0)
+
+    class FakeSession:
+        provider = "CPUExecutionProvider"
+        metadata = None
+
+        def __init__(self, path, **kw):
+            self.path, self.inputs = Path(path), [types.SimpleNamespace(name="x", shape=["n", 1, 28, 28])]
+
+        def random_inputs(self, batch, seed=0):
+            return {}
+
+        def run(self, feeds):
+            t = cost_ms
+            if self.path.name == "b.onnx":
+                clock.b_runs += 1
+                if clock.b_runs == quiet_run:
+                    t = cost_ms / 3
+            clock.now += t / 1e3
+
+    monkeypatch.setattr(bench_module, "Session", FakeSession)
+    monkeypatch.setattr(bench_module, "model_cost", lambda p: types.SimpleNamespace(file_bytes=0, params=0, macs=0))
+    monkeypatch.setattr(bench_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    return lambda: bench(["a.onnx", "b.onnx"], [4], min_time_s=0.0, warmup=0)
+
+
+def test_unstable_measurement_is_widened_then_flagged(monkeypatch):
+    result = _fake_bench(monkeypatch, cost_ms=1.0, quiet_run=3)()
+    a, b = result.rows
+    assert a.runs == b.runs == MIN_RUNS * 2 ** WIDEN_MAX  # doubled twice, then still unstable
+    assert b.speedup == pytest.approx(3.0) and b.median_ratio == 1.0 and b.unstable and not a.unstable
+    assert b.speedup_interval == [pytest.approx(1.0), pytest.approx(3.0)] and a.speedup_interval == [1.0, 1.0]
+    (warning,) = [w for w in result.warnings if "unstable" in w]
+    assert "b.onnx vs a.onnx at batch 4" in warning and "1.00×–3.00×" in warning and "\n" not in warning
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["rows"][1]["unstable"] is True and data["rows"][1]["speedup_interval"] == pytest.approx([1.0, 3.0])
+
+
+def test_steady_measurement_is_not_widened(monkeypatch):
+    result = _fake_bench(monkeypatch, cost_ms=1.0, quiet_run=None)()
+    assert [r.runs for r in result.rows] == [MIN_RUNS, MIN_RUNS]
+    assert not result.rows[1].unstable and result.rows[1].speedup_interval == [1.0, 1.0]
+    assert not result.warnings
+
+
+def test_widening_stays_within_the_time_budget(monkeypatch):
+    """20 runs of 50 ms are 1 s per model: doubling would pass 4 × 0.25 s, so the pair is flagged unwidened."""
+    result = _fake_bench(monkeypatch, cost_ms=50.0, quiet_run=3)()
+    assert [r.runs for r in result.rows] == [MIN_RUNS, MIN_RUNS]
+    assert result.rows[1].unstable and any("unstable timing of b.onnx" in w for w in result.warnings)
+
+
+def test_identical_models_under_load(lenets, tmp_path):
+    """One ONNX file against a copy of itself while another process burns CPU in bursts: the speed-up's
+    interval over blocks holds 1 (to 10 %: a few per cent of order bias is not instability), or the bench says
+    the timing is unstable. No assertion on the times themselves."""
+    import shutil
+    import subprocess
+    import sys
+
+    (_, full), _ = lenets
+    copy = shutil.copy(full, tmp_path / "copy.onnx")
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nwhile True:\n    t = time.perf_counter()\n"
+                               "    while time.perf_counter() - t < 0.03: pass\n    time.sleep(0.03)"])
+    try:
+        result = bench([full, copy], [1], device="cpu", min_time_s=0.3, warmup=2)
+    finally:
+        burner.kill()
+        burner.wait()
+    a, b = result.rows
+    lo, hi = b.speedup_interval
+    assert lo <= b.speedup <= hi and a.speedup_interval == [1.0, 1.0]
+    flagged = [w for w in result.warnings if "unstable timing of copy.onnx" in w]
+    assert bool(flagged) == b.unstable
+    assert b.unstable or lo / 1.1 <= 1.0 <= hi * 1.1, (lo, hi, b.median_ratio)
+
+
+def test_table_shows_the_interval(monkeypatch):
+    from rich.console import Console
+
+    from dlc.runtime.bench import bench_table
+
+    result = _fake_bench(monkeypatch, cost_ms=1.0, quiet_run=3)()
+    console = Console(width=250, record=True)
+    console.print(bench_table(result))
+    text = console.export_text()
+    assert "blocks ×" in text and "1.00–3.00" in text and "3.00×?" in text

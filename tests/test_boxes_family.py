@@ -437,22 +437,21 @@ def test_iou_kinds_match_reference(case, kind):
         assert ((sub >= (-1 if kind == "diou" else -2)) & (sub <= 1)).all()
 
 
-def torch_kinds(a, b):
-    """torchvision.ops' generalized/distance/complete box IoU, written out in torch (torchvision itself is
-    not installed here): the definitions the native kernel follows, eps included."""
-    torch = pytest.importorskip("torch")
-    a, b = torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64))
+def torchvision_kinds(a, b, xp=np):
+    """torchvision.ops' generalized/distance/complete box IoU, written out as torchvision writes them (eps
+    included), in numpy (xp=np) or in torch (xp=torch): the definitions the native kernel follows."""
+    maximum, minimum = (np.maximum, np.minimum) if xp is np else (xp.max, xp.min)
     eps = 1e-7
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.max(a[:, None, :2], b[:, :2])
-    rb = torch.min(a[:, None, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(2)
+    lt = maximum(a[:, None, :2], b[:, :2])
+    rb = minimum(a[:, None, 2:], b[:, 2:])
+    inter = (rb - lt).clip(min=0).prod(2)
     union = area_a[:, None] + area_b - inter
     iou = inter / union
-    lti = torch.min(a[:, None, :2], b[:, :2])
-    rbi = torch.max(a[:, None, 2:], b[:, 2:])
-    whi = (rbi - lti).clamp(min=0)
+    lti = minimum(a[:, None, :2], b[:, :2])
+    rbi = maximum(a[:, None, 2:], b[:, 2:])
+    whi = (rbi - lti).clip(min=0)
     giou = iou - (whi[..., 0] * whi[..., 1] - union) / (whi[..., 0] * whi[..., 1])
     diag = whi[..., 0] ** 2 + whi[..., 1] ** 2 + eps
     ca = (a[:, :2] + a[:, 2:]) / 2
@@ -461,19 +460,34 @@ def torch_kinds(a, b):
     diou = iou - dist / diag
     wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
     wb, hb = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    v = (4 / (torch.pi**2)) * torch.pow(torch.atan(wb / hb)[None, :] - torch.atan(wa / ha)[:, None], 2)
+    v = (4 / (xp.pi**2)) * (xp.arctan(wb / hb)[None, :] - xp.arctan(wa / ha)[:, None]) ** 2
     alpha = v / (1 - iou + v + eps)
     ciou = diou - alpha * v
     return {"iou": iou, "giou": giou, "diou": diou, "ciou": ciou}
 
 
-def test_iou_kinds_match_torchvision_definitions():
+def _torchvision_boxes():
     rng = np.random.default_rng(12)
     a = np.vstack([random_boxes(rng, 150, extent=300.0, lo=1.0, hi=120.0), clustered_boxes(rng, 3, 10)])
     b = np.vstack([random_boxes(rng, 90, extent=300.0, lo=1.0, hi=120.0), a[:5], a[:3] + 0.5])
-    expected = torch_kinds(a, b)
+    return a, b
+
+
+def test_iou_kinds_match_torchvision_definitions():
+    a, b = _torchvision_boxes()
+    expected = torchvision_kinds(a.astype(np.float64), b.astype(np.float64))
     for kind in KINDS:
-        np.testing.assert_allclose(box_iou(a, b, kind), expected[kind].numpy(), rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(box_iou(a, b, kind), expected[kind], rtol=1e-5, atol=2e-6)
+
+
+def test_numpy_torchvision_definitions_match_torch():
+    """The numpy transcription above gives what the same formulas give in torch (skipped without torch)."""
+    torch = pytest.importorskip("torch")
+    a, b = _torchvision_boxes()
+    ours = torchvision_kinds(a.astype(np.float64), b.astype(np.float64))
+    theirs = torchvision_kinds(torch.from_numpy(a.astype(np.float64)), torch.from_numpy(b.astype(np.float64)), torch)
+    for kind in KINDS:
+        np.testing.assert_allclose(ours[kind], theirs[kind].numpy(), rtol=1e-12, atol=1e-15)
 
 
 def test_iou_kinds_hand_values_and_degenerate_boxes():

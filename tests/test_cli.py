@@ -57,7 +57,7 @@ def test_run_with_input_file(tmp_path):
 def test_user_errors_exit_2(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     result = runner.invoke(app, ["run", str(tmp_path / "bad.onnx"), "--random"])
-    assert result.exit_code == 2 and "cannot load the ONNX model" in result.stderr
+    assert result.exit_code == 2 and "not a readable ONNX model" in result.stderr
     result = runner.invoke(app, ["run", str(tmp_path / "none.onnx"), "--random"])
     assert result.exit_code == 2 and "ONNX file not found" in result.stderr
     result = runner.invoke(app, ["run", str(tmp_path / "bad.onnx")])

@@ -4,7 +4,6 @@ rows and detections and fine-tunes on new classes. A decode without dlc's metada
 cut. Strides left out of a detect layer are bound when the graph is built, so the backend and `dlc time` run it."""
 
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -24,7 +23,7 @@ from dlc.compiler.train.trainer import Trainer
 from dlc.compiler.yaml_writer import graph_to_yaml
 from dlc.runtime import postprocess
 
-from helpers import errors_of, model_yaml, random_input
+from helpers import TORCH_FIXTURES, errors_of, model_yaml, random_input, torch_fixture, torch_nets
 
 runner = CliRunner()
 
@@ -137,6 +136,8 @@ def test_imported_detector_fine_tunes_on_new_classes(imported, tmp_path):
                             "out: 16, kernel: 1")
     assert text.count("out: 16, kernel: 1") == 2 and "classes: 2, " in text
     text = text.replace("classes: 2, ", "classes: 3, ")
+    assert "  classes: [disc, square]\n" in text  # model.classes names the outputs: a third class needs a name
+    text = text.replace("  classes: [disc, square]\n", "  classes: [disc, square, triangle]\n")
     text += ("data: {dataset: synthetic_detection, samples: 32, num_classes: 3, val_fraction: 0.25}\n"
              "train: {solver: adam, base_lr: 0.005, batch_size: 12, epochs: 1, seed: 1}\n")
     path = folder / "imp/three.yaml"
@@ -238,43 +239,13 @@ def test_strides_that_are_not_whole_are_reported_at_load():
                for e in errors_of(text.replace("[6, 5]]]}", "[6, 5]]], strides: [3]}")))
 
 
-def test_a_yolov5_export_cut_as_the_message_says_imports_with_a_detect_layer(tmp_path):
-    """A YOLOv5-style Detect head exported by PyTorch: the error names its head convs; cut there, imported, and
-    given a detect layer with its anchors and strides, dlc gives the same boxes (as x1, y1, x2, y2), objectness
-    and class probabilities."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-    anchors, strides = [[[4.0, 5.0], [8.0, 8.0]], [[12.0, 10.0], [20.0, 18.0]]], [4, 8]
+ANCHORS, STRIDES = [[[4.0, 5.0], [8.0, 8.0]], [[12.0, 10.0], [20.0, 18.0]]], [4, 8]
 
-    class Yolo(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.b1 = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
-            self.b2 = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
-            self.m = nn.ModuleList(nn.Conv2d(8, 2 * 7, 1) for _ in range(2))
 
-        def forward(self, x):
-            a = self.b1(x)
-            z = []
-            for i, f in enumerate((a, self.b2(a))):  # YOLOv5's Detect.forward when exporting
-                f = self.m[i](f)
-                bs, _, ny, nx = f.shape
-                f = f.view(bs, 2, 7, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
-                xy, wh, conf = f.sigmoid().split((2, 2, 3), 4)
-                yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-                grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).float() - 0.5
-                xy = (xy * 2 + grid) * strides[i]
-                wh = (wh * 2) ** 2 * torch.tensor(anchors[i]).view(1, 2, 1, 1, 2)
-                z.append(torch.cat((xy, wh, conf), 4).view(bs, -1, 7))
-            return torch.cat(z, 1)
-
-    torch.manual_seed(0)
-    net = Yolo().eval()
-    path = tmp_path / "yolo.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), input_names=["images"],
-                          output_names=["output0"], opset_version=17, dynamo=False)
+def _check_yolov5_cut(path, tmp_path, x, want):
+    """A YOLOv5-style Detect head exported by PyTorch (tests/fixtures/make_torch_fixtures.py): the error names its
+    head convs; cut there, imported, and given a detect layer with its anchors and strides, dlc gives the same
+    boxes (as x1, y1, x2, y2), objectness and class probabilities as torch."""
     with pytest.raises(DlcError) as info:
         import_onnx(onnx.load(path), source="yolo.onnx")
     heads = ["/m.0/Conv_output_0", "/m.1/Conv_output_0"]
@@ -286,16 +257,29 @@ def test_a_yolov5_export_cut_as_the_message_says_imports_with_a_detect_layer(tmp
     assert graph.outputs == ["m_0", "m_1"]
     save_checkpoint(tmp_path / "weights.safetensors", graph)
     text = graph_to_yaml(graph, "weights.safetensors").replace("  outputs: [m_0, m_1]\n", "")
-    text += (f"    - {{name: detect, type: detect, inputs: [m_0, m_1], classes: 2, anchors: {anchors}, "
-             f"strides: {strides}}}\n")
+    text += (f"    - {{name: detect, type: detect, inputs: [m_0, m_1], classes: 2, anchors: {ANCHORS}, "
+             f"strides: {STRIDES}}}\n")
     (tmp_path / "model.yaml").write_text(text)
     loaded = load_model(tmp_path / "model.yaml")
     assert loaded.graph.meta["weights"]["initialised"] == []
-    x = random_input(loaded.graph, batch=2, seed=7)
-    with torch.no_grad():
-        want = net(torch.from_numpy(x)).numpy()
+    assert want.shape == (x.shape[0], 2 * (x.shape[2] // 4) * (x.shape[3] // 4) + 2 * (x.shape[2] // 8) ** 2, 7)
     xyxy = np.concatenate([want[..., :2] - want[..., 2:4] / 2, want[..., :2] + want[..., 2:4] / 2, want[..., 4:]], -1)
     np.testing.assert_allclose(Executor(loaded.graph).forward(x)["detect"], xyxy, rtol=1e-4, atol=1e-4)
+
+
+def test_a_yolov5_export_cut_as_the_message_says_imports_with_a_detect_layer(tmp_path):
+    """The committed export, against torch's decoded rows stored beside it (no torch needed)."""
+    _, ref = torch_fixture("yolo")
+    _check_yolov5_cut(TORCH_FIXTURES / "yolo.onnx", tmp_path, ref["x"], ref["want"])
+
+
+def test_a_yolov5_export_by_the_installed_torch(tmp_path):
+    """The same net exported now by the installed torch (skipped without it)."""
+    nets = torch_nets()
+    assert (nets.YOLO_ANCHORS, nets.YOLO_STRIDES) == (ANCHORS, STRIDES)
+    model, x = nets.build("yolo")
+    (tmp_path / "yolo.onnx").write_bytes(nets.export("yolo", model))
+    _check_yolov5_cut(tmp_path / "yolo.onnx", tmp_path, x, nets.reference(model, x))
 
 
 def test_the_yaml_written_for_a_detector_reads_back():

@@ -142,8 +142,9 @@ def test_train_settings_for_classifiers_are_refused_with_the_place_to_put_them(t
     with pytest.raises(DlcError, match="loss settings live on its detect layer 'detect'"):
         Trainer(load_model(path), tmp_path / "run", progress=False)
     path.write_text(DETECTOR.replace("OBJ", "bce").replace("num_classes: 2", "num_classes: 3"))
-    with pytest.raises(DlcError, match="detect layer 'detect' has classes: 2 but the data has 3"):
-        Trainer(load_model(path), tmp_path / "run", progress=False)
+    with pytest.raises(DlcError, match=r"the synthetic_detection set has 3 classes \[disc, square, triangle\] but "
+                                       r"the model predicts 2 classes \(detect layer 'detect' has classes: 2\)"):
+        Trainer(load_model(path), tmp_path / "run", progress=False)  # refused when the YAML is loaded
 
 
 def test_eval_model_end_to_end_matches_pycocotools_and_bench(trained, tmp_path):

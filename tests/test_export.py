@@ -10,7 +10,7 @@ from onnx.reference import ReferenceEvaluator
 from dlc.compiler.errors import DlcError
 from dlc.compiler.export_onnx import read_metadata, to_onnx
 from dlc.compiler.frontend import load_model
-from dlc.compiler.pipeline import compile_model
+from dlc.compiler.pipeline import compile_model, verify_on_runtime
 
 from helpers import EXAMPLES, load, ort_session, random_input
 
@@ -28,8 +28,44 @@ def test_examples_compile_check_and_match_reference(path, tmp_path):
     assert y_ort.shape == (2, *graph.shapes[graph.outputs[0]])
     np.testing.assert_allclose(y_ort, y_ref, rtol=1e-4, atol=1e-5)
     report = json.loads(result.report_path.read_text())
-    assert report["verification"]["matches_inferred"] is True
+    assert report["verification"]["matches_inferred"] is True and report["verification"]["mismatches"] == {}
+    assert report["verification"]["output_shapes"] == {o: [2, *graph.shapes[o]] for o in graph.outputs}
     assert report["summary"]["total_params"] > 0
+
+
+def test_runtime_shapes_are_compared_with_inference(monkeypatch):
+    """verify_on_runtime compares onnxruntime's output shapes with inference: a wrong inferred shape (patched
+    in here) reads matches_inferred False with the shapes that differ."""
+    graph = load("- {name: c, type: conv, out: 4, kernel: 3}\n- {name: g, type: global_avgpool}\n"
+                 "- {name: f, type: flatten}\n- {name: fc, type: linear, out: 5}", shape=(3, 8, 8)).graph
+    data = to_onnx(graph).SerializeToString()
+    right = verify_on_runtime(data, graph, batch=3)
+    assert right["matches_inferred"] is True and right["mismatches"] == {} and right["output_shapes"] == {"fc": [3, 5]}
+    monkeypatch.setitem(graph.shapes, "fc", (6,))
+    wrong = verify_on_runtime(data, graph, batch=3)
+    assert wrong["matches_inferred"] is False
+    assert wrong["mismatches"] == {"fc": {"runtime": [3, 5], "inferred": [3, 6]}}
+
+
+def test_runtime_shapes_of_an_embedded_nms_are_compared_with_its_declared_ones(tmp_path):
+    """The outputs the embedded NMS adds are not dlc's graph tensors: their declared shapes are the reference."""
+    text = """
+model:
+  name: det
+  input: {shape: [3, 16, 16]}
+  layers:
+    - {name: c1, type: conv, out: 8, kernel: 3, stride: 2, pad: 1}
+    - {name: h1, type: conv, out: 14, kernel: 1}
+    - {name: c2, type: conv, out: 8, kernel: 3, stride: 2, pad: 1}
+    - {name: h2, type: conv, out: 14, kernel: 1}
+    - {name: det, type: detect, inputs: [h1, h2], classes: 2, anchors: [[[3, 4], [6, 5]], [[9, 8], [12, 10]]]}
+export: {embed_nms: true, max_detections: 7}
+"""
+    (tmp_path / "det.yaml").write_text(text)
+    result = compile_model(tmp_path / "det.yaml", tmp_path / "out", skip_train=True)
+    verification = json.loads(result.report_path.read_text())["verification"]
+    assert verification["output_shapes"] == {"detections": [2, 7, 6], "num_detections": [2]}
+    assert verification["matches_inferred"] is True and verification["mismatches"] == {}
 
 
 def test_metadata_and_dynamic_batch(tmp_path):

@@ -15,23 +15,39 @@ def weights(filler: str, out=64, cin=32, k=3, seed=0):
     return m.graph.node("c").params["weight"]
 
 
+def std_tolerance(n: int, kurtosis: float, z: float = 5.0) -> float:
+    """z standard errors of a sample standard deviation of n draws, relative to the true one:
+    SE(s) / sigma = sqrt((kurtosis - 1) / (4 n)) (kurtosis 3 for a normal, 1.8 for a uniform)."""
+    return z * math.sqrt((kurtosis - 1) / (4 * n))
+
+
 def test_kaiming_default_std():
     w = weights("kaiming")
     assert w.dtype == np.float32 and w.shape == (64, 32, 3, 3)
-    assert abs(w.std() - math.sqrt(2 / (32 * 9))) < 0.03 * math.sqrt(2 / (32 * 9)) * 5
-    assert abs(w.mean()) < 0.01
+    sigma = math.sqrt(2 / (32 * 9))
+    assert std_tolerance(w.size, 3) < 0.03  # 5 standard errors of 0.5 % each
+    assert abs(w.std() / sigma - 1) < std_tolerance(w.size, 3)
+    assert abs(w.mean()) < 5 * sigma / math.sqrt(w.size)
+    wide = weights("kaiming", cin=64)  # fan-in doubled: the std falls by sqrt(2)
+    assert abs(wide.std() / math.sqrt(2 / (64 * 9)) - 1) < std_tolerance(wide.size, 3)
 
 
 def test_xavier_bounds_and_std():
     w = weights("xavier")
     a = math.sqrt(6 / (32 * 9 + 64 * 9))
     assert w.max() <= a and w.min() >= -a
-    assert abs(w.std() - a / math.sqrt(3)) < 0.05 * a
+    assert w.max() > 0.99 * a and w.min() < -0.99 * a
+    assert abs(w.std() / (a / math.sqrt(3)) - 1) < std_tolerance(w.size, 1.8)
+    assert abs(w.mean()) < 5 * (a / math.sqrt(3)) / math.sqrt(w.size)
 
 
 def test_gaussian_and_constant():
     w = weights("{type: gaussian, std: 0.05}")
-    assert abs(w.std() - 0.05) < 0.005
+    assert abs(w.std() / 0.05 - 1) < std_tolerance(w.size, 3)
+    assert abs(w.mean()) < 5 * 0.05 / math.sqrt(w.size)
+    w = weights("{type: gaussian, mean: 0.3, std: 0.02}")
+    assert abs(w.mean() - 0.3) < 5 * 0.02 / math.sqrt(w.size)
+    assert abs(w.std() / 0.02 - 1) < std_tolerance(w.size, 3)
     assert np.all(weights("{type: constant, value: 0.25}") == np.float32(0.25))
 
 

@@ -2,9 +2,7 @@
 YAML that loads with its weights; every unsupported op is listed at once; `weights:` loads tensors by name and
 shape, so a changed head is initialised afresh and fine-tunes."""
 
-import io
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -23,7 +21,7 @@ from dlc.compiler.train.checkpoint import graph_tensors, read_checkpoint, save_c
 from dlc.compiler.train.executor import Executor
 from dlc.compiler.yaml_writer import graph_to_yaml
 
-from helpers import EXAMPLES, model_yaml, random_input
+from helpers import EXAMPLES, model_yaml, random_input, torch_fixture, torch_nets
 
 runner = CliRunner()
 
@@ -143,131 +141,49 @@ def test_every_layer_type_and_the_yaml_it_writes(tmp_path):
         assert_close(got, expected)
 
 
-# --- PyTorch's exports ----------------------------------------------------------------------------------------
-def _torch_models():
-    torch = pytest.importorskip("torch")
-    nn, F = torch.nn, torch.nn.functional
-
-    class Basic(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-            self.shortcut = nn.Sequential()
-            if stride != 1 or cin != cout:  # projection shortcut
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-                )
-
-        def forward(self, x):
-            y = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-    class ResNet(nn.Module):  # ResNet-20's shape, fewer blocks and channels
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
-            self.layer1 = nn.Sequential(Basic(8, 8, 1), Basic(8, 8, 1))
-            self.layer2 = nn.Sequential(Basic(8, 16, 2), Basic(16, 16, 1))
-            self.layer3 = Basic(16, 32, 2)
-            self.fc = nn.Linear(32, 10)
-
-        def forward(self, x):
-            x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
-            x = F.adaptive_avg_pool2d(x, 1)
-            return self.fc(x.view(x.size(0), -1))
-
-    def separable(cin, cout, stride):
-        return nn.Sequential(
-            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
-            nn.BatchNorm2d(cin),
-            nn.ReLU(),
-            nn.Conv2d(cin, cout, 1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(),
-        )
-
-    class MobileNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-            self.body = nn.Sequential(separable(16, 32, 1), separable(32, 64, 2), separable(64, 64, 1))
-            self.drop, self.fc = nn.Dropout(0.2), nn.Linear(64, 7)
-
-        def forward(self, x):
-            return self.fc(self.drop(self.body(self.stem(x)).mean([2, 3])))
-
-    class Misc(
-        nn.Module
-    ):  # the other mappings: SiLU, 'same' padding, pad + pool, upsample, concat, ceil mode...
-        def __init__(self):
-            super().__init__()
-            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding="same")
-            self.c3, self.bn, self.act = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.SiLU()
-            self.fc, self.bn1d = nn.Linear(8 * 4 * 4, 5), nn.BatchNorm1d(5)
-
-        def forward(self, x):
-            a = self.act(self.c1(x))
-            b = torch.tanh(self.c2(F.max_pool2d(a, 2)))
-            z = torch.cat([a, F.interpolate(b, scale_factor=2, mode="nearest")], 1)
-            z = F.leaky_relu(self.bn(self.c3(z)), 0.2)
-            z = torch.sigmoid(F.avg_pool2d(F.pad(z, (1, 1, 1, 1)), 3, 2))
-            z = torch.flatten(F.max_pool2d(z, 3, 2, ceil_mode=True), 1)
-            return F.softmax(self.bn1d(self.fc(z)), dim=1)
-
-    return torch, {"resnet": ResNet, "mobilenet": MobileNet, "misc": Misc}
-
-
-# (opset, do_constant_folding, keep batch norm): eval-mode export folds BN into the conv unless told to PRESERVE
+# --- PyTorch's exports ---------------------------------------------------------------------------------------
+# ResNet-, MobileNet-shaped nets and one of the other mappings (SiLU, 'same' padding, pad + pool, upsample, concat,
+# ceil mode, BatchNorm1d), defined in tests/fixtures/make_torch_fixtures.py. Each is exported five ways:
+# (opset, do_constant_folding, keep batch norm): eval-mode export folds BN into the conv unless told to PRESERVE.
 TORCH_EXPORTS = [(17, False, True), (17, True, False), (17, True, True), (11, False, True), (9, True, True)]
+TORCH_NETS = ["resnet", "mobilenet", "misc"]
 
 
-@pytest.mark.parametrize("net", ["resnet", "mobilenet", "misc"])
+def _check_torch_export(original, net, config, x, want, batchnorms):
+    opset, folding, keep_bn = config
+    graph = import_onnx(original, source=f"{net}.onnx")
+    case = f"{net} opset {opset} folding {folding} keep_bn {keep_bn}"
+    kept = sum(n.op == "batchnorm" for n in graph.nodes())
+    assert kept == batchnorms if keep_bn else kept < batchnorms, case  # a BatchNorm1d after Linear stays
+    assert all("/" not in n.name and "." not in n.name for n in graph.nodes())
+    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
+    got = Executor(graph).forward(x)[graph.outputs[0]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=case)
+    if net == "resnet" and keep_bn:
+        names = {n.name for n in graph.nodes()}
+        assert {"conv1", "bn1", "layer1_0_conv1", "layer2_0_shortcut_0", "layer3_add", "fc"} <= names
+
+
+@pytest.mark.parametrize("net", TORCH_NETS)
 def test_pytorch_exports(net):
-    torch, models = _torch_models()
-    torch.manual_seed(0)
-    model = models[net]().eval()
-    bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
-    with torch.no_grad():
-        for m in bns:
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c) * 0.5)
-            m.running_var.copy_(torch.rand(c) + 0.5)
-            m.weight.copy_(torch.rand(c) + 0.5)
-            m.bias.copy_(torch.randn(c) * 0.2)
-    hw = 16 if net == "misc" else 32
-    x = torch.randn(3, 3, hw, hw)
-    with torch.no_grad():
-        want = model(x).numpy()
+    """The committed exports (no torch needed) against torch's outputs stored beside them."""
     for opset, folding, keep_bn in TORCH_EXPORTS:
-        buffer = io.BytesIO()
-        mode = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                torch.randn(1, 3, hw, hw),
-                buffer,
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=folding,
-                training=mode,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}},
-            )
-        original = onnx.load_from_string(buffer.getvalue())
-        graph = import_onnx(original, source=f"{net}.onnx")
-        case = f"{net} opset {opset} folding {folding} keep_bn {keep_bn}"
-        kept = sum(n.op == "batchnorm" for n in graph.nodes())
-        assert kept == len(bns) if keep_bn else kept < len(bns), case  # a BatchNorm1d after Linear stays
-        assert all("/" not in n.name and "." not in n.name for n in graph.nodes())
-        verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-        got = Executor(graph).forward(x.numpy())[graph.outputs[0]]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=case)
-        if net == "resnet" and keep_bn:
-            names = {n.name for n in graph.nodes()}
-            assert {"conv1", "bn1", "layer1_0_conv1", "layer2_0_shortcut_0", "layer3_add", "fc"} <= names
+        original, ref = torch_fixture(net, f"{net}_opset{opset}_fold{int(folding)}_bn{int(keep_bn)}")
+        assert original.opset_import[0].version == opset
+        _check_torch_export(original, net, (opset, folding, keep_bn), ref["x"], ref["want"], int(ref["batchnorms"]))
+
+
+@pytest.mark.parametrize("net", TORCH_NETS)
+def test_pytorch_exports_live(net):
+    """The same nets exported now by the installed torch (skipped without it)."""
+    nets = torch_nets()
+    assert nets.TORCH_EXPORTS == TORCH_EXPORTS and list(nets.IMPORT_NETS) == TORCH_NETS
+    model, x = nets.build(net)
+    want = nets.reference(model, x)
+    bns = sum(isinstance(m, (nets.nn.BatchNorm1d, nets.nn.BatchNorm2d)) for m in model.modules())
+    for config in TORCH_EXPORTS:
+        original = onnx.load_from_string(nets.export(net, model, *config))
+        _check_torch_export(original, net, config, x, want, bns)
 
 
 # --- what dlc cannot import -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from dlc._C.loss import focal_loss, softmax_cross_entropy
 from dlc._C.loss_ref import focal_loss_ref, softmax_cross_entropy_ref
 
-from helpers import numeric_grad
+from helpers import TORCH_FIXTURES, numeric_grad
 
 RNG = np.random.default_rng(1234)
 SIZES = [(1, 2), (8, 10), (64, 10), (33, 7), (512, 100)]  # the last is past the parallel threshold
@@ -227,7 +227,33 @@ def test_out_buffer_and_input_conversion():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Against PyTorch (CrossEntropyLoss with weights and label smoothing; focal loss through autograd)
+# Against PyTorch (CrossEntropyLoss with weights and label smoothing; focal loss through autograd): torch's values
+# and gradients stored in tests/fixtures/torch_onnx/torch_losses.npz (by tests/fixtures/make_torch_fixtures.py),
+# and the same computed live where torch is installed
+
+
+@pytest.fixture(scope="module")
+def torch_losses():
+    with np.load(TORCH_FIXTURES / "torch_losses.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_cross_entropy_matches_stored_pytorch(torch_losses, weighted, eps):
+    r = torch_losses
+    loss, grad = softmax_cross_entropy(r["logits"], r["labels"], r["weights"] if weighted else None, eps)
+    np.testing.assert_allclose(loss, r[f"ce_w{int(weighted)}_eps{eps}_loss"], rtol=1e-12)
+    np.testing.assert_allclose(grad, r[f"ce_w{int(weighted)}_eps{eps}_grad"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_loss_matches_stored_pytorch_autograd(torch_losses, weighted, gamma):
+    r = torch_losses
+    loss, grad = focal_loss(r["logits"], r["labels"], gamma, r["weights"] if weighted else None)
+    np.testing.assert_allclose(loss, r[f"focal_w{int(weighted)}_gamma{gamma}_loss"], rtol=1e-10)
+    np.testing.assert_allclose(grad, r[f"focal_w{int(weighted)}_gamma{gamma}_grad"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 and a numpy formula, gradients against finite differences, and ONNX import of hand-built models and of PyTorch
 exports."""
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,7 +13,7 @@ from dlc.compiler.export_onnx import check, to_onnx
 from dlc.compiler.onnx_import import import_onnx, verify_import
 from dlc.compiler.train.executor import Executor
 
-from helpers import errors_of, load, model_yaml, onnx_model
+from helpers import TORCH_FIXTURES, errors_of, load, model_yaml, onnx_model, torch_fixture, torch_nets
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -93,22 +90,24 @@ def _check_import(model, types, shape=(4, 6, 6)):
     return graph
 
 
-def _torch_export(model, shape):
-    torch = pytest.importorskip("torch")
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            torch.randn(1, *shape),
-            buffer,
-            opset_version=17,
-            dynamo=False,
-            input_names=["image"],
-            output_names=["out"],
-            dynamic_axes={"image": {0: "n"}, "out": {0: "n"}},
-        )
-    return onnx.load_from_string(buffer.getvalue())
+def _torch_import(name, live=False):
+    """Import the PyTorch export `name` (tests/fixtures/make_torch_fixtures.py): the committed one, checked against
+    torch's outputs stored beside it, or (live) one the installed torch exports now (skipped without torch). The
+    import reruns through onnxruntime as the original does, and the executor gives torch's numbers."""
+    if live:
+        nets = torch_nets()
+        model, x = nets.build(name)
+        original, want = onnx.load_from_string(nets.export(name, model)), nets.reference(model, x)
+    else:
+        original, ref = torch_fixture(name)
+        x, want = ref["x"], ref["want"]
+    graph = import_onnx(original)
+    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Executor(graph).forward(x)[graph.outputs[0]], want, rtol=1e-4, atol=1e-5)
+    return graph
+
+
+LIVE = pytest.mark.parametrize("live", [False, True], ids=["fixture", "live_torch"])
 
 
 def _rand(shape, seed=0, scale=1.0):
@@ -171,43 +170,10 @@ def test_mul_import_hand_built():
         )
 
 
-def test_mul_import_squeeze_excite_pytorch():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class SE(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc1 = nn.Conv2d(c, c // 2, 1)
-            self.fc2 = nn.Conv2d(c // 2, c, 1)
-            self.gate = nn.Hardsigmoid()
-
-        def forward(self, x):
-            return x * self.gate(self.fc2(torch.relu(self.fc1(self.pool(x)))))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.se = SE(8)
-            self.out = nn.Conv2d(8, 4, 1)
-
-        def forward(self, x):
-            return self.out(self.se(torch.relu(self.conv(x))))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    original = _torch_export(net, (3, 8, 8))
-    graph = import_onnx(original)
-    assert "mul" in [n.op for n in graph.nodes()]
-    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        want = net(x).numpy()
-    np.testing.assert_allclose(
-        Executor(graph).forward(x.numpy())[graph.outputs[0]], want, rtol=1e-4, atol=1e-5
-    )
+@LIVE
+def test_mul_import_squeeze_excite_pytorch(live):
+    graph = _torch_import("squeeze_excite", live)
+    assert [n.op for n in graph.nodes()].count("mul") == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,8 +221,7 @@ CT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CT_CASES))
-def test_conv_transpose_shapes_export_and_formula(case):
+def _ct_case(case, x=None, weight=None):
     layer, shape = CT_CASES[case]
     graph = load(f"- {layer}", shape=(4, 4, 5)).graph
     assert graph.shapes["t"] == shape
@@ -265,7 +230,9 @@ def test_conv_transpose_shapes_export_and_formula(case):
     rng = np.random.default_rng(3)
     for t in node.params:
         node.params[t][...] = rng.standard_normal(node.params[t].shape)
-    x = _rand((2, 4, 4, 5))
+    if weight is not None:
+        node.params["weight"][...] = weight
+    x = _rand((2, 4, 4, 5)) if x is None else x
     want = _conv_transpose_ref(
         x,
         node.params["weight"],
@@ -276,17 +243,33 @@ def test_conv_transpose_shapes_export_and_formula(case):
         a["dilation"],
         a["groups"],
     )
+    return graph, x, want
+
+
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_conv_transpose_shapes_export_and_formula(case):
+    graph, x, want = _ct_case(case)
     model = _export_matches(graph, x, want, rtol=1e-4, atol=1e-4)
     assert [n.op_type for n in model.graph.node] == ["ConvTranspose"]
-    torch = pytest.importorskip("torch")
-    full = torch.nn.functional.conv_transpose2d(
-        torch.from_numpy(x).double(),
-        torch.from_numpy(node.params["weight"]).double(),
-        stride=a["stride"],
-        groups=a["groups"],
-        dilation=a["dilation"],
-    ).numpy()  # no padding: torch takes symmetric pads only, so crop them here
-    full = np.pad(full, [(0, 0), (0, 0), (0, a["output_padding"][0]), (0, a["output_padding"][1])])
+
+
+@pytest.fixture(scope="module")
+def torch_functional():
+    """torch's conv_transpose2d, pad and local_response_norm on fixed inputs (make_torch_fixtures.py)."""
+    with np.load(TORCH_FIXTURES / "torch_functional.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_conv_transpose_formula_matches_torch(case, torch_functional):
+    """The numpy formula (which the executor and onnxruntime match) gives torch's conv_transpose2d: torch takes
+    symmetric pads only, so its unpadded output is cropped (and output-padded) here."""
+    r = {k[len(f"ct_{case}_"):]: v for k, v in torch_functional.items() if k.startswith(f"ct_{case}_")}
+    graph, x, want = _ct_case(case, r["x"], r["weight"])
+    node, shape = graph.node("t"), graph.shapes["t"]
+    a = node.attrs
+    assert list(r["attrs"]) == [*a["stride"], *a["dilation"], a["groups"]]
+    full = np.pad(r["full"], [(0, 0), (0, 0), (0, a["output_padding"][0]), (0, a["output_padding"][1])])
     t, left = a["pads"][:2]
     crop = full[:, :, t : t + shape[1], left : left + shape[2]]
     if "bias" in node.params:
@@ -363,29 +346,10 @@ def test_conv_transpose_import_hand_built():
         import_onnx(_model([bad], [("w1", w1)]))
 
 
-def test_conv_transpose_import_pytorch_decoder():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
-        nn.Sigmoid(),
-    ).eval()
-    original = _torch_export(net, (3, 8, 8))
-    graph = import_onnx(original)
+@LIVE
+def test_conv_transpose_import_pytorch_decoder(live):
+    graph = _torch_import("decoder", live)
     assert [n.op for n in graph.nodes()].count("conv_transpose") == 2
-    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        want = net(x).numpy()
-    np.testing.assert_allclose(
-        Executor(graph).forward(x.numpy())[graph.outputs[0]], want, rtol=1e-4, atol=1e-5
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,26 +363,34 @@ PAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PAD_CASES))
-def test_pad_shapes_export_and_formula(case):
+def _pad_case(case, x=None):
     layer, shape = PAD_CASES[case]
     graph = load(f"- {layer}", shape=(3, 4, 5)).graph
     assert graph.shapes["p"] == shape
     a = graph.node("p").attrs
     t, left, b, r = a["pads"]
-    x = _rand((2, 3, 4, 5))
+    x = _rand((2, 3, 4, 5)) if x is None else x
     widths = ((0, 0), (0, 0), (t, b), (left, r))
     if a["mode"] == "constant":
         want = np.pad(x, widths, constant_values=a["value"])
     else:
         want = np.pad(x, widths, mode=a["mode"])
+    return graph, x, want
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+def test_pad_shapes_export_and_formula(case):
+    graph, x, want = _pad_case(case)
     model = _export_matches(graph, x, want, rtol=0, atol=0)
     assert [n.op_type for n in model.graph.node] == ["Pad"]
-    torch = pytest.importorskip("torch")
-    tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[a["mode"]]
-    kwargs = {"value": a["value"]} if tmode == "constant" else {}
-    got = torch.nn.functional.pad(torch.from_numpy(x), (left, r, t, b), mode=tmode, **kwargs).numpy()
-    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+def test_pad_formula_matches_torch(case, torch_functional):
+    graph, x, want = _pad_case(case, torch_functional[f"pad_{case}_x"])
+    a = graph.node("p").attrs
+    assert list(torch_functional[f"pad_{case}_attrs"]) == [*a["pads"], a["value"] if a["mode"] == "constant" else 0]
+    np.testing.assert_array_equal(torch_functional[f"pad_{case}_y"], want)
 
 
 def test_pad_errors():
@@ -479,28 +451,10 @@ def test_pad_import_hand_built():
         import_onnx(m)
 
 
-def test_pad_import_pytorch():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.ReflectionPad2d((1, 2, 0, 1)),
-        nn.Conv2d(3, 4, 3),
-        nn.ReLU(),
-        nn.ReplicationPad2d(1),
-        nn.Conv2d(4, 4, 3),
-        nn.ZeroPad2d((0, 1, 1, 0)),
-    ).eval()
-    original = _torch_export(net, (3, 8, 8))
-    graph = import_onnx(original)
-    assert [n.op for n in graph.nodes()].count("pad") == 3
-    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        want = net(x).numpy()
-    np.testing.assert_allclose(
-        Executor(graph).forward(x.numpy())[graph.outputs[0]], want, rtol=1e-4, atol=1e-5
-    )
+@LIVE
+def test_pad_import_pytorch(live):
+    graph = _torch_import("pads", live)
+    assert [n.attrs["mode"] for n in graph.nodes() if n.op == "pad"] == ["reflect", "edge", "constant"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -526,20 +480,27 @@ LRN_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(LRN_CASES))
-def test_lrn_shapes_export_and_formula(case):
+def _lrn_case(case, x=None):
     graph = load(f"- {LRN_CASES[case]}", shape=(6, 4, 5)).graph
     assert graph.shapes["n"] == (6, 4, 5)
     a = graph.node("n").attrs
-    x = _rand((2, 6, 4, 5), 0, 3.0)
-    want = _lrn_ref(x, a["size"], a["alpha"], a["beta"], a["bias"])
+    x = _rand((2, 6, 4, 5), 0, 3.0) if x is None else x
+    return graph, a, x, _lrn_ref(x, a["size"], a["alpha"], a["beta"], a["bias"])
+
+
+@pytest.mark.parametrize("case", list(LRN_CASES))
+def test_lrn_shapes_export_and_formula(case):
+    graph, _, x, want = _lrn_case(case)
     model = _export_matches(graph, x, want, rtol=1e-5, atol=1e-6)
     assert [n.op_type for n in model.graph.node] == ["LRN"]
-    torch = pytest.importorskip("torch")
-    got = torch.nn.functional.local_response_norm(
-        torch.from_numpy(x).double(), a["size"], a["alpha"], a["beta"], a["bias"]
-    )
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", list(LRN_CASES))
+def test_lrn_formula_matches_torch(case, torch_functional):
+    _, a, x, want = _lrn_case(case, torch_functional[f"lrn_{case}_x"])
+    np.testing.assert_allclose(torch_functional[f"lrn_{case}_attrs"], [a["size"], a["alpha"], a["beta"], a["bias"]],
+                               rtol=1e-12)
+    np.testing.assert_allclose(torch_functional[f"lrn_{case}_y"], want, rtol=1e-6, atol=1e-7)
 
 
 def test_lrn_even_size_follows_onnx():

@@ -2,9 +2,6 @@
 a numpy formula and the executor, whole-graph gradients against finite differences, and ONNX import of
 hand-built models and of a MobileNetV3-style PyTorch export."""
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,7 +14,7 @@ from dlc.compiler.onnx_import import import_onnx, verify_import
 from dlc.compiler.train.executor import Executor
 from dlc.compiler.yaml_writer import graph_to_yaml
 
-from helpers import errors_of, load, model_yaml, onnx_model
+from helpers import errors_of, load, model_yaml, onnx_model, torch_fixture, torch_nets
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -241,74 +238,29 @@ def test_import_reports_runtime_bounds_and_slopes():
     assert "Add" not in message.split("(dlc imports")[0]  # it only reads the two that failed
 
 
-def test_import_mobilenet_v3_style_pytorch_export():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class Block(nn.Module):  # MobileNetV3's inverted residual, without the squeeze-excite gate
-        def __init__(self, c, hidden, act):
-            super().__init__()
-            self.expand = nn.Sequential(nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act())
-            self.dw = nn.Sequential(
-                nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), act()
-            )
-            self.project = nn.Sequential(nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
-
-        def forward(self, x):
-            return x + self.project(self.dw(self.expand(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
-            self.b1 = Block(8, 16, nn.ReLU6)
-            self.b2 = Block(8, 24, nn.Hardswish)
-            self.head = nn.Sequential(nn.Conv2d(8, 12, 1), nn.PReLU(12), nn.Hardsigmoid(), nn.PReLU())
-            self.fc = nn.Linear(12, 5)
-
-        def forward(self, x):
-            x = self.head(self.b2(self.b1(self.stem(x))))
-            return self.fc(x.mean([2, 3]))
-
-    torch.manual_seed(0)
-    model = Net().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c) * 0.5)
-                m.running_var.copy_(torch.rand(c) + 0.5)
-                m.weight.copy_(torch.rand(c) + 0.5)
-                m.bias.copy_(torch.randn(c) * 0.2)
-            if isinstance(m, nn.PReLU):
-                m.weight.copy_(torch.rand(m.weight.shape) - 0.5)
-    x = torch.randn(3, 3, 16, 16) * 2
-    with torch.no_grad():
-        want = model(x).numpy()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            torch.randn(1, 3, 16, 16),
-            buffer,
-            opset_version=17,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}},
-        )
-    original = onnx.load_from_string(buffer.getvalue())
+@pytest.mark.parametrize("live", [False, True], ids=["fixture", "live_torch"])
+def test_import_mobilenet_v3_style_pytorch_export(live):
+    """MobileNetV3's inverted residuals with ReLU6, Hardswish, Hardsigmoid and two PReLUs, batch norm kept
+    (tests/fixtures/make_torch_fixtures.py): the committed export against torch's outputs stored beside it, or one
+    the installed torch exports now (skipped without torch)."""
+    if live:
+        nets = torch_nets()
+        model, x = nets.build("mobilenet_v3")
+        original, want = onnx.load_from_string(nets.export("mobilenet_v3", model)), nets.reference(model, x)
+    else:
+        original, ref = torch_fixture("mobilenet_v3")
+        x, want = ref["x"], ref["want"]
     graph = import_onnx(original, source="mbv3.onnx")
     ops = [n.op for n in graph.nodes()]
     assert {"clip", "hard_swish", "hard_sigmoid", "prelu", "batchnorm"} <= set(ops)
     assert ops.count("prelu") == 2 and ops.count("hard_swish") == 3 and ops.count("clip") == 2
     verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-    got = Executor(graph).forward(x.numpy())[graph.outputs[0]]
+    got = Executor(graph).forward(x)[graph.outputs[0]]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # and it trains: one backward pass reaches every PReLU slope
     ex = Executor(graph)
-    out = ex.forward(x.numpy(), train=True, rng=np.random.default_rng(0))[graph.outputs[0]]
+    out = ex.forward(x, train=True, rng=np.random.default_rng(0))[graph.outputs[0]]
     grads = ex.backward({graph.outputs[0]: np.ones_like(out)})
-    assert all(np.isfinite(grads[n.name]["slope"]).all() for n in graph.nodes() if n.op == "prelu")
+    slopes = [grads[n.name]["slope"] for n in graph.nodes() if n.op == "prelu"]
+    assert len(slopes) == 2 and all(np.isfinite(g).all() for g in slopes)
+    assert np.abs(slopes[0]).max() > 0  # the second sees only the hard sigmoid's outputs, never below 0

@@ -22,8 +22,25 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
+    """resnet20 compiled untrained, then every batch norm given random statistics and affine parameters (an
+    untrained one is the identity, which a wrong fold would leave unnoticed)."""
     out = tmp_path_factory.mktemp("resnet")
-    return compile_model(ROOT / "examples/resnet20.yaml", out, skip_train=True).onnx_path
+    path = compile_model(ROOT / "examples/resnet20.yaml", out, skip_train=True).onnx_path
+    model = onnx.load(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(11)
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    for node in bns:
+        c = numpy_helper.to_array(inits[node.input[1]]).shape
+        for name, value in zip(node.input[1:5], (rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
+                                                 rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c))):
+            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    assert len(bns) == 21
+    onnx.save(model, out / "random_bn.onnx")
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    identity, randomised = _run(path, x), _run(out / "random_bn.onnx", x)
+    assert np.abs(identity - randomised).max() > 0.1 * np.abs(identity).max()
+    return out / "random_bn.onnx"
 
 
 def _run(path, x):

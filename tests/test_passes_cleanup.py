@@ -3,10 +3,6 @@ before and after through onnxruntime, and where it must not."""
 
 from __future__ import annotations
 
-import inspect
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,6 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dlc.compiler.passes import DEFAULT_PASSES, PASSES, OnnxGraph, optimize, verify
 from dlc.compiler.passes import rewrites as _rewrites  # noqa: F401  (registers every pass)
+
+from helpers import torch_fixture, torch_nets
 
 OWNED = ["constant_folding", "eliminate", "cse", "dce"]
 F = TensorProto.FLOAT
@@ -416,43 +414,23 @@ def test_default_pipeline_on_a_mixed_graph():
     assert sum(r.rewrites for r in reports) > 0 and reports[-1].nodes_after == 3
 
 
-def test_torch_cnn_export_cleans_up():
-    torch = pytest.importorskip("torch")
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
-            self.fc, self.drop = torch.nn.Linear(4 * 8 * 8, 5), torch.nn.Dropout(0.5)
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.conv(x)))
-            return self.drop(self.fc(x.view(x.size(0), -1)))
-
-    torch.manual_seed(0)
-    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Net().eval(),
-            torch.randn(2, 3, 8, 8),
-            buffer,
-            input_names=["x"],
-            output_names=["y"],
-            opset_version=17,
-            do_constant_folding=False,
-            dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
-            **kwargs,
-        )
-    m = onnx.load_from_string(buffer.getvalue())
+@pytest.mark.parametrize("live", [False, True], ids=["fixture", "live_torch"])
+def test_torch_cnn_export_cleans_up(live):
+    """A conv, batch norm, x.view(x.size(0), -1), linear and dropout exported by PyTorch without constant folding
+    (tests/fixtures/make_torch_fixtures.py): the committed export, or one the installed torch exports now."""
+    if live:
+        nets = torch_nets()
+        net, x = nets.build("cleanup_cnn")
+        m, want = onnx.load_from_string(nets.export("cleanup_cnn", net)), nets.reference(net, x)
+    else:
+        m, ref = torch_fixture("cleanup_cnn")
+        x, want = ref["x"], ref["want"]
+    assert {"Shape", "Gather", "Concat", "Unsqueeze"} <= set(ops(m))
+    np.testing.assert_allclose(outputs_at(m, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
     after, _ = optimize_default(m)
     onnx.checker.check_model(after, full_check=True)
     verify(m, after)
     left = set(ops(after))
     assert not left & {"Identity", "Dropout", "Shape", "Gather", "Constant", "Concat", "Unsqueeze"}
     assert len(after.graph.node) < len(m.graph.node)
-    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(
-        outputs_at(after, {"x": x})[0], outputs_at(m, {"x": x})[0], rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(outputs_at(after, {"x": x})[0], want, rtol=1e-4, atol=1e-5)

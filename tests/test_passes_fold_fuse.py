@@ -1,17 +1,17 @@
 """fold_bn, fold_scale, fuse_bias and fuse_pad: each fires where it is exact (proven through onnxruntime) and
 leaves the graph alone where it is not."""
 
-import inspect
-import io
 import math
-import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dlc.compiler.passes import optimize, verify
+
+from helpers import torch_fixture, torch_nets
 
 RNG = np.random.default_rng(7)
 F = TensorProto.FLOAT
@@ -160,52 +160,26 @@ def test_fold_bn_does_not_fire_where_it_must_not():
     _unchanged(_model([mm, bn5], [("a", [2, 5, 4])], ["y"], {"W": _w(4, 5), **bn5_inits}), "fold_bn")
 
 
-def test_fold_bn_from_pytorch():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-            self.dw, self.dw_bn = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
-            self.fc, self.fc_bn = nn.Linear(8, 5), nn.BatchNorm1d(5)
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.conv(x)))
-            x = torch.relu(self.dw_bn(self.dw(x)))
-            return self.fc_bn(self.fc(x.mean((2, 3))))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():
-        for bn in (net.bn, net.dw_bn, net.fc_bn):
-            bn.weight.uniform_(0.5, 2.0)
-            bn.bias.normal_()
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.2, 3.0)
-    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the legacy exporter's deprecation notice
-        warnings.simplefilter("ignore")
-        # constant folding off: with it, the legacy exporter folds the convs' BNs itself
-        torch.onnx.export(
-            net,
-            (torch.randn(2, 3, 8, 8),),
-            buffer,
-            opset_version=17,
-            input_names=["x"],
-            output_names=["y"],
-            do_constant_folding=False,
-            **kwargs,
-        )
-    model = onnx.load_from_string(buffer.getvalue())
+@pytest.mark.parametrize("live", [False, True], ids=["fixture", "live_torch"])
+def test_fold_bn_from_pytorch(live):
+    """Conv + BN, depthwise conv + BN and Linear + BatchNorm1d exported by PyTorch without constant folding (which
+    would fold the convs' BNs itself), randomised statistics (tests/fixtures/make_torch_fixtures.py): the
+    committed export against torch's outputs, or one the installed torch exports now."""
+    if live:
+        nets = torch_nets()
+        net, x = nets.build("fold_bn_net")
+        model, want = onnx.load_from_string(nets.export("fold_bn_net", net)), nets.reference(net, x)
+    else:
+        model, ref = torch_fixture("fold_bn_net")
+        x, want = ref["x"], ref["want"]
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 3
     after, reports = optimize(model, ["fold_bn"])
     assert reports[0].rewrites == 3
     assert "BatchNormalization" not in [n.op_type for n in after.graph.node]
     onnx.checker.check_model(after, full_check=True)
     verify(model, after)
+    session = ort.InferenceSession(after.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
 
 
 # --- fold_scale ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_prune_yaml_and_onnx_without_fine_tuning(tmp_path):
     text = (ROOT / "examples/resnet20.yaml").read_text()
     (tmp_path / "resnet20.yaml").write_text(text[:text.index("\ndata:")] + "\n")  # no data: nothing to fine-tune
     result = runner.invoke(app, ["prune", str(tmp_path / "resnet20.yaml"), "-o", str(tmp_path / "p.onnx"),
-                                 "--ratio", "0.5", "--json"])
+                                 "--ratio", "0.5", "--allow-untrained", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["after"]["params"] < report["before"]["params"] / 2
@@ -76,7 +76,8 @@ def test_prune_fine_tunes_yaml_and_onnx_with_data(tmp_path):
                                  "--ratio", "0.5"])
     assert result.exit_code == 0, result.output
     assert "not fine-tuned" in result.stdout and "compressed" in result.stdout and "onnxruntime" in result.stdout
-    result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "z.onnx"), "--fine-tune-epochs", "0"])
+    result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "z.onnx"), "--fine-tune-epochs", "0",
+                                 "--allow-untrained"])
     assert result.exit_code == 0 and "not fine-tuned: fine-tune epochs are 0" in result.stdout
 
 

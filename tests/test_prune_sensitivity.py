@@ -58,8 +58,8 @@ def test_cli_sensitivity(tmp_path):
     result = runner.invoke(app, ["prune", str(path), "--weights", str(weights), "--sensitivity", "--ratios",
                                  "0.5"])
     assert result.exit_code == 0 and "c1" in result.stdout and "0.5" in result.stdout
-    result = runner.invoke(app, ["prune", str(path), "--sensitivity", "--ratios", "0.5,1.2"])
+    result = runner.invoke(app, ["prune", str(path), "--sensitivity", "--ratios", "0.5,1.2", "--allow-untrained"])
     assert result.exit_code == 2 and "--ratios must be numbers in [0, 1)" in result.stderr
     no_data = tiny(tmp_path, data=False, train=False, name="nodata.yaml")
-    result = runner.invoke(app, ["prune", str(no_data), "--sensitivity"])
+    result = runner.invoke(app, ["prune", str(no_data), "--sensitivity", "--allow-untrained"])
     assert result.exit_code == 2 and "--sensitivity measures validation accuracy: it needs data" in result.stderr

@@ -25,3 +25,29 @@ def test_native_kernels_are_compiled():
     import dlc._C.boxes as native
 
     assert native.__file__.endswith((".so", ".pyd"))
+
+
+def _keys(prefix, schema):
+    for key, value in schema.items():
+        yield f"{prefix}.{key}", key
+        if isinstance(value, dict):
+            yield from _keys(f"{prefix}.{key}", value)
+
+
+def test_every_accepted_yaml_key_is_documented():
+    """Each key the section validators accept (and each model: key) is in the README, written as `key: ...` in a
+    YAML example or as `key` in the text; keys dlc refuses as unused are not accepted, so they need no entry."""
+    from dlc.compiler.sections import SCHEMAS, UNUSED
+    from dlc.compiler.spec import MODEL_KEYS
+
+    text = (ROOT / "README.md").read_text()
+    keys = [(f"model.{k}", k) for k in MODEL_KEYS]
+    for section, schema in SCHEMAS.items():
+        assert re.search(rf"^{section}:", text, re.M), f"no '{section}:' example in the README"
+        keys += list(_keys(section, schema))
+    missing = [full for full, key in keys
+               if not re.search(rf"(?<![\w.-]){re.escape(key)}:|`{re.escape(key)}`", text)]
+    assert missing == []
+    assert not set(UNUSED) & {full for full, _ in keys}
+    for full in UNUSED:  # each refused key is named in the README, with what to use instead
+        assert f"`{full.split('.', 1)[1]}`" in text, full

@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
-from test_more_ops import _check_gradients, _check_import, _export_matches, _model, _rand, _torch_export
+from test_more_ops import _check_gradients, _check_import, _export_matches, _model, _rand, _torch_import
 
 from dlc.compiler.analysis import summarize
 from dlc.compiler.errors import DlcError
 from dlc.compiler.frontend import load_model_text
-from dlc.compiler.onnx_import import import_onnx, verify_import
+from dlc.compiler.onnx_import import import_onnx
 from dlc.compiler.train.executor import Executor
 from dlc.compiler.yaml_writer import graph_to_yaml
 
@@ -261,60 +261,12 @@ def test_reshape_transpose_import_errors():
         _check_import(_model_i64(nodes, [_ints("s", s)], (4, 6, 6)), ["reshape"])
 
 
-def test_shufflenet_unit_import_pytorch():
+@pytest.mark.parametrize("live", [False, True], ids=["fixture", "live_torch"])
+def test_shufflenet_unit_import_pytorch(live):
     """A ShuffleNet (v1) unit: grouped 1×1 conv, channel shuffle by x.view(n, g, c // g, h, w) and
     transpose(1, 2), depthwise 3×3, grouped 1×1 conv, residual add; then a tail of unsqueeze, squeeze, permute and
-    x.reshape(n, -1), whose batch size PyTorch computes with Shape and Gather."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    def shuffle(x, groups):
-        n, c, h, w = x.shape
-        x = x.view(n, groups, c // groups, h, w)
-        return torch.transpose(x, 1, 2).contiguous().view(n, -1, h, w)
-
-    class Unit(nn.Module):
-        def __init__(self, c, groups):
-            super().__init__()
-            self.groups = groups
-            self.reduce = nn.Sequential(
-                nn.Conv2d(c, c // 2, 1, groups=groups, bias=False), nn.BatchNorm2d(c // 2)
-            )
-            self.dw = nn.Sequential(
-                nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2, bias=False), nn.BatchNorm2d(c // 2)
-            )
-            self.expand = nn.Sequential(nn.Conv2d(c // 2, c, 1, groups=groups, bias=False), nn.BatchNorm2d(c))
-
-        def forward(self, x):
-            y = shuffle(torch.relu(self.reduce(x)), self.groups)
-            return torch.relu(x + self.expand(self.dw(y)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.unit = Unit(8, 2)
-            self.head = nn.Conv2d(8, 4, 1)
-
-        def forward(self, x):
-            x = self.head(self.unit(torch.relu(self.stem(x))))
-            n = x.shape[0]
-            return x.unsqueeze(2).squeeze(2).permute(0, 2, 3, 1).reshape(n, -1)
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    original = _torch_export(net, (3, 8, 8))
-    graph = import_onnx(original)
+    x.reshape(n, -1), whose batch size PyTorch computes with Shape and Gather (tests/fixtures/make_torch_fixtures.py:
+    the committed export, or live one by the installed torch)."""
+    graph = _torch_import("shufflenet", live)
     ops = [n.op for n in graph.nodes()]
     assert "transpose" in ops and "reshape" in ops, ops
-    verify_import(original, graph, runs=2, rtol=1e-4, atol=1e-5)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        want = net(x).numpy()
-    np.testing.assert_allclose(
-        Executor(graph).forward(x.numpy())[graph.outputs[0]], want, rtol=1e-4, atol=1e-5
-    )

@@ -152,8 +152,8 @@ def test_bad_train_sections_are_reported(tmp_path):
         load_model_text(text + "  layers: {nope: {freeze: true}}\n", "m.yaml")
     messages = str(info.value)
     assert "'train.lr_policy' must be one of" in messages and "did you mean 'step'" in messages
-    assert "'train.epochs' must be an integer >= 1, got 0" in messages
-    assert "'data.val_fraction' must be a number in [0, 0.9], got 2" in messages
+    assert "'train.epochs' must be an integer in [1, 1e+06], got 0" in messages
+    assert "'data.val_fraction' must be a finite number in [0, 0.9], got 2" in messages
     assert "'train.layers.nope' matches no layer" in messages
     with pytest.raises(DlcError, match="needs a 'data:' section"):
         load_model_text(MODEL.split("data:")[0] + "train: {epochs: 1}\n", "m.yaml")

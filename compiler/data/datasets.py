@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import limits
 from ..errors import Diagnostic, DlcError
 from .synthetic import make_shapes
 
@@ -25,6 +28,25 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+# data: keys that only some data sets read; given to another, they would be ignored, so they are refused.
+DATASET_KEYS = {"root": ("imagefolder", "yolo"), "samples": ("synthetic", "synthetic_detection"),
+                "num_classes": ("synthetic", "synthetic_detection")}
+
+
+def unused_data_keys(section: Any, file: str) -> list[Diagnostic]:
+    """A diagnostic for each key of data: that its dataset does not read (e.g. samples on an imagefolder)."""
+    kind = section.get("dataset")
+    if kind not in DATASETS:
+        return []
+    diags = []
+    for key, kinds in DATASET_KEYS.items():
+        if key in section and kind not in kinds:
+            line = section.line_of(key) if hasattr(section, "line_of") else None
+            diags.append(Diagnostic(f"'data.{key}' is only read by dataset {' / '.join(kinds)}, not {kind!r}",
+                                    file=file, line=line, hint=f"remove {key}, or change data.dataset"))
+    return diags
 
 
 def _interp_matrix(src: int, dst: int) -> np.ndarray:
@@ -82,30 +104,63 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, d.target.astype(np.int64), [str(t) for t in d.target_names]
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not a plain file before opening it: a FIFO named x.png would block the read forever, a
+    device could be endless. Links are followed (a link to a plain file is fine)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DlcError(Diagnostic("image file not found", file=str(path), hint="check the path")) from None
+    except OSError as exc:
+        raise DlcError(Diagnostic(f"cannot read image: {exc.strerror or exc}", file=str(path))) from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else (
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a plain file")
+        raise DlcError(Diagnostic(f"cannot read image: it is {kind}, not a regular file", file=str(path),
+                                  hint="give image files only"))
+
+
 def read_image(path: Path, c: int, h: int, w: int) -> tuple[np.ndarray, tuple[int, int]]:
     """One image file as float32 C×h×w in [0, 1] (grey for c == 1, else RGB; bilinear resize), and its original
-    (width, height). A corrupt or unreadable file is a DlcError naming it."""
+    (width, height). A corrupt or unreadable file, or one that is not a regular file (a FIFO, a device), is a
+    DlcError naming it. Grey images are repeated into 3 channels for an RGB model; colour images (RGBA, palette,
+    CMYK ...) are converted to RGB, or to grey (L = 0.299 R + 0.587 G + 0.114 B) for a 1-channel model."""
     from PIL import Image, UnidentifiedImageError
 
     if c not in (1, 3):
         raise DlcError(f"{path}: image files are grey or RGB; the model input has {c} channels")
+    _check_regular_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only; the pixels are decoded below
             size = im.size
+            limits.check("image_pixels", size[0] * size[1], f"{path}: image {size[0]}×{size[1]}: pixels")
             im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
             array = np.asarray(im, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DlcError(Diagnostic("image file not found", file=str(path), hint="check the path")) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
                                   hint="remove or replace the file")) from None
     return (array[None] if c == 1 else array.transpose(2, 0, 1)), size
 
 
+def class_folders(root: Path) -> list[str]:
+    """An ImageFolder's class names: its sub-folders (hidden ones skipped) in sorted order, which is also the
+    class index: the k-th name is output k."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_folder_root(cfg: dict[str, Any], base_dir: Path) -> Path:
+    """data.root, relative to the YAML file's folder unless absolute."""
+    root = Path(str(cfg["root"]))
+    return root if root.is_absolute() else base_dir / root
+
+
 def _image_folder(root: Path, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not root.is_dir():
         raise DlcError(f"data.root: '{root}' is not a directory (expected one sub-folder of images per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(root)
     if len(classes) < 2:
         raise DlcError(f"data.root: '{root}' needs at least two class sub-folders, found {classes or 'none'}")
     images, labels = [], []
@@ -134,8 +189,7 @@ def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_out
     elif kind == "digits":
         images, labels, classes = _digits()
     else:
-        root = Path(cfg["root"])
-        root = root if root.is_absolute() else base_dir / root
+        root = image_folder_root(cfg, base_dir)
         if (root / "train").is_dir() and (root / "val").is_dir():
             tr = _image_folder(root / "train", c, h, w)
             va = _image_folder(root / "val", c, h, w)

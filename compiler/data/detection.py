@@ -210,7 +210,7 @@ def _load_coco(images_dir: Path, ann_file: Path, input_shape: tuple[int, int, in
         raise DlcError(Diagnostic(f"images folder '{images_dir}' not found", file=f, hint="check data.images"))
     try:
         doc = json.loads(ann_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         line = getattr(exc, "lineno", None)
         raise DlcError(Diagnostic(f"not valid JSON: {exc}", file=f, line=line)) from None
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "categories")):

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import DlcError
+from ..limits import check_input
 
 
 @dataclass
@@ -34,10 +35,11 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 def random_feeds(session: ort.InferenceSession, rng: np.random.Generator, batch: int = 2) -> dict[str, np.ndarray]:
     feeds = {}
     for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in arg.shape]
+        shape = [d if isinstance(d, int) and d >= 0 else batch for d in arg.shape]  # a fixed 0 stays 0
         kind = arg.type[len("tensor("):-1]
         dtype = {"float": np.float32, "float16": np.float16, "double": np.float64, "int64": np.int64,
                  "int32": np.int32, "bool": np.bool_}.get(kind, np.float32)
+        check_input(shape, 8, f"random input '{arg.name}'")
         if np.issubdtype(dtype, np.floating):
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         else:

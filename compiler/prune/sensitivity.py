@@ -86,27 +86,52 @@ def sensitivity(graph: Graph, val: ValData, method: str = "structured", importan
     return result
 
 
-def plot_sensitivity(result: Sensitivity, path: str | Path, title: str = "pruning sensitivity") -> Path:
-    """One line per group or layer: validation accuracy vs pruning ratio, as a PNG (written atomically)."""
+def sensitivity_figure(result: Sensitivity, title: str = "pruning sensitivity"):
+    """The sensitivity plot as a matplotlib Figure: one line per group or layer, accuracy vs pruning ratio.
+
+    The ratios sit evenly spaced on the x axis, labelled with their values: unstructured sweeps go up to 0.95 or
+    0.99, where on a linear axis every line would drop in the last few millimetres. Colours repeat after ten
+    lines, so each cycle of ten gets its own line style and marker; the legend sits right of the axes, off the
+    lines. The y axis spans the measured accuracies (ending at 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import write_bytes
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in result.rows:
+    n = len(result.rows)
+    fig, ax = plt.subplots(figsize=(9.5 if n <= 24 else 11, 5))
+    xs = list(range(len(result.ratios)))
+    styles, markers = ("-", "--", ":", "-."), "osD^v"
+    for j, row in enumerate(result.rows):
         label = row["name"] if len(row["name"]) <= 40 else row["name"][:37] + "..."
-        ax.plot(result.ratios, row["accuracy"], marker="o", markersize=3, label=f"{label} ({row['size']})")
+        ax.plot(xs, row["accuracy"], marker=markers[j // 10 % len(markers)], markersize=4,
+                linestyle=styles[j // 10 % len(styles)], clip_on=False, label=f"{label} ({row['size']:,})")
     ax.axhline(result.base_accuracy, color="grey", linestyle="--", linewidth=1, label="unpruned")
-    ax.set_xlabel("ratio pruned" + (" (channels)" if result.method == "structured" else " (weights)"))
+    ax.set_xticks(xs, [f"{r:g}" for r in result.ratios])
+    steps = np.diff(result.ratios)
+    even = len(steps) < 2 or np.allclose(steps, steps[0], rtol=1e-3, atol=1e-9)
+    ax.set_xlabel("ratio pruned" + (" (channels)" if result.method == "structured" else " (weights)")
+                  + ("" if even else ": the ratios evenly spaced, not to scale"))
     ax.set_ylabel(f"{result.label} (no fine-tuning)")
-    ax.set_ylim(0, 1.02)
+    values = [a for row in result.rows for a in row["accuracy"]] + [result.base_accuracy]
+    lo, hi = min(values), max(values)
+    pad = max(0.02, 0.05 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if len(result.rows) > 12 else 8, loc="lower left", ncol=2 if len(result.rows) > 12 else 1)
+    ax.legend(fontsize=6 if n > 12 else 8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              ncols=2 if n > 24 else 1, frameon=False)
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_sensitivity(result: Sensitivity, path: str | Path, title: str = "pruning sensitivity") -> Path:
+    """sensitivity_figure as a PNG (written atomically)."""
+    import matplotlib.pyplot as plt
+
+    from ..atomic import write_bytes
+
+    fig = sensitivity_figure(result, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -7,6 +7,7 @@ rules (choices, ranges) and the defaults, each problem with its YAML line.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,16 @@ class DataConfig:
     prefetch: int = 2
 
 
+# Bounds far beyond any real run that keep schedules and loops finite (a 1e18-epoch warm-up is a typo).
+MAX_EPOCHS = 1_000_000
+MAX_ITERATIONS = 10**12
+MAX_BATCH = 1 << 20
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class _Checker:
     def __init__(self, file: str, section: str, mapping: LDict):
         self.file, self.section, self.m = file, section, mapping
@@ -86,20 +97,23 @@ class _Checker:
         self.diags.append(Diagnostic(message, file=self.file, line=self.line(key, within), hint=hint))
 
     def number(self, key: str, default: float, lo: float | None = None, hi: float | None = None,
-               within: LDict | None = None, integer: bool = False) -> Any:
+               within: LDict | None = None, integer: bool = False, path: str | None = None) -> Any:
         m = within if within is not None else self.m
         value = m.get(key, default)
         if value is None:
             return default
         ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        # NaN passes every `<`/`>` test and inf passes `>= lo`: neither is a setting anyone means
+        if ok and not math.isfinite(value):
+            ok = False
         if ok and lo is not None and value < lo:
             ok = False
         if ok and hi is not None and value > hi:
             ok = False
         if not ok:
             rng = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f" >= {lo:g}" if lo is not None else "")
-            kind = "an integer" if integer else "a number"
-            self.error(f"'{self.section}.{key}' must be {kind}{rng}, got {value!r}", key, within)
+            kind = "an integer" if integer else "a finite number"
+            self.error(f"'{self.section}.{path or key}' must be {kind}{rng}, got {value!r}", key, within)
             return default
         return value
 
@@ -125,8 +139,8 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
         clip_grad_norm=c.number("clip_grad_norm", None, 0.0) if "clip_grad_norm" in section else None,
     )
     betas = section.get("betas", [0.9, 0.999])
-    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                                                for b in betas)):
+    if not (isinstance(betas, list) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         c.error(f"'train.betas' must be two numbers in [0, 1), got {betas!r}", "betas")
     else:
         solver.betas = (float(betas[0]), float(betas[1]))
@@ -136,9 +150,9 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
     t.base_lr = c.number("base_lr" if "base_lr" in section else "lr", 0.01, 0.0)
     t.lr_policy = c.choice("lr_policy", "fixed", POLICIES)
     t.gamma = c.number("gamma", 0.1, 0.0)
-    t.step_size = c.number("step_size", 10.0, 1e-9)
+    t.step_size = c.number("step_size", 10.0, 1e-9, MAX_EPOCHS)
     steps = section.get("steps", [])
-    if not isinstance(steps, list) or not all(isinstance(s, (int, float)) and s >= 0 for s in steps):
+    if not isinstance(steps, list) or not all(_finite(s) and 0 <= s <= MAX_EPOCHS for s in steps):
         c.error(f"'train.steps' must be a list of epochs, got {steps!r}", "steps")
     else:
         t.steps = sorted(float(s) for s in steps)
@@ -150,23 +164,25 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
     if isinstance(warmup, dict):
         if "epochs" in warmup and "iterations" in warmup:
             c.error("warm-up takes 'epochs' or 'iterations', not both", "warmup")
-        t.warmup_epochs = c.number("epochs", 0.0, 0.0, within=warmup)
-        t.warmup_iterations = c.number("iterations", 0, 0, within=warmup, integer=True)
-        t.warmup_start_factor = c.number("start_factor", 0.1, 0.0, 1.0, within=warmup)
+        t.warmup_epochs = c.number("epochs", 0.0, 0.0, MAX_EPOCHS, path="warmup.epochs", within=warmup)
+        t.warmup_iterations = c.number("iterations", 0, 0, MAX_ITERATIONS, path="warmup.iterations", within=warmup,
+                                       integer=True)
+        t.warmup_start_factor = c.number("start_factor", 0.1, 0.0, 1.0, path="warmup.start_factor",
+                                         within=warmup)
         if warmup.get("type", "linear") != "linear":
             c.error(f"warm-up type must be linear, got {warmup.get('type')!r}", "type", warmup)
-    t.batch_size = c.number("batch_size", 64, 1, integer=True)
-    t.epochs = c.number("epochs", 10, 1, integer=True)
-    t.max_iter = c.number("max_iter", None, 1, integer=True) if "max_iter" in section else None
-    t.seed = c.number("seed", 0, 0, integer=True)
-    t.snapshot_every = c.number("snapshot_every", 0, 0, integer=True)
+    t.batch_size = c.number("batch_size", 64, 1, MAX_BATCH, integer=True)
+    t.epochs = c.number("epochs", 10, 1, MAX_EPOCHS, integer=True)
+    t.max_iter = c.number("max_iter", None, 1, MAX_ITERATIONS, integer=True) if "max_iter" in section else None
+    t.seed = c.number("seed", 0, 0, 2**32 - 1, integer=True)
+    t.snapshot_every = c.number("snapshot_every", 0, 0, MAX_EPOCHS, integer=True)
     t.loss = c.choice("loss", "cross_entropy", LOSSES)
     t.focal_gamma = c.number("focal_gamma", 2.0, 0.0)
     t.label_smoothing = c.number("label_smoothing", 0.0, 0.0, 0.999)
     weights = section.get("class_weights")
     if weights is not None:
         if weights == "balanced" or (isinstance(weights, list) and weights
-                                     and all(isinstance(w, (int, float)) and w >= 0 for w in weights)):
+                                     and all(_finite(w) and w >= 0 for w in weights)):
             t.class_weights = weights
         else:
             c.error(f"'train.class_weights' must be 'balanced' or a list of non-negative numbers, got {weights!r}",
@@ -179,8 +195,10 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
                     did_you_mean(str(monitor), MONITORS))
             monitor = "val_loss"
         t.early_stopping = EarlyStopping(
-            monitor=monitor, patience=c.number("patience", 5, 1, within=es, integer=True),
-            min_delta=c.number("min_delta", 0.0, 0.0, within=es), restore_best=bool(es.get("restore_best", True)))
+            monitor=monitor,
+            patience=c.number("patience", 5, 1, MAX_EPOCHS, path="early_stopping.patience", within=es, integer=True),
+            min_delta=c.number("min_delta", 0.0, 0.0, path="early_stopping.min_delta", within=es),
+            restore_best=bool(es.get("restore_best", True)))
     rules = section.get("layers", {})
     if not isinstance(rules, dict):
         c.error("'train.layers' maps layer names (or patterns like 'stage1*') to {lr_mult, freeze}", "layers")
@@ -192,7 +210,7 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
             if not any(fnmatch.fnmatchcase(n, str(pattern)) for n in layer_names):
                 c.error(f"'train.layers.{pattern}' matches no layer", pattern, rules,
                         did_you_mean(str(pattern), layer_names))
-            mult = c.number("lr_mult", 1.0, 0.0, within=rule)
+            mult = c.number("lr_mult", 1.0, 0.0, path="layers.<pattern>.lr_mult", within=rule)
             t.layer_rules.append((str(pattern), float(mult), bool(rule.get("freeze", False))))
     return t, c.diags
 
@@ -206,7 +224,7 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
     if section.get("dataset") == "imagefolder" and not section.get("root"):
         c.error("dataset imagefolder needs 'root': a folder with one sub-folder of images per class", "dataset")
     c.number("val_fraction", 0.2, 0.0, 0.9)
-    c.number("samples", 2000, 10, integer=True)
+    c.number("samples", 2000, 10, 10_000_000, integer=True)
     if "num_classes" in section:  # a detection set may have a single class
         c.number("num_classes", 2, 1 if section.get("dataset") == "synthetic_detection" else 2, 12, integer=True)
     _check_detection_data(c, section)
@@ -219,9 +237,10 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
     augment = AugmentConfig(
         mirror=bool(aug.get("mirror", False)) if isinstance(aug, dict) else False,
         crop_pad=int(crop) if isinstance(crop, int) and crop >= 0 else 0,
-        pca_color=float(aug.get("pca_color", 0.0)) if isinstance(aug, dict) else 0.0,
+        pca_color=(float(c.number("pca_color", 0.0, 0.0, 10.0, path="augment.pca_color", within=aug))
+                   if isinstance(aug, dict) else 0.0),
     )
-    if not isinstance(crop, int) or crop < 0:
+    if not isinstance(crop, int) or crop < 0 or crop > 4096:
         c.error(f"'data.augment.crop' is the padding of a random crop in pixels (e.g. 4), got {crop!r}", "augment")
     prefetch = c.number("prefetch", 2, 1, 64, integer=True)
     return DataConfig(dict(section), augment, prefetch), c.diags

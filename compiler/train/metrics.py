@@ -36,12 +36,19 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, classes: 
     }
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> None:
-    """Loss (train and val) and validation accuracy per epoch, as a PNG."""
+def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str, metric: str = "accuracy"):
+    """Loss (train and val) and the validation metric per epoch, as a PNG; returns the (closed) Figure.
+
+    metric: the name of what `train_accuracy` / `val_accuracy` hold, for the right panel's axis and title:
+    "accuracy" (top-1) for classifiers, e.g. "mAP@0.5" for detectors. A train series that is all NaN (a
+    detector has no training mAP) is not drawn."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -49,17 +56,19 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> 
     ax1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
+    ax1.set_title("loss")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train")
+    train = [h.get("train_accuracy", float("nan")) for h in history]
+    if not all(v is None or math.isnan(v) for v in train):
+        ax2.plot(epochs, train, marker="o", label="train")
     ax2.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="val")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
+    ax2.set_ylabel(metric)
+    ax2.set_title(metric if metric != "accuracy" else "top-1 accuracy")
     ax2.set_ylim(0, 1.02)
     ax2.legend()
     ax2.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
@@ -68,3 +77,4 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str) -> 
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_bytes(path, buf.getvalue())
+    return fig

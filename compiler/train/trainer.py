@@ -9,11 +9,15 @@ post-processes with NMS and reports mAP@0.5 as val_map).
 Repeatable bit for bit: the data order, each batch's augmentation and each dropout mask are functions of
 (seed, epoch, iteration), so a run resumed from any checkpoint continues exactly as if never stopped.
 A checkpoint is written atomically after every epoch (and at Ctrl-C, at the end of the current iteration);
-a NaN or inf loss stops the run without touching the last good checkpoint.
+a NaN or inf loss stops the run without touching the last good checkpoint (metrics.json and curves.png still
+get the history so far). The checkpoint records a fingerprint of everything training depends on (graph,
+initial weights, data:, train:, network slimming, dlc version), so `dlc compile` can reuse an up-to-date one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import signal
 import threading
@@ -26,13 +30,22 @@ import numpy as np
 
 from dlc._C import loss as _loss
 
+from .. import __version__
 from ..atomic import write_json
 from ..data import BatchLoader, load_dataset
 from ..errors import DlcError
 from ..frontend import LoadedModel
 from ..ops import REGISTRY
 from ..ops.detect import anchors_of, bind_strides, detect_node, strides_of
-from .checkpoint import graph_tensors, load_params_into, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_solver_state,
+    graph_tensors,
+    load_params_into,
+    read_checkpoint,
+    save_checkpoint,
+    short,
+    validate_resume_info,
+)
 from .config import TrainConfig
 from .executor import Executor
 from .metrics import classification_report, plot_curves
@@ -40,10 +53,46 @@ from .schedule import LRSchedule
 from .solver import Solver
 
 CHECKPOINT = "checkpoint.safetensors"
+FINISHED = ("completed", "early_stopping", "max_iter")  # a checkpoint's 'stopped' when training ran to its end
+STATE_KEYS = ("epoch", "iteration", "global_iteration", "history", "best_value", "best_epoch", "bad_epochs",
+              "partial")
 
 
 class TrainingDiverged(DlcError):
     pass
+
+
+class _NonFinite(Exception):
+    """Raised inside the loop at a NaN/inf loss; run() turns it into TrainingDiverged with the right words."""
+
+
+def training_fingerprint(loaded: LoadedModel, config: TrainConfig | None = None, callbacks=()) -> str:
+    """sha256 of what the trained weights depend on: the graph (ops, attributes, wiring), its initial
+    weights (fillers, model.seed, model.weights), the input normalisation, the data: section, the training
+    settings, the callbacks' settings (network slimming) and the dlc version. Not the data files themselves,
+    nor YAML comments or the prune/optimize/export sections. Call it before training touches the graph."""
+    spec, graph = loaded.spec, loaded.graph
+    cfg = config if config is not None else spec.train
+    h = hashlib.sha256()
+
+    def put(obj: Any) -> None:
+        h.update(json.dumps(obj, sort_keys=True, default=repr).encode())
+        h.update(b"\0")
+
+    put({"dlc": __version__, "input": dataclasses.asdict(spec.input) if spec.input is not None else None,
+         "inputs": list(graph.inputs), "outputs": list(graph.outputs),
+         "data": spec.sections.get("data"),
+         "train": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg),
+         "callbacks": [[type(cb).__name__, {k: v for k, v in sorted(vars(cb).items()) if not k.startswith("_")
+                                             and isinstance(v, (int, float, str, bool, type(None)))}]
+                       for cb in callbacks]})
+    for node in graph.nodes():
+        put([node.name, node.op, list(node.inputs), list(node.outputs), node.attrs, node.fillers])
+        for tensor in sorted(node.params):
+            a = np.ascontiguousarray(node.params[tensor])
+            put([tensor, a.dtype.str, list(a.shape)])
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -71,6 +120,8 @@ class Trainer:
         self.spec = spec
         self.cfg = config if config is not None else spec.train
         self.callbacks = list(callbacks)
+        self.train_sha256 = training_fingerprint(loaded, self.cfg, self.callbacks)  # before anchors: auto
+        self._saved_at: tuple[int, int] | None = None  # (epoch, iteration) of this run's checkpoint on disk
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.console = console
@@ -244,14 +295,23 @@ class Trainer:
                 "per_class_ap": result["ap"]}
 
     def _info(self, state: dict[str, Any]) -> dict[str, Any]:
-        info = {**state, "yaml_sha256": self.spec.sha256, "solver_steps": self.solver.steps,
-                "classes": self.train_set.classes}
+        info = {**{k: state[k] for k in STATE_KEYS}, "yaml_sha256": self.spec.sha256,
+                "train_sha256": self.train_sha256, "dlc_version": __version__, "seed": self.cfg.seed,
+                "solver_steps": self.solver.steps, "classes": self.train_set.classes}
         if self.det is not None:
             info["anchors"] = {self.det.name: self.det.attrs["anchors"]}
         return info
 
-    def _save(self, state: dict[str, Any], best: dict[str, np.ndarray] | None, name: str = CHECKPOINT) -> None:
-        save_checkpoint(self.out_dir / name, self.graph, self.solver.state, self._info(state), best)
+    def _save(self, state: dict[str, Any], best: dict[str, np.ndarray] | None, name: str = CHECKPOINT,
+              stopped: str | None = None) -> None:
+        """`stopped` marks the final save of a run (completed, early_stopping, max_iter or interrupted); the
+        per-epoch saves have none (training still under way)."""
+        info = self._info(state)
+        if stopped is not None:
+            info["stopped"] = stopped
+        save_checkpoint(self.out_dir / name, self.graph, self.solver.state, info, best)
+        if name == CHECKPOINT:
+            self._saved_at = (state["epoch"], state["iteration"])
 
     def _on_sigint(self, signum, frame) -> None:
         if self._interrupted:  # a second Ctrl-C: stop now
@@ -274,35 +334,61 @@ class Trainer:
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by the NaN check
                 stopped, best = self._loop(state, best)
+        except _NonFinite as exc:
+            self._write_reports(state, "diverged", reason=str(exc))
+            raise TrainingDiverged(f"{exc}; training stopped and {self._kept_checkpoint()}; "
+                                   f"{self.out_dir / 'metrics.json'} holds the history so far. Try a lower base_lr, "
+                                   "warm-up or clip_grad_norm") from None
         finally:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
         if stopped != "interrupted":
             if c.early_stopping and c.early_stopping.restore_best and best is not None:
                 load_params_into(self.graph, best, "best weights")
-            self._save(state, best)
+            self._save(state, best, stopped=stopped)
             self._write_reports(state, stopped)
         return TrainResult(self.out_dir, state["history"], stopped, state["best_epoch"],
                            time.perf_counter() - started, self.train_set.classes)
 
+    def _kept_checkpoint(self) -> str:
+        """What a stop leaves on disk, in words that never claim a checkpoint that is not there."""
+        path = self.out_dir / CHECKPOINT
+        if self._saved_at is not None and path.is_file():
+            epoch, iteration = self._saved_at
+            where = f"after epoch {epoch}" + (f", iteration {iteration} of the next" if iteration else "")
+            return f"the last good checkpoint ({where}) is kept in {path}"
+        if path.is_file():
+            return f"{path} (from an earlier run) is left as it was"
+        return "no checkpoint was written (it diverged before the first epoch ended)"
+
     def _resume(self) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
         path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            raise DlcError(f"no checkpoint in {self.out_dir} yet; run without --resume to start training")
         params, solver_state, best, info = read_checkpoint(path)
-        if info.get("yaml_sha256") != self.spec.sha256:
+        validate_resume_info(info, path, self.epochs, self.iters_per_epoch, self.total_iters, bool(self.cfg.max_iter))
+        if info["yaml_sha256"] != self.spec.sha256:
             raise DlcError(f"{path}: the checkpoint was made from a different version of {self.spec.file}; "
                            "resuming needs the same YAML (train into a new folder instead)")
+        if "tensors_sha256" not in info:
+            self._say(f"note: {path} has no tensor checksum (written by an older dlc); resuming without checking it")
         load_params_into(self.graph, params, str(path))
+        check_solver_state(self.solver.state, solver_state, path)
+        if best:  # early stopping's best weights must fit the model as well
+            shapes = {k: v.shape for k, v in graph_tensors(self.graph).items()}
+            wrong = [k for k, v in best.items() if shapes.get(k) != v.shape] or sorted(set(shapes) - set(best))
+            if wrong:
+                raise DlcError(f"{path}: the checkpoint's best weights do not fit this model ('{short(wrong[0])}')")
         # Re-bind the solver to the graph's fresh arrays and restore its buffers.
         for key in list(self.solver.params):
             node, tensor = key.rsplit(".", 1)
             self.solver.params[key] = self.graph.node(node).params[tensor]
         for key, value in solver_state.items():
-            if key in self.solver.state:
-                self.solver.state[key][...] = value
-        self.solver.steps = info.get("solver_steps", 0)
+            self.solver.state[key][...] = value
+        self.solver.steps = info["solver_steps"]
         restore_anchors(self.graph, info)
-        state = {k: v for k, v in info.items() if k not in ("yaml_sha256", "solver_steps", "classes", "anchors")}
-        return state, (best or None)
+        self._saved_at = (info["epoch"], info["iteration"])  # the resumed checkpoint: this run's last good state
+        return {k: info[k] for k in STATE_KEYS}, (best or None)
 
     def _loop(self, state: dict[str, Any], best: dict[str, np.ndarray] | None) -> tuple[str, Any]:
         c = self.cfg
@@ -330,10 +416,8 @@ class Trainer:
                         finite = bool(np.all(np.isfinite(logits)))
                         seeds = {self.logits: dlogits}
                     if not np.isfinite(loss) or not finite:
-                        raise TrainingDiverged(
-                            f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} (global {g + 1}); "
-                            f"training stopped and the last good checkpoint in {self.out_dir} is kept. "
-                            "Try a lower base_lr, warm-up or clip_grad_norm")
+                        raise _NonFinite(f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} "
+                                         f"(global {g + 1})")
                     grads = self.executor.backward(seeds)
                     flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
                     self.solver.step(flat, lr)
@@ -353,7 +437,7 @@ class Trainer:
                     if self._interrupted:
                         partial["seconds"] = elapsed
                         state["partial"] = partial
-                        self._save(state, best)
+                        self._save(state, best, stopped="interrupted")
                         return "interrupted", best
                     if state["global_iteration"] >= self.total_iters:
                         break
@@ -405,10 +489,12 @@ class Trainer:
         state["bad_epochs"] += 1
         return best, state["bad_epochs"] >= es.patience
 
-    def _write_reports(self, state: dict[str, Any], stopped: str) -> None:
+    def _write_reports(self, state: dict[str, Any], stopped: str, reason: str | None = None) -> None:
+        """metrics.json and curves.png; also after a NaN stop (stopped: diverged, with the reason)."""
         history = state["history"]
         report = {
             "model": self.spec.name, "stopped": stopped, "best_epoch": state["best_epoch"],
+            **({"stop_reason": reason} if reason else {}),
             "classes": self.train_set.classes, "train_samples": len(self.train_set),
             "val_samples": len(self.val_set), "epochs": history,
         }
@@ -418,8 +504,8 @@ class Trainer:
         if history:
             curves = history if self.det is None else [
                 {**h, "train_accuracy": float("nan"), "val_accuracy": h["val_map"]} for h in history]
-            plot_curves(curves, self.out_dir / "curves.png", f"{self.spec.name}: training curves"
-                        + (" (right: val mAP@0.5)" if self.det is not None else ""))
+            plot_curves(curves, self.out_dir / "curves.png", f"{self.spec.name}: training curves",
+                        metric="accuracy" if self.det is None else "mAP@0.5")
 
     def _say(self, text: str) -> None:
         if self.progress and self.console is not None:
@@ -443,6 +529,45 @@ def restore_anchors(graph, info: dict[str, Any]) -> None:
     for name, anchors in (info.get("anchors") or {}).items():
         if name in graph.nx and anchors is not None:
             graph.node(name).attrs["anchors"] = anchors
+
+
+def reuse_checkpoint(loaded: LoadedModel, out_dir: str | Path, console=None, callbacks=()) -> dict[str, Any] | None:
+    """`dlc compile` without --retrain: when out_dir holds a checkpoint of a finished run whose training
+    fingerprint matches this model's, load its weights (and anchors) into the graph and return the training
+    summary (with 'classes' and 'reused'); otherwise say why it cannot be reused (when there is one) and
+    return None, and the caller trains."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+
+    def say(text: str) -> None:
+        if console is not None:
+            console.print(text, highlight=False)
+
+    try:
+        params, _, _, info = read_checkpoint(path)
+    except DlcError as exc:
+        say(f"note: {exc}; training again")
+        return None
+    fingerprint = training_fingerprint(loaded, None, callbacks)
+    if info.get("train_sha256") != fingerprint:
+        why = ("it records no training fingerprint (written by an older dlc)" if "train_sha256" not in info else
+               "the model, data: or train: section (or the dlc version) changed since it was made")
+        say(f"note: {path} is stale ({why}); training again")
+        return None
+    if info.get("stopped") not in FINISHED:
+        say(f"note: {path} holds an unfinished run; training again from the start (to continue it instead: "
+            f"dlc train {loaded.spec.file} -o {out_dir} --resume)")
+        return None
+    history = info.get("history") if isinstance(info.get("history"), list) else []
+    final = history[-1] if history and isinstance(history[-1], dict) else {}
+    load_params_into(loaded.graph, params, str(path))
+    restore_anchors(loaded.graph, info)
+    say(f"reusing the trained weights in {path} (training section unchanged); pass --retrain to train again")
+    seconds = sum(h["seconds"] for h in history if isinstance(h, dict) and isinstance(h.get("seconds"), (int, float)))
+    return {"reused": str(path), "stopped": info["stopped"], "epochs": len(history), "seconds": float(seconds),
+            "best_epoch": info.get("best_epoch"), "classes": info.get("classes"),
+            **{k: final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map") if k in final}}
 
 
 def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,
