@@ -333,6 +333,11 @@ def optimize(
         try:
             onnx.checker.check_model(optimized, full_check=True)
         except onnx.checker.ValidationError as exc:
+            try:
+                onnx.checker.check_model(original, full_check=True)
+            except onnx.checker.ValidationError as before:
+                raise DlcError(f"{model}: fails onnx's checker already, before any pass "
+                               f"({str(before).splitlines()[0]}); re-export it, then optimize; not written") from None
             raise DlcError(f"the optimized model fails onnx's checker ({exc}); not written") from None
         proof = verify(original, optimized, check, rtol, atol) if check else None
         write_bytes(output, optimized.SerializeToString())

@@ -140,7 +140,7 @@ def _load_weights(spec: ModelSpec, graph: Graph) -> None:
         raise fail(f"cannot read weights file '{spec.weights}': {exc.diagnostics[0].message}",
                    "is it a complete safetensors file written by dlc (dlc import, dlc train)?") from None
     result = load_matching(graph, params)
-    if result["loaded"] == 0:
+    if result["loaded"] == 0 and result["tensors"]:  # a model without parameters loads nothing, rightly
         raise fail(f"none of the {len(params)} tensors in '{spec.weights}' fits a layer of this model (by layer "
                    "name and shape)", "the file's tensors are named 'param/<layer>.<tensor>', e.g. "
                    "'param/conv1.weight'")

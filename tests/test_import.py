@@ -441,3 +441,21 @@ def test_normalising_passes_on_legacy_exports():
     optimized, _ = optimize(model, ["constant_folding", "fuse_pad", "dce"])
     assert [n.op_type for n in optimized.graph.node] == ["AveragePool", "Reshape"]
     assert [n.op for n in import_onnx(model).nodes()] == ["avgpool", "flatten"]
+
+
+def test_a_model_without_parameters_imports_and_runs(tmp_path):
+    """An all-activation graph has no tensors to load: the written YAML must still load (it once failed with
+    'none of the 0 tensors fits a layer') and compute what the original computes."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["b"]),
+             helper.make_node("MaxPool", ["b"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    src = tmp_path / "act.onnx"
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), src)
+    result = CliRunner().invoke(app, ["import", str(src), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    g = load_model(tmp_path / "out" / "model.yaml").graph
+    x = np.random.default_rng(0).normal(0, 2, (1, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = Executor(g).forward(x)[g.outputs[0]]
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)

@@ -101,3 +101,15 @@ def test_compile_with_optimize_section(tmp_path):
     (tmp_path / "bad.yaml").write_text(text.replace("fold_bn,", "fold_bnn,"))
     with pytest.raises(DlcError, match=r"bad.yaml:\d+: unknown pass 'fold_bnn' in 'optimize.passes' \(did you mean"):
         compile_model(tmp_path / "bad.yaml", tmp_path / "out2")
+
+
+def test_an_input_that_fails_the_checker_is_blamed_not_the_passes(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # no shape: invalid
+    src = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), src)
+    result = CliRunner().invoke(app, ["optimize", str(src), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    assert "bad.onnx: fails onnx's checker already, before any pass" in result.output
+    assert not (tmp_path / "o.onnx").exists()

@@ -434,3 +434,42 @@ def test_torch_cnn_export_cleans_up(live):
     assert not left & {"Identity", "Dropout", "Shape", "Gather", "Constant", "Concat", "Unsqueeze"}
     assert len(after.graph.node) < len(m.graph.node)
     np.testing.assert_allclose(outputs_at(after, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def _long_chain(n: int) -> onnx.ModelProto:
+    """x -> n blocks of [Identity, Transpose, Transpose back, Add(random constant), Relu] -> y, so every block
+    leaves one Add and one Relu after the passes."""
+    rng = np.random.default_rng(3)
+    nodes, inits, v = [], {}, "x"
+    for k in range(n):
+        nodes += [
+            helper.make_node("Identity", [v], [f"i{k}"]),
+            helper.make_node("Transpose", [f"i{k}"], [f"t{k}"], perm=[0, 1, 3, 2]),
+            helper.make_node("Transpose", [f"t{k}"], [f"u{k}"], perm=[0, 1, 3, 2]),
+            helper.make_node("Add", [f"u{k}", f"c{k}"], [f"a{k}"]),
+            helper.make_node("Relu", [f"a{k}"], [f"r{k}"]),
+        ]
+        inits[f"c{k}"] = rng.normal(0, 0.1, (1, 3, 1, 1)).astype(np.float32)
+        v = f"r{k}"
+    nodes.append(helper.make_node("Identity", [v], ["y"]))
+    return model(nodes, [vi("x", [2, 3, 4, 5])], [vi("y", [2, 3, 4, 5])], inits)
+
+
+def test_long_chains_are_rewritten_with_a_bounded_number_of_graph_scans(monkeypatch):
+    """The passes keep their producer/consumer indexes current edit by edit (or rebuild them only after a rewrite),
+    so the whole-graph scans do not grow with the graph: rebuilding them per node made a 5,000-node chain take
+    minutes. Counted, not timed; and the chain must still compute what it did."""
+    scans = {"n": 0}
+    original = {name: getattr(OnnxGraph, name) for name in ("producers", "consumers")}
+    for name, fn in original.items():
+        monkeypatch.setattr(OnnxGraph, name, lambda self, fn=fn: (scans.__setitem__("n", scans["n"] + 1), fn(self))[1])
+    counts = []
+    for n in (40, 400):
+        scans["n"] = 0
+        m = _long_chain(n)
+        after, _ = optimize(m)
+        verify(m, after)
+        assert ops(after).count("Add") == n and ops(after).count("Relu") == n
+        assert "Transpose" not in ops(after) and ops(after).count("Identity") <= 1
+        counts.append(scans["n"])
+    assert counts[1] == counts[0] and counts[0] < 60, counts

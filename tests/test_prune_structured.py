@@ -333,7 +333,9 @@ def test_global_scope_ranks_channels_across_layers():
     report = prune(graph, 0.25, "l1", scope="global")
     assert {r["producers"][0]: r["after"] for r in report} == {"a": 8, "b": 16}
     assert report[0]["ratio"] == 0.5 and report[1]["ratio"] == 0.0
-    np.testing.assert_array_equal(Executor(graph).forward(x)["c"], before)
+    # Dropping the zero channels shortens c's reduction, so only the summation order changes: float32
+    # round-off, far below what removing one live filter would move.
+    np.testing.assert_allclose(Executor(graph).forward(x)["c"], before, rtol=0, atol=1e-6 * np.abs(before).max())
 
 
 def test_global_scope_counts_floors_overrides_and_round_to():

@@ -93,18 +93,24 @@ def _axes(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int) -> li
 
 # --- eliminate --------------------------------------------------------------------------------------------------
 class _Ctx:
+    """What the eliminate rules read and how they edit. The producer/consumer index is kept up to date edit by
+    edit, and removed nodes leave `g.nodes` only when the round ends (`finish`), so a rewrite costs the
+    degree of the values it touches, not the size of the graph (a 5,000-node Identity chain was quadratic)."""
+
     def __init__(self, g: OnnxGraph):
         self.g = g
         self.infos = _value_infos(g)
         self.consts = _consts(g)
         self.protected = _subgraph_names(g.nodes)
         self.opset = g.opset() or 17
-        self.refresh()
+        self.producers = g.producers()
+        self.consumers = g.consumers()
+        self.alive = {id(n) for n in g.nodes}
+        self.dead: set[int] = set()
 
-    def refresh(self) -> None:
-        self.producers = self.g.producers()
-        self.consumers = self.g.consumers()
-        self.alive = {id(n) for n in self.g.nodes}
+    def finish(self) -> None:
+        if self.dead:
+            self.g.nodes = [n for n in self.g.nodes if id(n) not in self.dead]
 
     def dims(self, name: str) -> Dims | None:
         return self.infos.get(name, (0, None))[1]
@@ -115,6 +121,65 @@ class _Ctx:
 
     def unused(self, name: str) -> bool:
         return name not in self.g.output_names and name not in self.protected and not self.consumers.get(name)
+
+    # --- edits that keep the index true ------------------------------------------------------------------------
+    def _unread(self, node: onnx.NodeProto, name: str) -> None:
+        readers = self.consumers.get(name, [])
+        for k, n in enumerate(readers):
+            if n is node:
+                del readers[k]
+                break
+        if not readers:
+            self.consumers.pop(name, None)
+
+    def set_input(self, node: onnx.NodeProto, k: int, name: str) -> None:
+        if node.input[k]:
+            self._unread(node, node.input[k])
+        node.input[k] = name
+        if name:
+            self.consumers.setdefault(name, []).append(node)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self.alive.discard(id(node))
+        self.dead.add(id(node))
+        for name in node.input:
+            if name:
+                self._unread(node, name)
+        for name in node.output:
+            if name and self.producers.get(name) is node:
+                del self.producers[name]
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for n in list(self.consumers.get(old, [])):
+            for k, name in enumerate(n.input):
+                if name == old:
+                    self.set_input(n, k, new)
+
+    def rename(self, old: str, new: str) -> None:
+        producer = self.producers.pop(old, None)
+        if producer is not None:
+            for k, name in enumerate(producer.output):
+                if name == old:
+                    producer.output[k] = new
+            self.producers[new] = producer
+        self.replace_uses(old, new)
+
+    def bypass(self, node: onnx.NodeProto, keep: str) -> None:
+        """OnnxGraph.bypass on the index: readers of the output read `keep`; if the output is a graph output,
+        the producer of `keep` is renamed instead (names stay stable), or an Identity keeps the name."""
+        g, out = self.g, node.output[0]
+        self.remove(node)
+        if out in g.output_names and keep not in g.output_names and keep not in {i.name for i in g.inputs} \
+                and keep not in g.inits and self.producers.get(keep) is not None:
+            self.rename(keep, out)
+        elif out in g.output_names:
+            identity = helper.make_node("Identity", [keep], [out], name=f"{out}_identity")
+            g.nodes.append(identity)
+            self.producers[out] = identity
+            self.consumers.setdefault(keep, []).append(identity)
+            self.alive.add(id(identity))
+        else:
+            self.replace_uses(out, keep)
 
     def drop(self, node: onnx.NodeProto, keep: str) -> bool:
         """Remove a pass-through node (output == `keep`). An Identity that must stay to name a graph output is
@@ -133,13 +198,12 @@ class _Ctx:
             )
             if node.op_type == "Identity" and not renameable:
                 return False
-        g.bypass(node, keep)
+        self.bypass(node, keep)
         return True
 
     def drop_if_unused(self, node: onnx.NodeProto) -> None:
-        self.refresh()
         if all(self.unused(o) for o in node.output if o):
-            self.g.remove(node)
+            self.remove(node)
 
 
 def _elim_identity(c: _Ctx, node: onnx.NodeProto) -> bool:
@@ -194,8 +258,8 @@ def _elim_reshape(c: _Ctx, node: onnx.NodeProto) -> bool:
             return False
         name = c.g.add_init(f"{node.output[0]}_shape", np.array(out_dims, np.int64))
         c.consts[name] = c.g.inits[name]
-        node.input[1] = name
-    node.input[0] = src.input[0]
+        c.set_input(node, 1, name)
+    c.set_input(node, 0, src.input[0])
     c.drop_if_unused(src)
     return True
 
@@ -224,7 +288,7 @@ def _elim_transpose(c: _Ctx, node: onnx.NodeProto) -> bool:
         if not c.drop(node, src.input[0]):
             return False
     else:
-        node.input[0] = src.input[0]
+        c.set_input(node, 0, src.input[0])
         set_attr(node, "perm", composed)
     c.drop_if_unused(src)
     return True
@@ -286,7 +350,7 @@ def eliminate(g: OnnxGraph) -> int:
                 continue
             if rule(c, node):
                 count += 1
-                c.refresh()
+        c.finish()
         total += count
         if not count:
             return total
@@ -518,21 +582,24 @@ def constant_folding(g: OnnxGraph) -> int:
     """Replace nodes whose outputs are known before run time (constant inputs, static shapes) by initializers;
     Constant nodes become initializers; shape arithmetic on dynamic dims becomes a Reshape target with 0s."""
     g.topo_sort()
+    # The rules below read the graph as it was when the pass began (the index is not updated in this loop);
+    # folded nodes are swapped for their replacements (none, or a Constant) once the loop is done.
     c, count, touched = _Ctx(g), 0, []
+    replaced: dict[int, list[onnx.NodeProto]] = {}
     outputs = g.output_names
     for node in list(g.nodes):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = c.consts.get(node.output[0])
             if value is not None and node.output[0] not in outputs:
                 g.inits[node.output[0]] = value
-                g.remove(node)
+                replaced[id(node)] = []
                 count += 1
             continue
         if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) > 1:
             target = _reshape_target(c, node)
             if target is not None:
                 touched += [c.producers[node.input[1]]] if node.input[1] in c.producers else []
-                node.input[1] = g.add_init(f"{node.output[0]}_shape", target)
+                node.input[1] = g.add_init(f"{node.output[0]}_shape", target)  # index stays stale (above)
                 c.consts[node.input[1]] = target
                 count += 1
                 continue
@@ -559,16 +626,18 @@ def constant_folding(g: OnnxGraph) -> int:
             else:
                 g.inits[name] = value
         touched += [c.producers[i] for i in node.input if i in c.producers]
-        index = next(k for k, n in enumerate(g.nodes) if n is node)
-        g.nodes[index : index + 1] = replacement
+        replaced[id(node)] = replacement
         count += 1
+    if replaced:
+        g.nodes = [m for n in g.nodes for m in replaced.get(id(n), [n])]
     # the nodes that fed only folded ones are dead now
+    c = _Ctx(g)
     while touched:
-        c.refresh()
         node = touched.pop()
         if id(node) in c.alive and all(c.unused(o) for o in node.output if o):
-            g.remove(node)
+            c.remove(node)
             touched += [c.producers[i] for i in node.input if i in c.producers]
+    c.finish()
     return count
 
 

@@ -73,8 +73,10 @@ def _matmul_gemm(
 def fuse_bias(g: OnnxGraph) -> int:
     """Conv (no bias) + per-channel Add -> Conv with bias; MatMul (2-D, constant weight) + Add -> Gemm."""
     count, ranks = 0, None
+    index = None  # rebuilt only after a fusion: a failed attempt changes nothing
     for add in [n for n in g.nodes if n.op_type == "Add" and is_std(n) and len(n.input) == 2]:
-        producers, consumers = g.producers(), g.consumers()
+        index = index or (g.producers(), g.consumers())
+        producers, consumers = index
         for k in (0, 1):
             y, c_name = add.input[k], add.input[1 - k]
             layer = producers.get(y)
@@ -90,7 +92,7 @@ def fuse_bias(g: OnnxGraph) -> int:
                     ranks = known_ranks(g)
                 done = _matmul_gemm(g, layer, add, c_name, c, producers, ranks)
             if done:
-                count += 1
+                count, index = count + 1, None
                 break
     return count
 
@@ -147,8 +149,7 @@ def _kernel_rank(g: OnnxGraph, node: onnx.NodeProto, producers) -> int | None:
     return None
 
 
-def _fuse_pad_once(g: OnnxGraph, pad: onnx.NodeProto) -> bool:
-    producers, consumers = g.producers(), g.consumers()
+def _fuse_pad_once(g: OnnxGraph, pad: onnx.NodeProto, producers, consumers) -> bool:
     y = pad.output[0]
     if len(pad.input) < 1 or not single_reader(g, y, consumers):
         return False
@@ -210,4 +211,9 @@ def fuse_pad(g: OnnxGraph) -> int:
     """A constant Pad on the spatial axes into the `pads` of the Conv, AveragePool or MaxPool after it."""
     pads = [n for n in g.nodes if n.op_type == "Pad" and is_std(n)]
     # last first: in a chain Pad -> Pad -> Conv (PyTorch's opset-9 export), the second fuses, then the first
-    return sum(_fuse_pad_once(g, p) for p in reversed(pads))
+    count, index = 0, None
+    for pad in reversed(pads):
+        index = index or (g.producers(), g.consumers())  # rebuilt only after a fusion
+        if _fuse_pad_once(g, pad, *index):
+            count, index = count + 1, None
+    return count
