@@ -177,6 +177,15 @@ def test_bad_history_records(trained, tmp_path):
     rewrite(run / CHECKPOINT, json.dumps(info), tensors)
     with pytest.raises(DlcError, match=r"'history\[0\]' must be the record of epoch 1"):
         resume(path, run)
+    # a record without what the curves and metrics.json read (once accepted, then a KeyError in plot_curves)
+    info["history"][0] = {k: v for k, v in json.loads(text)["history"][0].items() if k != "val_accuracy"}
+    rewrite(run / CHECKPOINT, json.dumps(info), tensors)
+    with pytest.raises(DlcError, match=r"'history\[0\]' has no 'val_accuracy'"):
+        resume(path, run)
+    info["history"][0]["val_accuracy"] = "high"
+    rewrite(run / CHECKPOINT, json.dumps(info), tensors)
+    with pytest.raises(DlcError, match=r"'history\[0\]\.val_accuracy' must be a number"):
+        resume(path, run)
 
 
 @pytest.mark.parametrize("text, expected", [

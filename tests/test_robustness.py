@@ -19,9 +19,6 @@ FAULTS = ["disk_full_fsize", "disk_full_tmpfs", "kill9_train", "concurrent", "na
 # Open bugs this subset finds in files other helpers own (reported with their reproducers); remove an entry when
 # its fix lands, so that the case guards the fix.
 KNOWN = {
-    # a checkpoint whose history records lack 'val_accuracy' passes validation (compiler/train/checkpoint.py), then
-    # `dlc train --resume` fails in plot_curves (compiler/train/metrics.py) with KeyError
-    "checkpoint-0000": "KeyError: 'val_accuracy'",
 }
 
 

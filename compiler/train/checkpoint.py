@@ -107,7 +107,8 @@ def _is_number(v: Any) -> bool:
 
 
 def validate_resume_info(info: dict[str, Any], path: str | Path, epochs: int, iters_per_epoch: int,
-                         total_iters: int, max_iter: bool = False) -> None:
+                         total_iters: int, max_iter: bool = False,
+                         record_keys: tuple[str, ...] = ("train_loss", "val_loss", "lr", "seconds")) -> None:
     """Check the training state a checkpoint records before `--resume` trusts it: every key there, of the right
     type, within this run's epochs and iterations. A problem raises DlcError naming the file and the key."""
 
@@ -151,7 +152,12 @@ def validate_resume_info(info: dict[str, Any], path: str | Path, epochs: int, it
         if not isinstance(record, dict) or record.get("epoch") != i + 1:
             raise DlcError(f"{path}: checkpoint info 'history[{i}]' must be the record of epoch {i + 1}, got "
                            f"{short(record)}")
-        for key in ("train_loss", "val_loss", "lr", "seconds"):
+        for key in record_keys:  # what this trainer writes per epoch, and later reads (curves, metrics.json)
+            if key not in record:
+                raise DlcError(f"{path}: checkpoint info 'history[{i}]' has no '{key}'; the checkpoint is damaged "
+                               "or not from this model's training (train into a new folder, or without --resume)")
+        for key in ("train_loss", "val_loss", "lr", "seconds", "train_accuracy", "val_accuracy", "val_map",
+                    "images_per_s"):
             if key in record and not _is_number(record[key]):
                 raise DlcError(f"{path}: checkpoint info 'history[{i}].{key}' must be a number, got "
                                f"{short(record[key])}")

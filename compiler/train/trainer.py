@@ -366,7 +366,9 @@ class Trainer:
         if not path.exists():
             raise DlcError(f"no checkpoint in {self.out_dir} yet; run without --resume to start training")
         params, solver_state, best, info = read_checkpoint(path)
-        validate_resume_info(info, path, self.epochs, self.iters_per_epoch, self.total_iters, bool(self.cfg.max_iter))
+        scores = ("val_map",) if self.det is not None else ("train_accuracy", "val_accuracy")
+        validate_resume_info(info, path, self.epochs, self.iters_per_epoch, self.total_iters, bool(self.cfg.max_iter),
+                             record_keys=("train_loss", "val_loss", "lr", "seconds", "images_per_s", *scores))
         if info["yaml_sha256"] != self.spec.sha256:
             raise DlcError(f"{path}: the checkpoint was made from a different version of {self.spec.file}; "
                            "resuming needs the same YAML (train into a new folder instead)")
