@@ -576,7 +576,8 @@ def mutate_onnx(model, rng: random.Random, files: dict) -> str:
         target = rng.choice([rng.choice(inits)] if inits and rng.random() < 0.5 else list(g.input) or [None])
         if target is not None:
             if hasattr(target, "data_type"):
-                target.data_type = rng.choice([0, TensorProto.STRING, TensorProto.DOUBLE, 999])
+                target.data_type = rng.choice([0, TensorProto.STRING, TensorProto.DOUBLE, 999,
+                                               TensorProto.FLOAT8E4M3FN, TensorProto.INT4])
             else:
                 target.type.tensor_type.elem_type = rng.choice([0, TensorProto.STRING, TensorProto.INT64, 999])
     elif op == "cycle" and len(g.node) >= 2:
@@ -639,7 +640,13 @@ def onnx_case(i: int, rng: random.Random, assets: Assets) -> Case:
 
 
 def mutate_bytes(data: bytes, rng: random.Random) -> tuple[bytes, str]:
-    op = rng.choice(["flip", "flip", "truncate", "garbage", "empty", "append", "zero_run"])
+    op = rng.choice(["flip", "flip", "truncate", "garbage", "empty", "append", "zero_run", "non_utf8"])
+    if op == "non_utf8":  # a letter of some name or string field becomes a byte that is not UTF-8
+        letters = [i for i, c in enumerate(data) if 97 <= c <= 122]
+        if letters:
+            b = bytearray(data)
+            b[rng.choice(letters)] = 0xFF
+            return bytes(b), op
     if op == "flip":
         b = bytearray(data)
         n = rng.choice([1, 2, 8, 64])
@@ -716,6 +723,7 @@ def mutate_checkpoint(data: bytes, rng: random.Random) -> tuple[bytes, str]:
         name = rng.choice(names)
         start, end = header[name]["data_offsets"]
         b = bytearray(body)
+        end = min(end, len(b))  # an earlier edit may have cut the body short of the header's offsets
         if op == "nan_tensor" and end - start >= 4:
             at = start + 4 * rng.randrange((end - start) // 4)
             b[at:at + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), 3e38]))

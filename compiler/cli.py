@@ -305,7 +305,6 @@ def optimize(
     """Optimize any ONNX model with dlc's passes (fold BN, fuse, eliminate, fold constants, CSE, DCE) and prove
     the result: by default it runs both models on random inputs through onnxruntime (its own optimizations
     off) and fails loudly if any output differs beyond the tolerance."""
-    import onnx
 
     from .atomic import write_bytes
     from .metadata import finalize_metadata
@@ -330,15 +329,13 @@ def optimize(
         names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
         optimized, reports = run_passes(original, names)
         finalize_metadata(optimized, passes=reports, file=str(model))  # a dlc file's pass log stays true
-        try:
-            onnx.checker.check_model(optimized, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            try:
-                onnx.checker.check_model(original, full_check=True)
-            except onnx.checker.ValidationError as before:
-                raise DlcError(f"{model}: fails onnx's checker already, before any pass "
-                               f"({str(before).splitlines()[0]}); re-export it, then optimize; not written") from None
-            raise DlcError(f"the optimized model fails onnx's checker ({exc}); not written") from None
+        problem = _checker_problem(optimized)
+        if problem is not None:
+            before = _checker_problem(original)
+            if before is not None:
+                raise DlcError(f"{model}: fails onnx's checker already, before any pass ({before}); re-export "
+                               "it, then optimize; not written")
+            raise DlcError(f"the optimized model fails onnx's checker ({problem}); not written")
         proof = verify(original, optimized, check, rtol, atol) if check else None
         write_bytes(output, optimized.SerializeToString())
     except DlcError as exc:
@@ -358,6 +355,21 @@ def optimize(
                   f"(rtol {rtol:g}, atol {atol:g})")
     else:
         out.print("  [yellow]not verified[/] (--check 0)")
+
+
+def _checker_problem(model) -> str | None:
+    """The first line of what onnx's full check (structure and shape inference) finds wrong, or None. Its C++
+    side reports some problems as a plain ValueError; all of them are about the model, none a bug of ours."""
+    import onnx
+    import onnx.shape_inference
+
+    from .errors import shorten
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        return shorten((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return None
 
 
 @app.command("export")

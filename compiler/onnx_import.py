@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .analysis import infer_shapes
 from .errors import Diagnostic, DlcError
 from .export_onnx import read_metadata
 from .graph import Graph, Node, Source, ValueInfo
+from .onnx_io import tensor_array
 from .ops import REGISTRY, Shape, ShapeError, fmt_shape
 from .ops.detect import LOSS_PARAMS, POSTPROCESS_PARAMS, infer_strides
 from .ops.window import resolve_pads, window_output
@@ -330,7 +331,7 @@ class _Importer:
             pass
         self.model = model
         g = model.graph
-        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.consts: dict[str, np.ndarray] = {t.name: tensor_array(t, self.file) for t in g.initializer}
         for n in g.node:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                 value = constant_value(n)

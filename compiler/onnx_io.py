@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper
+from onnx import TensorProto, external_data_helper, numpy_helper
 
 from . import limits
 from .errors import Diagnostic, DlcError
@@ -24,10 +25,31 @@ _TYPED_FIELD = {
 }
 
 
+# Types stored below a byte per element: raw_data packs them, two 4-bit or four 2-bit values to a byte.
+_PACKED_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4, TensorProto.FLOAT4E2M1: 4,
+                **{getattr(TensorProto, t): 2 for t in ("UINT2", "INT2") if hasattr(TensorProto, t)}}
+# 8-bit floats: one byte each in raw_data, one int32_data entry each otherwise.
+_BYTE_FLOATS = {getattr(TensorProto, t) for t in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
+                                                  "FLOAT8E8M0") if hasattr(TensorProto, t)}
+
+
 def _itemsize(data_type: int) -> int | None:
+    if data_type in _BYTE_FLOATS:
+        return 1
     if data_type not in _TYPED_FIELD:
-        return None  # strings, 4-bit and 8-bit float types: not checked here
+        return None  # strings and packed types: checked on their own below
     return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def _raw_bytes(data_type: int, elements: int) -> int | None:
+    """How many raw_data bytes a tensor of this type and element count holds; None where onnx's packing is not
+    pinned down here (6-bit floats): such a tensor is checked when it is read (tensor_array)."""
+    size = _itemsize(data_type)
+    if size is not None:
+        return elements * size
+    if data_type in _PACKED_BITS:
+        return -(-elements * _PACKED_BITS[data_type] // 8)
+    return None
 
 
 def check_tensors(model: onnx.ModelProto, where: str, base: Path | None = None) -> None:
@@ -47,6 +69,7 @@ def check_tensors(model: onnx.ModelProto, where: str, base: Path | None = None) 
             raise fail(f"tensor '{name}' has no known element type (data_type {tensor.data_type})")
         elements = math.prod(tensor.dims)
         size = _itemsize(tensor.data_type)
+        expected_raw = _raw_bytes(tensor.data_type, elements)
         if external_data_helper.uses_external_data(tensor):
             info = {e.key: e.value for e in tensor.external_data}
             try:
@@ -55,25 +78,47 @@ def check_tensors(model: onnx.ModelProto, where: str, base: Path | None = None) 
                 raise fail(f"tensor '{name}': external data offset/length are not integers") from None
             if offset < 0 or ("length" in info and length < 0):
                 raise fail(f"tensor '{name}': negative external data offset or length ({offset}, {length})")
-            if size is not None and "length" in info and length != elements * size:
-                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements * size:,} bytes) but its "
+            if expected_raw is not None and "length" in info and length != expected_raw:
+                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({expected_raw:,} bytes) but its "
                            f"external data is {length:,} bytes")
             if base is not None and info.get("location"):
                 target = base / info["location"]
                 if target.is_file() and offset + max(length, 0) > target.stat().st_size:
                     raise fail(f"tensor '{name}': external data ends past the end of '{info['location']}'")
             continue
-        if size is None:
+        has_raw = tensor.HasField("raw_data") or bool(tensor.raw_data)
+        if tensor.data_type == TensorProto.STRING:
+            if has_raw:
+                raise fail(f"string tensor '{name}' holds raw bytes (strings are stored as a list; was its type "
+                           "changed?)")
+            if len(tensor.string_data) != elements:
+                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements:,} strings) but holds "
+                           f"{len(tensor.string_data):,}")
             continue
-        if tensor.HasField("raw_data") or tensor.raw_data:
-            if len(tensor.raw_data) != elements * size:
-                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements * size:,} bytes) but holds "
+        if has_raw:
+            if expected_raw is not None and len(tensor.raw_data) != expected_raw:
+                raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({expected_raw:,} bytes) but holds "
                            f"{len(tensor.raw_data):,} bytes")
             continue
-        field, per = _TYPED_FIELD[tensor.data_type]
+        if size is None or tensor.data_type not in _TYPED_FIELD and tensor.data_type not in _BYTE_FLOATS:
+            continue
+        field, per = _TYPED_FIELD.get(tensor.data_type, ("int32_data", 1))
         count = len(getattr(tensor, field))
         if count != elements * per:
             raise fail(f"tensor '{name}' is declared {list(tensor.dims)} ({elements:,} values) but holds {count:,}")
+
+
+def tensor_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
+    """A tensor's values as numpy; data that does not fit its declared type or shape is the file's fault (a
+    DlcError naming the tensor), not a ValueError from deep inside onnx."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        known = tensor.data_type in TensorProto.DataType.values()
+        kind = TensorProto.DataType.Name(tensor.data_type) if known else f"type {tensor.data_type}"
+        raise DlcError(Diagnostic(f"tensor '{tensor.name or '<unnamed>'}' cannot be read as its declared {kind} "
+                                  f"{list(tensor.dims)} ({exc})", file=where,
+                                  hint="the file is corrupt; export it again")) from None
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -123,7 +168,34 @@ def read_onnx_proto(path: str | Path) -> onnx.ModelProto:
             raise DlcError(Diagnostic(f"external data file '{info.location}' of tensor '{tensor.name}' is missing",
                                       file=str(path)))
     check_tensors(model, str(path), base)
+    check_text(model, str(path))
     return model
+
+
+def check_text(model: onnx.ModelProto, where: str) -> None:
+    """Every name and string field must be UTF-8. protobuf hands back invalid bytes as `bytes` instead of `str`,
+    which no later step expects (a crafted or bit-flipped file)."""
+    def fail(what: str, value: bytes) -> DlcError:
+        return DlcError(Diagnostic(f"{what} {value[:60]!r} is not valid UTF-8 text", file=where,
+                                   hint="the file is corrupt; export it again"))
+
+    def texts(items, what: str) -> None:
+        for v in items:
+            if not isinstance(v, str):
+                raise fail(what, v)
+
+    texts([model.producer_name, model.producer_version, model.domain, model.doc_string], "the model's header")
+    texts([o.domain for o in model.opset_import], "an opset domain")
+    texts([t for p in model.metadata_props for t in (p.key, p.value)], "a metadata entry")
+    for g in _graphs(model.graph):
+        texts([g.name], "a graph name")
+        texts([v.name for v in (*g.input, *g.output, *g.value_info)], "a value name")
+        texts([t.name for t in g.initializer], "an initializer name")
+        for n in g.node:
+            texts([n.name, n.op_type, n.domain], "a node's name or type")
+            texts([*n.input, *n.output], f"a value name of node '{n.name}'" if isinstance(n.name, str) else
+                  "a value name")
+            texts([a.name for a in n.attribute], "an attribute name")  # a STRING attribute's value is bytes
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:

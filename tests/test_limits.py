@@ -211,6 +211,46 @@ def test_initializer_size_must_match_its_shape(tmp_path):
                 command, result.output)
 
 
+def test_an_initializer_whose_type_was_changed_is_refused(tmp_path):
+    """The same 64 bytes relabelled as another type: sizes per element differ (8-bit floats, packed 4-bit) or the
+    type keeps no raw bytes at all (strings). Each is named, not a ValueError from onnx's reader."""
+    good = numpy_helper.from_array(np.random.default_rng(2).standard_normal((4, 4)).astype(np.float32), "w")
+    for data_type, words in ((TensorProto.STRING, "string tensor 'w' holds raw bytes"),
+                             (TensorProto.FLOAT8E4M3FN, "declared [4, 4] (16 bytes) but holds 64 bytes"),
+                             (TensorProto.INT4, "declared [4, 4] (8 bytes) but holds 64 bytes")):
+        bad = onnx.TensorProto()
+        bad.CopyFrom(good)
+        bad.data_type = data_type
+        path = tmp_path / f"retyped{data_type}.onnx"
+        onnx.save(_matmul_model(bad), path)
+        for command in (["run", "--random"], ["optimize", "-o", str(tmp_path / "o.onnx")],
+                        ["import", "-o", str(tmp_path / "imp")]):
+            result = invoke(command[0], str(path), *command[1:])
+            assert result.exit_code == 2 and words in result.output, (data_type, command, result.output)
+    # packed 4-bit data of the right size is a valid file and loads
+    packed = numpy_helper.from_array(np.arange(-8, 7, dtype=np.int8).reshape(3, 5), "w")
+    packed.CopyFrom(helper.make_tensor("w", TensorProto.INT4, [3, 5], np.arange(-8, 7).tolist()))
+    assert len(packed.raw_data or b"") in (0, 8)
+    onnx.save(_matmul_model(packed), tmp_path / "int4.onnx")
+    assert load_onnx(tmp_path / "int4.onnx").graph.initializer[0].data_type == TensorProto.INT4
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path):
+    """protobuf returns invalid UTF-8 in a string field as bytes; every command names it instead of failing in
+    a regex or a decode."""
+    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((4, 4)).astype(np.float32), "w")
+    model = _matmul_model(w)
+    model.graph.node[0].output[0] = model.graph.output[0].name = "outQQQ"
+    data = model.SerializeToString()
+    assert data.count(b"outQQQ") == 2  # the node's output and the graph's: renamed alike, still one value
+    path = tmp_path / "name.onnx"
+    path.write_bytes(data.replace(b"outQQQ", b"out\xff\xfeQ"))
+    for command in (["run", "--random"], ["info"], ["optimize", "-o", str(tmp_path / "o.onnx")],
+                    ["import", "-o", str(tmp_path / "imp")]):
+        result = invoke(command[0], str(path), *command[1:])
+        assert result.exit_code == 2 and "is not valid UTF-8 text" in result.output, (command, result.output)
+
+
 def test_external_data_offsets(tmp_path):
     rng = np.random.default_rng(1)
     weight = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")

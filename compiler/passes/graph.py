@@ -9,13 +9,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..onnx_io import tensor_array
+
 
 class OnnxGraph:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         g = model.graph
         self.nodes: list[onnx.NodeProto] = [copy_node(n) for n in g.node]
-        self.inits: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.inits: dict[str, np.ndarray] = {t.name: tensor_array(t, "the model") for t in g.initializer}
         self.inputs = [i for i in g.input if i.name not in self.inits]
         self.outputs = list(g.output)
         self._names = itertools.count()
@@ -189,7 +191,7 @@ def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
 def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            return tensor_array(a.t, f"Constant '{node.name or node.output[0]}'")
         if a.name in ("value_float", "value_int"):
             return np.array(helper.get_attribute_value(a))
         if a.name in ("value_floats", "value_ints"):
