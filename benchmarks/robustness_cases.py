@@ -1419,6 +1419,17 @@ def run_fault(case: Case, folder: Path, assets: Assets, worker_run) -> tuple[str
         results.append(r)
         return r[0]
 
+    def train_until_checkpoint(delay):
+        """`dlc train long.yaml` in a subprocess, left running until its first checkpoint exists, then `delay`
+        seconds more (so that a signal lands at varied points of the run)."""
+        proc = sub(["train", "long.yaml", "-o", "run"])
+        ckpt = folder / "run/checkpoint.safetensors"
+        deadline = time.perf_counter() + CASE_SECONDS
+        while not ckpt.exists() and proc.proc.poll() is None and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        return proc, ckpt
+
     check = ""
     kind = case.fault
     if kind == "disk_full_fsize":
@@ -1449,12 +1460,7 @@ def run_fault(case: Case, folder: Path, assets: Assets, worker_run) -> tuple[str
             if mounted:
                 subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     elif kind == "kill9_train":
-        proc = sub(["train", "long.yaml", "-o", "run"])
-        ckpt = folder / "run/checkpoint.safetensors"
-        deadline = time.perf_counter() + CASE_SECONDS
-        while not ckpt.exists() and proc.proc.poll() is None and time.perf_counter() < deadline:
-            time.sleep(0.01)
-        time.sleep(p["delay"] * 0.3)
+        proc, ckpt = train_until_checkpoint(p["delay"] * 0.3)
         proc.kill(signal.SIGKILL)
         finish(proc, True, expect_signal=signal.SIGKILL if proc.code == -9 else None)
         check = _checkpoint_problem(ckpt)  # (a kill -9 mid-write may leave a .tmp file: harmless, not checked)
@@ -1487,12 +1493,7 @@ def run_fault(case: Case, folder: Path, assets: Assets, worker_run) -> tuple[str
             check = "a NaN loss was accepted (exit 0)"
         check = check or _checkpoint_problem(folder / "out/checkpoint.safetensors")
     elif kind == "sigint_train":
-        proc = sub(["train", "long.yaml", "-o", "run"])
-        ckpt = folder / "run/checkpoint.safetensors"
-        deadline = time.perf_counter() + CASE_SECONDS
-        while not ckpt.exists() and proc.proc.poll() is None and time.perf_counter() < deadline:
-            time.sleep(0.01)
-        time.sleep(p["delay"] * 0.2)
+        proc, ckpt = train_until_checkpoint(p["delay"] * 0.2)
         proc.kill(signal.SIGINT)
         ended = proc.wait(CASE_SECONDS)
         kind_, reason, text = proc.result(ended)

@@ -15,6 +15,39 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
+# A five-layer network that trains in well under a second: for checkpoint, resume and output-folder tests.
+TINY_TRAINING_YAML = """model:
+  name: tiny
+  input: {shape: [3, 8, 8], mean: 0.5, std: 0.25}
+  layers:
+    - {name: c1, type: conv, out: 4, kernel: 3, pad: 1}
+    - {name: bn1, type: batchnorm}
+    - {name: r1, type: relu}
+    - {name: f, type: flatten}
+    - {name: fc, type: linear, out: 3}
+data: {dataset: synthetic, samples: 120, num_classes: 3, seed: 1}
+train: {base_lr: 0.05, batch_size: 16, epochs: EPOCHS, seed: 5}
+"""
+
+
+def tiny_training_yaml(folder: Path, epochs: int = 2, extra: str = "") -> Path:
+    """Write TINY_TRAINING_YAML (with `epochs` and `extra` appended) as folder/tiny.yaml and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_TRAINING_YAML.replace("EPOCHS", str(epochs)) + extra)
+    return path
+
+
+# A small classifier's layers (conv, relu, global pool, linear to 3 classes) for CLI and predict tests.
+SMALL_CLASSIFIER_LAYERS = """
+- {name: conv, type: conv, out: 4, kernel: 3, pad: 1}
+- {name: relu, type: relu}
+- {name: pool, type: global_avgpool}
+- {name: flat, type: flatten}
+- {name: fc, type: linear, out: 3}
+"""
+
+
 def model_yaml(layers: str, shape=(3, 16, 16), extra: str = "") -> str:
     """A model YAML around an indented block of layers."""
     body = textwrap.indent(textwrap.dedent(layers).strip("\n"), "    ")

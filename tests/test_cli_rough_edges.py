@@ -17,16 +17,10 @@ from dlc.compiler.pipeline import compile_model
 from dlc.runtime import Session
 
 from helpers import ROOT, model_yaml
+from helpers import SMALL_CLASSIFIER_LAYERS as LAYERS
 
 runner = CliRunner()
 
-LAYERS = """
-- {name: conv, type: conv, out: 4, kernel: 3, pad: 1}
-- {name: relu, type: relu}
-- {name: pool, type: global_avgpool}
-- {name: flat, type: flatten}
-- {name: fc, type: linear, out: 3}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -19,26 +19,9 @@ from dlc.compiler.outdir import LOCK_NAME, claim_output_folder
 from dlc.compiler.train.checkpoint import read_checkpoint
 from dlc.compiler.train.trainer import CHECKPOINT, Trainer, TrainingDiverged
 
-MODEL = """model:
-  name: tiny
-  input: {shape: [3, 8, 8], mean: 0.5, std: 0.25}
-  layers:
-    - {name: c1, type: conv, out: 4, kernel: 3, pad: 1}
-    - {name: bn1, type: batchnorm}
-    - {name: r1, type: relu}
-    - {name: f, type: flatten}
-    - {name: fc, type: linear, out: 3}
-data: {dataset: synthetic, samples: 120, num_classes: 3, seed: 1}
-train: {base_lr: 0.05, batch_size: 16, epochs: EPOCHS, seed: 5}
-"""
+from helpers import tiny_training_yaml as tiny
+
 runner = CliRunner()
-
-
-def tiny(folder, epochs=2, extra=""):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.yaml"
-    path.write_text(MODEL.replace("EPOCHS", str(epochs)) + extra)
-    return path
 
 
 def write_lock(folder, pid, host=None):

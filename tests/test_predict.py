@@ -13,17 +13,11 @@ from dlc.compiler.data.datasets import read_image
 from dlc.compiler.pipeline import compile_model
 from dlc.runtime import Session
 
+from helpers import SMALL_CLASSIFIER_LAYERS as LAYERS
 from helpers import model_yaml
 
 runner = CliRunner()
 
-LAYERS = """
-- {name: conv, type: conv, out: 4, kernel: 3, pad: 1}
-- {name: relu, type: relu}
-- {name: pool, type: global_avgpool}
-- {name: flat, type: flatten}
-- {name: fc, type: linear, out: 3}
-"""
 
 
 @pytest.fixture(scope="module")
