@@ -245,6 +245,7 @@ def train(
     if as_json:
         out.print_json(dumps(result))
     elif result.stopped == "interrupted":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while we exit: no second message or kill
         err.print(f"interrupted: checkpoint written; continue with: dlc train {model} -o {output} --resume")
         raise typer.Exit(130)
     else:

@@ -110,6 +110,32 @@ def test_a_second_real_process_is_refused_while_the_first_trains(tmp_path):
         first.wait()
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.05, 0.3])
+def test_a_double_ctrl_c_prints_one_line_and_exits_130(tmp_path, gap):
+    """Two SIGINTs `gap` seconds apart, landing in the training loop, in the checkpoint write or while the CLI
+    exits: one `interrupted` line, exit status 130 (not killed by the signal), no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlc.compiler.cli", "train", str(tiny(tmp_path, 300)), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while not (out / CHECKPOINT).exists() and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, (proc.returncode, stderr)
+    read_checkpoint(out / CHECKPOINT)  # whichever write the signals cut, a whole checkpoint is there
+
+
 def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     result = runner.invoke(app, ["train", str(tiny(tmp_path)), "-o", str(tmp_path / "file")])

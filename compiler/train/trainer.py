@@ -147,6 +147,7 @@ class Trainer:
                                    c.step_size, c.steps, c.power, warmup_iters=warmup,
                                    warmup_start_factor=c.warmup_start_factor)
         self._interrupted = False
+        self._saving_interrupt = False  # the interrupted run's last checkpoint is being written: Ctrl-C waits
         es = c.early_stopping
         allowed = ("val_loss", "train_loss", "val_map" if self.det is not None else "val_accuracy")
         if es is not None and es.monitor not in allowed:
@@ -314,7 +315,9 @@ class Trainer:
             self._saved_at = (state["epoch"], state["iteration"])
 
     def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:  # a second Ctrl-C: stop now
+        if self._saving_interrupt:  # the checkpoint the first Ctrl-C asked for is nearly written: let it finish
+            return
+        if self._interrupted:  # a second Ctrl-C before the loop saw the first: stop now
             raise KeyboardInterrupt
         self._interrupted = True
 
@@ -437,6 +440,7 @@ class Trainer:
                         bar.update(task, advance=1, loss=partial["loss_sum"] / partial["seen"], lr=lr,
                                    ips=partial["seen"] / max(elapsed, 1e-9))
                     if self._interrupted:
+                        self._saving_interrupt = True  # from here to the CLI's exit, more Ctrl-C are ignored
                         partial["seconds"] = elapsed
                         state["partial"] = partial
                         self._save(state, best, stopped="interrupted")
