@@ -169,7 +169,20 @@ def read_onnx_proto(path: str | Path) -> onnx.ModelProto:
                                       file=str(path)))
     check_tensors(model, str(path), base)
     check_text(model, str(path))
+    check_value_types(model, str(path))
     return model
+
+
+def check_value_types(model: onnx.ModelProto, where: str) -> None:
+    """Every typed input, output and value_info names an element type onnx knows (onnx's own readers raise a
+    bare ValueError on an unknown enum value)."""
+    known = set(TensorProto.DataType.values())
+    for g in _graphs(model.graph):
+        for v in (*g.input, *g.output, *g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in known:
+                raise DlcError(Diagnostic(f"value '{v.name}' has no known element type (elem_type "
+                                          f"{v.type.tensor_type.elem_type})", file=where,
+                                          hint="the file is corrupt; export it again"))
 
 
 def check_text(model: onnx.ModelProto, where: str) -> None:

@@ -227,6 +227,13 @@ def test_an_initializer_whose_type_was_changed_is_refused(tmp_path):
                         ["import", "-o", str(tmp_path / "imp")]):
             result = invoke(command[0], str(path), *command[1:])
             assert result.exit_code == 2 and words in result.output, (data_type, command, result.output)
+    # an input declared with an element type onnx does not know
+    retyped_input = _matmul_model(good)
+    retyped_input.graph.input[0].type.tensor_type.elem_type = 999
+    onnx.save(retyped_input, tmp_path / "input999.onnx")
+    result = invoke("import", str(tmp_path / "input999.onnx"), "-o", str(tmp_path / "imp"))
+    assert result.exit_code == 2 and "value 'x' has no known element type (elem_type 999)" in result.output, (
+        result.output)
     # packed 4-bit data of the right size is a valid file and loads
     packed = numpy_helper.from_array(np.arange(-8, 7, dtype=np.int8).reshape(3, 5), "w")
     packed.CopyFrom(helper.make_tensor("w", TensorProto.INT4, [3, 5], np.arange(-8, 7).tolist()))
