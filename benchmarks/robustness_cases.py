@@ -1310,6 +1310,10 @@ class Proc:
         """True when it ended within `timeout` (else it is killed)."""
         deadline = self.start + timeout
         while True:
+            if self.proc.returncode is not None:  # already reaped (by a poll() while waiting for a file)
+                self.code = self.proc.returncode
+                self.seconds = time.perf_counter() - self.start
+                return True
             pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
             if pid:
                 self.proc.returncode = os.waitstatus_to_exitcode(status)

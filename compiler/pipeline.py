@@ -108,7 +108,8 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         training = {"stopped": result.stopped, "epochs": len(result.history), "seconds": result.seconds,
                     "best_epoch": result.best_epoch,
                     **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map")
-                       if k in result.final}}  # val_accuracy for classifiers, val_map for detectors
+                       if k in result.final},  # val_accuracy for classifiers, val_map for detectors
+                    **({"transfer": result.transfer} if result.transfer is not None else {})}
     pruning = None
     if loaded.prune is not None:  # between training (or --weights) and export: the exported model is the pruned one
         import dataclasses

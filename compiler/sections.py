@@ -32,6 +32,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "epochs": "int", "max_iter": "int", "early_stopping": _EARLY_STOP, "clip_grad_norm": "float",
         "seed": "int", "snapshot_every": "int", "loss": "str", "class_weights": "any", "focal_gamma": "float",
         "layers": "any", "eps": "float", "label_smoothing": "float",
+        # transfer learning (train/transfer.py)
+        "init_from": "str", "strict": "bool", "reinit": "any", "freeze": "any", "transfer": "any",
     },
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",

@@ -166,6 +166,7 @@ class RunContext:
     train: bool = False
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     need_input_grad: list[bool] = field(default_factory=list)  # set per node by the executor before backward
+    frozen: frozenset[str] = frozenset()  # layers that do not train: their batch norms use running statistics
 
 
 class OpDef:

@@ -40,8 +40,13 @@ class BatchNorm(OpDef):
 
     def forward(self, node, inputs, ctx):
         x, p, eps = inputs[0], node.params, node.attrs["eps"]
-        if not ctx.train:
-            return _k.batchnorm_forward_eval(x, p["scale"], p["bias"], p["mean"], p["var"], eps), None
+        if not ctx.train or node.name in ctx.frozen:
+            y = _k.batchnorm_forward_eval(x, p["scale"], p["bias"], p["mean"], p["var"], eps)
+            if not ctx.train:
+                return y, None
+            # frozen (transfer learning): the running statistics normalise and stay as they are; backward is
+            # the fixed per-channel scale
+            return y, ("frozen", p["scale"] / np.sqrt(p["var"].astype(np.float64) + eps))
         y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps)
         # Running statistics: the batch variance made unbiased, blended in with weight `momentum` (PyTorch's).
         count = x.size // x.shape[1]
@@ -52,6 +57,9 @@ class BatchNorm(OpDef):
         return y, (x, mean, invstd)
 
     def backward(self, node, saved, dy, ctx):
+        if isinstance(saved[0], str):  # ("frozen", scale / sqrt(var + eps))
+            k = saved[1].astype(np.float32).reshape((1, -1) + (1,) * (dy.ndim - 2))
+            return [dy * k], {}
         x, mean, invstd = saved
         dx, dscale, dbias = _k.batchnorm_backward(dy, x, node.params["scale"], mean, invstd)
         return [dx], {"scale": dscale, "bias": dbias}

@@ -59,7 +59,9 @@ def fine_tune_config(train: dict | None, fine_tune: dict | None, file: str, laye
 
     train, fine_tune = train or {}, fine_tune or {}
     diags = _check(path, fine_tune, SCHEMAS["train"], file, getattr(fine_tune, "line", None)) if fine_tune else []
-    merged = LDict({k: v for k, v in train.items() if k not in ("epochs", "max_iter")})
+    # init_from, reinit and strict set the starting weights of training; fine-tuning starts from the pruned ones
+    merged = LDict({k: v for k, v in train.items() if k not in ("epochs", "max_iter", "init_from", "reinit",
+                                                                 "strict")})
     merged.key_lines = {**getattr(train, "key_lines", {}), **getattr(fine_tune, "key_lines", {})}
     merged.line = getattr(fine_tune, "line", None) or getattr(train, "line", None)
     epochs = None
@@ -68,6 +70,12 @@ def fine_tune_config(train: dict | None, fine_tune: dict | None, file: str, laye
             epochs = v
         elif k in SCHEMAS["train"]:
             merged[k] = v
+    for key in ("init_from", "reinit", "strict"):
+        if key in fine_tune:
+            diags.append(Diagnostic(f"'{path}.{key}' is not allowed: fine-tuning starts from the pruned weights "
+                                    "(set it in train:)", file=file, line=fine_tune.line_of(key)
+                                    if isinstance(fine_tune, LDict) else None))
+            merged.pop(key, None)
     cfg, more = parse_train(merged, file, layer_names)
     diags += [Diagnostic(d.message.replace("'train.", f"'{path}."), file=d.file, line=d.line, hint=d.hint)
               for d in more]

@@ -17,6 +17,7 @@ from ..errors import Diagnostic, did_you_mean
 from ..yaml_loader import LDict
 from .schedule import POLICIES
 from .solver import SOLVERS, SolverConfig
+from .transfer import TransferConfig, parse_transfer
 
 LOSSES = ("cross_entropy", "focal")
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "val_map")  # val_map: detectors (mAP@0.5)
@@ -57,6 +58,7 @@ class TrainConfig:
     class_weights: list[float] | str | None = None
     label_smoothing: float = 0.0
     layer_rules: list[tuple[str, float, bool]] = field(default_factory=list)  # (pattern, lr_mult, freeze)
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # init_from, freeze, reinit, ...
 
     def lr_mult_for(self, layer: str) -> float:
         """The multiplier of the last rule whose pattern matches the layer name (0 when frozen)."""
@@ -212,6 +214,7 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
                         did_you_mean(str(pattern), layer_names))
             mult = c.number("lr_mult", 1.0, 0.0, path="layers.<pattern>.lr_mult", within=rule)
             t.layer_rules.append((str(pattern), float(mult), bool(rule.get("freeze", False))))
+    t.transfer = parse_transfer(section, c, layer_names)
     return t, c.diags
 
 

@@ -31,6 +31,13 @@ class Executor:
                             for i, n in enumerate(self.nodes)]
         self._tape: list[Any] | None = None
         self._ctx = RunContext()
+        self.frozen: frozenset[str] = frozenset()
+        self.no_backward: frozenset[str] = frozenset()
+
+    def set_frozen(self, frozen: set[str], no_backward: set[str]) -> None:
+        """Layers that do not train (`frozen`: batch norm there normalises with its running statistics, in
+        training too) and those backward can skip (`no_backward`: nothing that trains is at or before them)."""
+        self.frozen, self.no_backward = frozenset(frozen), frozenset(no_backward)
 
     def forward(self, feeds: dict[str, np.ndarray] | np.ndarray, train: bool = False,
                 rng: np.random.Generator | None = None, outputs: list[str] | None = None,
@@ -41,7 +48,8 @@ class Executor:
             feeds = {self.graph.input_names[0]: feeds}
         wanted = outputs or self.graph.outputs
         values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
-        self._ctx = RunContext(train=train, rng=rng if rng is not None else np.random.default_rng(0))
+        self._ctx = RunContext(train=train, rng=rng if rng is not None else np.random.default_rng(0),
+                               frozen=self.frozen)
         tape = [] if train else None
         for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
             if timings is not None:
@@ -71,8 +79,8 @@ class Executor:
         ctx = self._ctx
         for node, op, saved in zip(reversed(self.nodes), reversed(self.ops), reversed(self._tape)):
             dy = grads.pop(node.outputs[0], None)
-            if dy is None:
-                continue  # nothing downstream of this node reaches the loss
+            if dy is None or (node.name in self.no_backward and not input_grads):
+                continue  # nothing downstream of this node reaches the loss, or nothing up to it trains
             ctx.need_input_grad = [input_grads or v not in self.inputs for v in node.inputs]
             start = time.perf_counter()
             grads_in, pgrads = op.backward(node, saved, np.ascontiguousarray(dy, dtype=np.float32), ctx)

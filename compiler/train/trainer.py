@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 
 from dlc._C import loss as _loss
@@ -51,6 +52,7 @@ from .executor import Executor
 from .metrics import classification_report, plot_curves
 from .schedule import LRSchedule
 from .solver import Solver
+from .transfer import apply_transfer, describe, frozen_layers
 
 CHECKPOINT = "checkpoint.safetensors"
 FINISHED = ("completed", "early_stopping", "max_iter")  # a checkpoint's 'stopped' when training ran to its end
@@ -103,6 +105,7 @@ class TrainResult:
     best_epoch: int | None
     seconds: float
     classes: list[str]
+    transfer: dict[str, Any] | None = None  # train.init_from's report, with the frozen layers
 
     @property
     def final(self) -> dict[str, Any]:
@@ -120,11 +123,15 @@ class Trainer:
         self.spec = spec
         self.cfg = config if config is not None else spec.train
         self.callbacks = list(callbacks)
+        self.console, self.progress = console, progress
+        self.transfer_report = None
+        tc = self.cfg.transfer
+        if tc.init_from is not None:  # before the fingerprint: the pretrained weights are the starting point
+            self.transfer_report = apply_transfer(self.graph, tc, Path(spec.file).parent, spec.file)
+            self._say(describe(self.transfer_report))
         self.train_sha256 = training_fingerprint(loaded, self.cfg, self.callbacks)  # before anchors: auto
         self._saved_at: tuple[int, int] | None = None  # (epoch, iteration) of this run's checkpoint on disk
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.console = console
         self.det = detect_node(self.graph)
         if self.det is not None:
             self._init_detection()
@@ -132,12 +139,19 @@ class Trainer:
             self._init_classification()
         c = self.cfg
         self.executor = Executor(self.graph)
-        params, mults = {}, {}
+        self.frozen = frozen_layers(self.graph, tc) | {n.name for n in self.graph.nodes()
+                                                        if c.lr_mult_for(n.name) == 0.0}
+        params, mults, training = {}, {}, set()
         for node in self.graph.nodes():
             for t in REGISTRY[node.op].trainable(node.attrs):
                 if t in node.params:
                     params[f"{node.name}.{t}"] = node.params[t]
-                    mults[f"{node.name}.{t}"] = c.lr_mult_for(node.name)
+                    mults[f"{node.name}.{t}"] = 0.0 if node.name in self.frozen else c.lr_mult_for(node.name)
+                    if mults[f"{node.name}.{t}"] != 0.0:
+                        training.add(node.name)
+        # backward stops where nothing at or before a layer trains (a frozen trunk costs no backward at all)
+        reached = training.union(*(nx.descendants(self.graph.nx, n) for n in training))
+        self.executor.set_frozen(self.frozen, {n.name for n in self.graph.nodes()} - reached)
         self.solver = Solver(params, c.solver, mults)
         self.iters_per_epoch = len(self.train_loader)
         self.total_iters = c.max_iter or c.epochs * self.iters_per_epoch
@@ -351,7 +365,13 @@ class Trainer:
             self._save(state, best, stopped=stopped)
             self._write_reports(state, stopped)
         return TrainResult(self.out_dir, state["history"], stopped, state["best_epoch"],
-                           time.perf_counter() - started, self.train_set.classes)
+                           time.perf_counter() - started, self.train_set.classes, self._transfer_summary())
+
+    def _transfer_summary(self) -> dict[str, Any] | None:
+        """What init_from moved (train/transfer.py's report) and which layers stayed frozen."""
+        if self.transfer_report is None:
+            return None
+        return {**self.transfer_report, "frozen": sorted(self.frozen)}
 
     def _kept_checkpoint(self) -> str:
         """What a stop leaves on disk, in words that never claim a checkpoint that is not there."""
@@ -503,6 +523,7 @@ class Trainer:
             **({"stop_reason": reason} if reason else {}),
             "classes": self.train_set.classes, "train_samples": len(self.train_set),
             "val_samples": len(self.val_set), "epochs": history,
+            **({"transfer": self._transfer_summary()} if self.transfer_report is not None else {}),
         }
         if self.det is not None:
             report.update(task="detection", anchors=self.det.attrs["anchors"], anchor_fit=self.anchor_fit)
