@@ -34,6 +34,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "layers": "any", "eps": "float", "label_smoothing": "float",
         # transfer learning (train/transfer.py)
         "init_from": "str", "strict": "bool", "reinit": "any", "freeze": "any", "transfer": "any",
+        "cache_features": "bool",
     },
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",

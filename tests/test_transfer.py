@@ -246,3 +246,49 @@ def test_fine_tuning_after_pruning_does_not_restart_from_the_source(source):
     loaded = load_model(root / "t_prune.yaml")
     assert loaded.spec.train.transfer.init_from == "pretrained.onnx"
     assert loaded.prune.fine_tune.transfer.init_from is None
+
+
+def test_cached_features_train_the_head_as_the_whole_network_would(source, tmp_path):
+    """transfer: head with and without cache_features: the same head weights and the same history (up to
+    float32 round-off from batching the trunk differently), the trunk skipped in the cached run, and the frozen
+    trunk untouched."""
+    root, values = source
+    runs = {}
+    for cached in (False, True):
+        lines = f"init_from: pretrained.onnx\ntransfer: head\nepochs: 2\ncache_features: {str(cached).lower()}"
+        loaded = load_model(target(root, lines.replace("epochs: 2\n", ""), f"t_cache{cached}.yaml"))
+        trainer = Trainer(loaded, tmp_path / f"run{cached}", progress=False)
+        result = trainer.run()
+        runs[cached] = (params_of(loaded.graph), result.history, trainer)
+    (plain, plain_history, _), (cached, cached_history, trainer) = runs[False], runs[True]
+    assert trainer.executor.skip_forward == trainer.frozen and trainer.train_loader.features
+    for key, value in plain.items():
+        scale = np.abs(value).max() + 1e-12
+        np.testing.assert_allclose(cached[key], value, rtol=0, atol=1e-5 * scale, err_msg=key)
+    np.testing.assert_array_equal(cached["c1.weight"], values["c1.weight"])
+    assert not np.allclose(cached["fc.weight"], trainer.graph.node("fc").params["weight"] * 0)  # trained, non-zero
+    for a, b in zip(plain_history, cached_history):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * abs(a["val_loss"])
+        assert a["val_accuracy"] == b["val_accuracy"]
+
+
+@pytest.mark.parametrize("train, words", [
+    ("cache_features: true", "no layer is frozen at the start of the network"),
+    ("init_from: pretrained.onnx\ntransfer: full\ncache_features: true", "no layer is frozen"),
+])
+def test_cache_features_needs_a_frozen_trunk(source, tmp_path, train, words):
+    root, _ = source
+    with pytest.raises(DlcError, match=words):
+        Trainer(load_model(target(root, train, "t_cache_bad.yaml")), tmp_path / "run", progress=False)
+
+
+def test_cache_features_refuses_augmentation_and_dropout_in_the_trunk(source, tmp_path):
+    root, _ = source
+    text = TARGET.replace("TRAIN", "  init_from: pretrained.onnx\n  transfer: head\n  cache_features: true")
+    (root / "t_aug.yaml").write_text(text.replace("seed: 2}", "seed: 2, augment: {mirror: true}}"))
+    with pytest.raises(DlcError, match="data.augment changes the inputs every epoch"):
+        Trainer(load_model(root / "t_aug.yaml"), tmp_path / "a", progress=False)
+    (root / "t_drop.yaml").write_text(text.replace("    - {name: pool,", "    - {name: drop, type: dropout, "
+                                                                         "ratio: 0.3}\n    - {name: pool,"))
+    with pytest.raises(DlcError, match="the frozen trunk holds dropout layer 'drop'"):
+        Trainer(load_model(root / "t_drop.yaml"), tmp_path / "d", progress=False)

@@ -33,6 +33,7 @@ class Executor:
         self._ctx = RunContext()
         self.frozen: frozenset[str] = frozenset()
         self.no_backward: frozenset[str] = frozenset()
+        self.skip_forward: frozenset[str] = frozenset()  # layers whose outputs come in the feeds (cached)
 
     def set_frozen(self, frozen: set[str], no_backward: set[str]) -> None:
         """Layers that do not train (`frozen`: batch norm there normalises with its running statistics, in
@@ -52,6 +53,10 @@ class Executor:
                                frozen=self.frozen)
         tape = [] if train else None
         for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
+            if node.name in self.skip_forward:  # a cached frozen trunk: its outputs the head reads are fed
+                if tape is not None:
+                    tape.append(None)
+                continue
             if timings is not None:
                 start = time.perf_counter()
                 y, saved = op.forward(node, [values[v] for v in node.inputs], self._ctx)

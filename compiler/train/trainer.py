@@ -153,6 +153,10 @@ class Trainer:
         reached = training.union(*(nx.descendants(self.graph.nx, n) for n in training))
         self.executor.set_frozen(self.frozen, {n.name for n in self.graph.nodes()} - reached)
         self.solver = Solver(params, c.solver, mults)
+        if tc.cache_features:
+            from .feature_cache import cache_trunk
+
+            self._say(cache_trunk(self, self.out_dir))
         self.iters_per_epoch = len(self.train_loader)
         self.total_iters = c.max_iter or c.epochs * self.iters_per_epoch
         self.epochs = c.epochs if not c.max_iter else -(-c.max_iter // self.iters_per_epoch)

@@ -36,11 +36,12 @@ class TransferConfig:
     freeze: list[str] = field(default_factory=list)  # layer names or patterns
     freeze_up_to: str | None = None  # this layer and every layer it depends on
     regime: str | None = None  # head | full | partial (with freeze_up_to)
+    cache_features: bool = False  # train the head on the frozen trunk's outputs, computed once (feature_cache.py)
     line: int | None = None  # of init_from, for messages
 
 
 def parse_transfer(section, checker, layer_names: list[str]) -> TransferConfig:
-    """The transfer keys of `train:` (init_from, strict, reinit, freeze, transfer), checked;
+    """The transfer keys of `train:` (init_from, strict, reinit, freeze, transfer, cache_features), checked;
     problems go to `checker` with their lines."""
     t = TransferConfig()
     names = set(layer_names)
@@ -106,6 +107,12 @@ def parse_transfer(section, checker, layer_names: list[str]) -> TransferConfig:
             checker.error(f"'train.transfer' must be head, full or {{partial: LAYER}}, got {value!r}", "transfer",
                           hint="head: train the classifier only; {partial: LAYER}: freeze up to LAYER; full: "
                                "train everything from the pretrained weights")
+    if "cache_features" in section:
+        if not isinstance(section["cache_features"], bool):
+            checker.error(f"'train.cache_features' must be true or false, got {section['cache_features']!r}",
+                          "cache_features")
+        else:
+            t.cache_features = section["cache_features"]
     return t
 
 
