@@ -70,12 +70,19 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return shorten(head, limit)
 
 
+MAX_SHOWN = 100  # diagnostics printed for one error; the count of all of them follows
+
+
 def classify(exc: BaseException) -> Failure:
     """The exit code and message lines for an exception that escaped a command."""
     if isinstance(exc, DlcError):
-        lines = [d.format() for d in exc.diagnostics] or [shorten(str(exc))]
-        if len(lines) > 1:
-            lines.append(f"{len(lines)} problems found")
+        count = len(exc.diagnostics)
+        # the first ones are what a user fixes first; printing 100,000 lines took half a minute
+        lines = [d.format() for d in exc.diagnostics[:MAX_SHOWN]] or [shorten(str(exc))]
+        if count > MAX_SHOWN:
+            lines.append(f"... and {count - MAX_SHOWN:,} more not shown")
+        if count > 1:
+            lines.append(f"{count:,} problems found")
         return Failure(USER_ERROR, lines)
     if isinstance(exc, MemoryError):
         return Failure(USER_ERROR, ["out of memory: the model, batch or input is too large for this machine; "

@@ -141,6 +141,19 @@ def test_layer_count_and_repeat_limits_can_be_raised(tmp_path):
     assert bad.exit_code == 2 and "is not a number" in bad.output
 
 
+def test_thousands_of_problems_print_the_first_hundred_and_the_count(tmp_path):
+    """Each of 3,000 layers is wrong: the first 100 are listed, then how many more, then the total (printing
+    all of 100,000 once took half a minute)."""
+    layers = "\n".join(f"    - {i}" for i in range(3000))
+    path = tmp_path / "many.yaml"
+    path.write_text(f"model:\n  name: m\n  input: {{shape: [1, 8, 8]}}\n  layers:\n{layers}\n")
+    result = invoke("inspect", str(path))
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 102, result.output[-500:]
+    assert "many.yaml:5: a layer must be a mapping" in lines[0] and "many.yaml:104:" in lines[99]
+    assert lines[-2:] == ["error: ... and 2,900 more not shown", "error: 3,000 problems found"]
+
+
 def test_parameter_bytes_checked_before_allocation():
     text = model(conv="").replace("out: 2, kernel: 3", "out: 4096, kernel: 3").replace(
         "    - {name: c,", "    - {name: w, type: conv, out: 4096, kernel: 1}\n    - {name: c,")

@@ -224,4 +224,8 @@ def describe(report: dict[str, Any]) -> str:
     if report["not_in_source"]:
         parts.append("not in the source: " + ", ".join(report["not_in_source"][:6])
                      + (" ..." if len(report["not_in_source"]) > 6 else ""))
+    if report["unused_in_source"]:  # e.g. a source whose batch norms were folded into conv biases
+        parts.append(f"{len(report['unused_in_source'])} source tensor(s) unused: "
+                     + ", ".join(report["unused_in_source"][:4]) + (" ..." if len(report["unused_in_source"]) > 4
+                                                                    else ""))
     return "; ".join(parts)
