@@ -1,9 +1,10 @@
 """Does transfer learning help? Pretrain ResNet-20 on six of the synthetic shapes, then learn the six others from
-20 images per class: from the pretrained weights (head only, with the cached trunk; and everything) against the
-same network from scratch, on the same budget. Also: seconds per epoch of head-only training with and without
+a few images per class (5 by default): from the pretrained weights (head only, with the cached trunk; and
+everything) against the same network from scratch, on the same budget. Also: seconds per epoch of head-only training with and without
 `cache_features` on the frozen ResNet-20 trunk.
 
     python benchmarks/transfer.py [--json] [--out build/transfer] [--pretrain-epochs 8] [--epochs 15]
+                                  [--per-class 5] [--batch 10]
 
 Writes OUT/curves.png (validation accuracy per epoch of the three fine-tuning runs) and prints a table with the
 ratios; `--json` prints the same as JSON.
@@ -44,9 +45,10 @@ def network(out: int) -> str:
     return model.replace("{name: fc, type: linear, out: 10}", f"{{name: fc, type: linear, out: {out}}}")
 
 
-def yaml(out: int, root: str, train: str) -> str:
+def yaml(out: int, root: str, train: str, batch: int = 32) -> str:
     return (network(out) + f"\ndata: {{dataset: imagefolder, root: {root}}}\n"
-            f"train:\n  solver: sgd\n  momentum: 0.9\n  weight_decay: 0.0005\n  batch_size: 32\n  seed: 1\n{train}")
+            f"train:\n  solver: sgd\n  momentum: 0.9\n  weight_decay: 0.0005\n  batch_size: {batch}\n  seed: 1\n"
+            f"{train}")
 
 
 def run(path: Path, out: Path):
@@ -66,7 +68,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "build" / "transfer"))
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (each run)")
-    parser.add_argument("--per-class", type=int, default=20, help="training images per new class")
+    parser.add_argument("--per-class", type=int, default=5, help="training images per new class")
+    parser.add_argument("--batch", type=int, default=10, help="fine-tuning batch size (each run)")
     args = parser.parse_args()
 
     from dlc.compiler.data.synthetic import make_shapes
@@ -74,11 +77,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, names = make_shapes(12 * 400, 12, (3, 32, 32), seed=3)
-    if not (out / "data").exists():
+    new = f"data/new{args.per_class}"
+    if not (out / "data" / "pretrain").exists():
         write_folder(out / "data" / "pretrain" / "train", images, labels, names, PRETRAIN_CLASSES, 250)
         write_folder(out / "data" / "pretrain" / "val", images, labels, names, PRETRAIN_CLASSES, 50, skip=250)
-        write_folder(out / "data" / "new" / "train", images, labels, names, NEW_CLASSES, args.per_class)
-        write_folder(out / "data" / "new" / "val", images, labels, names, NEW_CLASSES, 100, skip=250)
+    if not (out / new).exists():
+        write_folder(out / new / "train", images, labels, names, NEW_CLASSES, args.per_class)
+        write_folder(out / new / "val", images, labels, names, NEW_CLASSES, 100, skip=250)
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     # 1. pretraining on the first six shapes
@@ -91,14 +96,16 @@ def main() -> int:
     # 2. the six new shapes from a few images each, three ways, the same budget
     common = f"  lr_policy: cosine\n  epochs: {args.epochs}\n"
     setups = {
-        "transfer_head": "  init_from: pretrained/checkpoint.safetensors\n  transfer: head\n  cache_features: true\n"
-                         "  base_lr: 0.05\n",
-        "transfer_full": "  init_from: pretrained/checkpoint.safetensors\n  transfer: full\n  base_lr: 0.01\n",
+        # the classifier's rows meant the old shapes: it starts afresh (reinit), as in any real transfer
+        "transfer_head": "  init_from: pretrained/checkpoint.safetensors\n  transfer: head\n  reinit: [fc]\n"
+                         "  cache_features: true\n  base_lr: 0.05\n",
+        "transfer_full": "  init_from: pretrained/checkpoint.safetensors\n  transfer: full\n  reinit: [fc]\n"
+                         "  base_lr: 0.01\n",
         "scratch": "  base_lr: 0.05\n",
     }
     runs = {}
     for name, train in setups.items():
-        (out / f"{name}.yaml").write_text(yaml(6, "data/new", train + common))
+        (out / f"{name}.yaml").write_text(yaml(6, new, train + common, args.batch))
         say(f"fine-tuning: {name} ...")
         result, setup, trainer = run(out / f"{name}.yaml", out / name)
         runs[name] = {"val_accuracy": [h["val_accuracy"] for h in result.history],
@@ -123,6 +130,7 @@ def main() -> int:
     summary = {"pretrain": {"classes": [names[k] for k in PRETRAIN_CLASSES], "val_accuracy": pre.final["val_accuracy"],
                             "epochs": len(pre.history), "seconds": pre.seconds},
                "new_classes": [names[k] for k in NEW_CLASSES], "train_images_per_class": args.per_class,
+               "fine_tune_epochs": args.epochs, "fine_tune_batch": args.batch,
                "fine_tune": runs, "head_only_epoch_speed": speed,
                "transfer_over_scratch": {k: runs[k]["final_val_accuracy"] / max(runs["scratch"]["final_val_accuracy"],
                                                                                 1e-9)
