@@ -59,7 +59,8 @@ NORMALIZE = [
 SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, ConvTranspose (explicit pads), "
     "Div (two tensors of one shape, or C×H×W by C×1×1), Dropout, Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, "
-    "HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, MatMul, MaxPool, "
+    "Gelu, x * 0.5 * (1 + Erf(x / sqrt 2)) (as gelu), HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, MatMul, "
+    "MaxPool, "
     "Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
     "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
     "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Softmax, Squeeze (not the batch axis), "
@@ -752,6 +753,52 @@ class _Importer:
     def hard_swish(self, node: onnx.NodeProto) -> None:
         self.emit(node, "hard_swish", [self.value(node.input[0])], {})
 
+    def gelu(self, node: onnx.NodeProto) -> None:
+        if attr(node, "approximate", b"none") not in (b"none", "none"):
+            raise _Unsupported("approximate='tanh' (dlc's gelu is the exact erf form)")
+        self.emit(node, "gelu", [self.value(node.input[0])], {})
+
+    def _scalar(self, name: str) -> float | None:
+        v = self.consts.get(name)
+        return float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size == 1 else None
+
+    def _find_gelus(self) -> None:
+        """PyTorch's GELU before opset 20: Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5) (Div may be Mul by
+        1/sqrt 2; operands in either order). The last Mul becomes one gelu layer, the other nodes go."""
+        self.gelu_inner: set[str] = set()
+        self.gelu_at: dict[str, str] = {}
+
+        def only_reader(value: str) -> onnx.NodeProto | None:
+            readers = self.consumers.get(value, [])
+            return readers[0] if len(readers) == 1 and value not in self.output_names else None
+
+        def other(node: onnx.NodeProto, value: str) -> str | None:
+            ins = [i for i in node.input if i]
+            return ins[1 - ins.index(value)] if len(ins) == 2 and value in ins else None
+
+        for erf in self.model.graph.node:
+            if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
+                continue
+            scale = self.producers.get(erf.input[0])
+            if scale is None or scale.op_type not in ("Div", "Mul") or only_reader(scale.output[0]) is not erf:
+                continue
+            x = scale.input[0]
+            factor = self._scalar(scale.input[1])
+            want = math.sqrt(2.0) if scale.op_type == "Div" else 1 / math.sqrt(2.0)
+            if factor is None or abs(factor - want) > 1e-4 or x in self.consts:
+                continue
+            add = only_reader(erf.output[0])
+            if add is None or add.op_type != "Add" or self._scalar(other(add, erf.output[0]) or "") != 1.0:
+                continue
+            mul1 = only_reader(add.output[0])
+            if mul1 is None or mul1.op_type != "Mul" or other(mul1, add.output[0]) != x:
+                continue
+            mul2 = only_reader(mul1.output[0])
+            if mul2 is None or mul2.op_type != "Mul" or self._scalar(other(mul2, mul1.output[0]) or "") != 0.5:
+                continue
+            self.gelu_inner.update(n.output[0] for n in (scale, erf, add, mul1))
+            self.gelu_at[mul2.output[0]] = x
+
     def prelu(self, node: onnx.NodeProto) -> None:
         x = self.value(node.input[0])
         slope = self.const(node, 1)
@@ -779,6 +826,9 @@ class _Importer:
         return None
 
     def mul(self, node: onnx.NodeProto) -> None:
+        if node.output[0] in self.gelu_at:
+            self.emit(node, "gelu", [self.value(self.gelu_at[node.output[0]])], {})
+            return
         x = self._silu_input(node)
         if x is not None:
             self.emit(node, "silu", [self.value(x)], {})
@@ -1127,6 +1177,7 @@ class _Importer:
         "Clip": clip,
         "HardSigmoid": hard_sigmoid,
         "HardSwish": hard_swish,
+        "Gelu": gelu,
         "PRelu": prelu,
         "Mul": mul,
         "Sub": sub,
@@ -1166,6 +1217,7 @@ class _Importer:
             readers = self.consumers.get(n.output[0], [])
             if readers and all(r.op_type == "Mul" and self._silu_input(r) == n.input[0] for r in readers):
                 self.silu_sigmoids.add(n.output[0])
+        self._find_gelus()
         # How many layer-making nodes share each name scope (see _scope).
         self.scope_count: dict[tuple[str, ...], int] = {}
         for n in g.node:
@@ -1173,6 +1225,7 @@ class _Importer:
                 n.name
                 and n.op_type not in ("Constant", "Identity", "Dropout")
                 and n.output[0] not in self.silu_sigmoids
+                and n.output[0] not in self.gelu_inner
             ):
                 key = _scope(n.name, n.op_type)[0]
                 self.scope_count[key] = self.scope_count.get(key, 0) + 1
@@ -1180,6 +1233,8 @@ class _Importer:
             std = node.domain in ("", "ai.onnx")
             if std and node.op_type == "Constant":
                 continue
+            if node.output and node.output[0] in self.gelu_inner:
+                continue  # part of x * 0.5 * (1 + erf(x / sqrt 2)): the last Mul is the gelu layer
             handler = self.HANDLERS.get(node.op_type) if std else None
             try:
                 if handler is None:

@@ -17,6 +17,8 @@ Softmax sums in double.
                 dx = dy * (y * (1 - y))
     tanh        dx = dy * (1 - y * y)
     silu        y = x * s, s = sigmoid(x)        dx = dy * (s * (1 + x * (1 - s)))
+    gelu        y = x * P, P = (1 + erf(x / sqrt 2)) / 2 (the exact form, ONNX Gelu's default)
+                dx = dy * (P + x * e^(-x^2 / 2) / sqrt(2 pi))
     clip        y = x < lo ? lo : (x > hi ? hi : x)   dx = lo < x < hi ? dy : 0   (relu6: lo 0, hi 6)
     hard_sigmoid  t = alpha * x + beta, y = t < 0 ? 0 : (t > 1 ? 1 : t)   dx = 0 < t < 1 ? dy * alpha : 0
     hard_swish  y = x * hard_sigmoid(x) with alpha 1/6, beta 1/2
@@ -31,7 +33,7 @@ Softmax sums in double.
 import numpy as np
 
 from cython.parallel cimport prange
-from libc.math cimport tanhf
+from libc.math cimport erff, expf, tanhf
 
 # Below this many elements a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN = 32768
@@ -279,6 +281,43 @@ def silu_backward(dy, x, out=None):
     cdef Py_ssize_t i, n = dv.shape[0]
     for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
         ov[i] = _silu_grad(dv[i], xv[i])
+    return out_arr
+
+
+cdef float _SQRT_HALF = <float>0.7071067811865476
+cdef float _INV_SQRT_2PI = <float>0.3989422804014327
+
+
+cdef inline float _gelu(float x) noexcept nogil:
+    return x * (<float>0.5 * (<float>1 + erff(x * _SQRT_HALF)))
+
+
+cdef inline float _gelu_grad(float dy, float x) noexcept nogil:
+    cdef float p = <float>0.5 * (<float>1 + erff(x * _SQRT_HALF))
+    return dy * (p + x * (expf(<float>-0.5 * x * x) * _INV_SQRT_2PI))
+
+
+def gelu_forward(x, out=None):
+    """y = x * (1 + erf(x / sqrt 2)) / 2 (GELU, the exact form)."""
+    x_arr = _as_f32(x)
+    out_arr = _out_for(x_arr, out, "gelu_forward")
+    cdef const float[::1] xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef Py_ssize_t i, n = xv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        ov[i] = _gelu(xv[i])
+    return out_arr
+
+
+def gelu_backward(dy, x, out=None):
+    """dx = dy * (P + x * phi(x)), P the normal CDF and phi its density (`x` is gelu's input)."""
+    dy_arr, x_arr = _pair(dy, x, "gelu_backward", "dy", "x")
+    out_arr = _out_for(dy_arr, out, "gelu_backward")
+    cdef const float[::1] dv = dy_arr.reshape(-1), xv = x_arr.reshape(-1)
+    cdef float[::1] ov = out_arr.reshape(-1)
+    cdef Py_ssize_t i, n = dv.shape[0]
+    for i in prange(n, nogil=True, schedule="static", use_threads_if=n > _PARALLEL_MIN):
+        ov[i] = _gelu_grad(dv[i], xv[i])
     return out_arr
 
 

@@ -4,6 +4,8 @@ Each function computes in the dtype of its input (float32 in, float32 out; float
 with the same formulas in the same order as the native kernels, and returns a new array.
 """
 
+import math
+
 import numpy as np
 
 
@@ -74,6 +76,23 @@ def silu_backward_ref(dy, x) -> np.ndarray:
     s = _sigmoid(x)
     one = x.dtype.type(1)
     return dy * (s * (one + x * (one - s)))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu_forward_ref(x) -> np.ndarray:
+    """x * (1 + erf(x / sqrt 2)) / 2, the exact GELU (erf in double, the result in x's type)."""
+    x = _floating(x)
+    return (x * (0.5 * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0))))).astype(x.dtype)
+
+
+def gelu_backward_ref(dy, x) -> np.ndarray:
+    """dy * (P + x * phi(x)): P = (1 + erf(x / sqrt 2)) / 2, phi = e^(-x^2/2) / sqrt(2 pi); x is gelu's input."""
+    dy, x = _floating(dy), _floating(x)
+    x64 = x.astype(np.float64)
+    p = 0.5 * (1.0 + _erf(x64 / math.sqrt(2.0)))
+    return (dy * (p + x64 * np.exp(-0.5 * x64 * x64) / math.sqrt(2.0 * math.pi))).astype(dy.dtype)
 
 
 def dropout_forward_ref(x, mask, ratio: float) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Activations and other shape-preserving ops: relu, leaky_relu, sigmoid, tanh, silu, clip (relu6), hard_sigmoid,
-hard_swish, prelu, softmax, dropout."""
+"""Activations and other shape-preserving ops: relu, leaky_relu, sigmoid, tanh, silu, gelu, clip (relu6),
+hard_sigmoid, hard_swish, prelu, softmax, dropout."""
 
 from __future__ import annotations
 
@@ -139,6 +139,29 @@ class HardSwish(_Unary):
         gate = b.fresh(f"{node.name}.gate")
         b.node("HardSigmoid", [node.inputs[0]], [gate], f"{node.name}/gate", alpha=1.0 / 6.0, beta=0.5)
         b.node("Mul", [node.inputs[0], gate], node.outputs, node.name)
+
+
+@register
+class Gelu(_Unary):
+    type = "gelu"
+    doc = "x * (1 + erf(x / sqrt 2)) / 2, the exact GELU (ConvNeXt, ViT)"
+    saves_output = False
+
+    def to_onnx(self, node, b) -> None:
+        if b.opset >= 20:
+            b.node("Gelu", [node.inputs[0]], node.outputs, node.name)
+            return
+        # Gelu is opset 20: before it, the erf form PyTorch's exporter writes (which import reads back).
+        x = node.inputs[0]
+        scaled, erf, plus, prod = (b.fresh(f"{node.name}.{s}") for s in ("scaled", "erf", "plus1", "xp"))
+        b.node("Div", [x, b.initializer(f"{node.name}.sqrt2", np.array(np.sqrt(2.0), np.float32))], [scaled],
+               f"{node.name}/div")
+        b.node("Erf", [scaled], [erf], f"{node.name}/erf")
+        b.node("Add", [erf, b.initializer(f"{node.name}.one", np.array(1.0, np.float32))], [plus],
+               f"{node.name}/add")
+        b.node("Mul", [x, plus], [prod], f"{node.name}/mul")
+        b.node("Mul", [prod, b.initializer(f"{node.name}.half", np.array(0.5, np.float32))], node.outputs,
+               node.name)
 
 
 @register

@@ -29,6 +29,7 @@ PASS_THROUGH = {
     "tanh",
     "leaky_relu",
     "silu",
+    "gelu",
     "clip",
     "hard_sigmoid",
     "hard_swish",
