@@ -15,7 +15,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
-NATIVE_MODULES = ["boxes", "conv", "pool", "batchnorm", "activation", "loss", "detect"]
+NATIVE_MODULES = ["boxes", "conv", "pool", "batchnorm", "layernorm", "activation", "loss", "detect"]
 
 
 def _compiler_has_openmp(compiler) -> bool:

@@ -59,7 +59,8 @@ NORMALIZE = [
 SUPPORTED = (
     "Add, AveragePool, BatchNormalization, Clip (constant bounds), Concat, Conv, ConvTranspose (explicit pads), "
     "Div (two tensors of one shape, or C×H×W by C×1×1), Dropout, Flatten, Gemm, GlobalAveragePool, GlobalMaxPool, "
-    "Gelu, x * 0.5 * (1 + Erf(x / sqrt 2)) (as gelu), HardSigmoid, HardSwish, Identity, LeakyRelu, LRN, MatMul, "
+    "Gelu, x * 0.5 * (1 + Erf(x / sqrt 2)) (as gelu), HardSigmoid, HardSwish, Identity, LayerNormalization (over "
+    "channels: of a flat tensor, or between Transpose(0,2,3,1) and Transpose(0,3,1,2)), LeakyRelu, LRN, MatMul, "
     "MaxPool, "
     "Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
     "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
@@ -1091,7 +1092,49 @@ class _Importer:
         dims = iter(shape)
         self._reshape_to(node, x, tuple(1 if k in add else next(dims) for k in range(1, rank)))
 
+    def layer_norm(self, node: onnx.NodeProto) -> None:
+        """LayerNormalization over the channels: of a flat (N, C) tensor, or (see transpose) inside
+        Transpose(0,2,3,1) ... Transpose(0,3,1,2), ConvNeXt's LayerNorm2d."""
+        x = self.value(node.input[0])
+        if len(self.shape(x)) != 1:
+            raise _Unsupported("it normalises more than the channel axis (dlc's layernorm is over channels: "
+                               "of a flat tensor, or of a map between Transpose(0,2,3,1) and Transpose(0,3,1,2))")
+        if int(attr(node, "axis", -1)) not in (-1, 1):
+            raise _Unsupported(f"axis {attr(node, 'axis', -1)} (dlc normalises over the channels only)")
+        self._emit_layer_norm(node, node, x)
+
+    def _emit_layer_norm(self, at: onnx.NodeProto, ln: onnx.NodeProto, x: str) -> None:
+        c = self.shape(x)[0]
+        scale = self.const(ln, 1)
+        bias = self.const(ln, 2) if len(ln.input) > 2 and ln.input[2] else np.zeros(c, np.float32)
+        if scale is None or bias is None or np.size(scale) != c or np.size(bias) != c:
+            raise _Unsupported("its scale and bias are not constants with one value per channel")
+        self.emit(at, "layernorm", [x], {"eps": _round(attr(ln, "epsilon", 1e-5))},
+                  {"scale": np.asarray(scale).reshape(c), "bias": np.asarray(bias).reshape(c)})
+
+    def _find_layer_norms_2d(self) -> None:
+        """Transpose(0,2,3,1) -> LayerNormalization(axis -1) -> Transpose(0,3,1,2), each read only by the next:
+        the last Transpose becomes one layernorm layer over the channels of the NCHW map."""
+        self.ln2d_inner: set[str] = set()
+        self.ln2d_at: dict[str, tuple[onnx.NodeProto, str]] = {}
+        for ln in self.model.graph.node:
+            if ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx"):
+                continue
+            first = self.producers.get(ln.input[0])
+            readers = self.consumers.get(ln.output[0], [])
+            if (first is None or first.op_type != "Transpose" or attr(first, "perm") != [0, 2, 3, 1]
+                    or len(self.consumers.get(first.output[0], [])) != 1 or len(readers) != 1
+                    or readers[0].op_type != "Transpose" or attr(readers[0], "perm") != [0, 3, 1, 2]
+                    or int(attr(ln, "axis", -1)) not in (-1, 3) or first.output[0] in self.output_names
+                    or ln.output[0] in self.output_names):
+                continue
+            self.ln2d_inner.update((first.output[0], ln.output[0]))
+            self.ln2d_at[readers[0].output[0]] = (ln, first.input[0])
+
     def transpose(self, node: onnx.NodeProto) -> None:
+        if node.output[0] in self.ln2d_at:
+            ln, x = self.ln2d_at[node.output[0]]
+            return self._emit_layer_norm(node, ln, self.value(x))
         x = self.value(node.input[0])
         rank = len(self.shape(x)) + 1
         perm = attr(node, "perm")
@@ -1178,6 +1221,7 @@ class _Importer:
         "HardSigmoid": hard_sigmoid,
         "HardSwish": hard_swish,
         "Gelu": gelu,
+        "LayerNormalization": layer_norm,
         "PRelu": prelu,
         "Mul": mul,
         "Sub": sub,
@@ -1218,6 +1262,7 @@ class _Importer:
             if readers and all(r.op_type == "Mul" and self._silu_input(r) == n.input[0] for r in readers):
                 self.silu_sigmoids.add(n.output[0])
         self._find_gelus()
+        self._find_layer_norms_2d()
         # How many layer-making nodes share each name scope (see _scope).
         self.scope_count: dict[tuple[str, ...], int] = {}
         for n in g.node:
@@ -1226,6 +1271,7 @@ class _Importer:
                 and n.op_type not in ("Constant", "Identity", "Dropout")
                 and n.output[0] not in self.silu_sigmoids
                 and n.output[0] not in self.gelu_inner
+                and n.output[0] not in self.ln2d_inner
             ):
                 key = _scope(n.name, n.op_type)[0]
                 self.scope_count[key] = self.scope_count.get(key, 0) + 1
@@ -1235,6 +1281,8 @@ class _Importer:
                 continue
             if node.output and node.output[0] in self.gelu_inner:
                 continue  # part of x * 0.5 * (1 + erf(x / sqrt 2)): the last Mul is the gelu layer
+            if node.output and node.output[0] in self.ln2d_inner:
+                continue  # Transpose + LayerNormalization of a LayerNorm2d: the last Transpose is the layer
             handler = self.HANDLERS.get(node.op_type) if std else None
             try:
                 if handler is None:

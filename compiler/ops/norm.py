@@ -1,5 +1,6 @@
-"""Batch normalization (ONNX BatchNormalization, inference form with running statistics) and local response
-normalisation across channels (ONNX LRN), and a per-channel affine scale and shift (ONNX Mul + Add)."""
+"""Batch normalization (ONNX BatchNormalization, inference form with running statistics), layer normalization over
+channels (ConvNeXt's LayerNorm2d), local response normalisation across channels (ONNX LRN), and a per-channel
+affine scale and shift (ONNX Mul + Add)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dlc._C import batchnorm as _k
+from dlc._C import layernorm as _ln
 
 from .base import OpDef, Param, Shape, ShapeError, fmt_shape, register
 
@@ -68,6 +70,69 @@ class BatchNorm(OpDef):
         names = [b.initializer(f"{node.name}.{p}", node.params[p]) for p in ("scale", "bias", "mean", "var")]
         b.node("BatchNormalization", [node.inputs[0], *names], node.outputs, node.name, epsilon=node.attrs["eps"],
                momentum=1.0 - node.attrs["momentum"])  # ONNX's momentum weighs the old statistics
+
+
+@register
+class LayerNorm(OpDef):
+    type = "layernorm"
+    doc = "layer normalization over channels at each position (ConvNeXt's LayerNorm2d); scale/bias learned"
+    params = (Param("eps", "float", 1e-6, minimum=0.0),)
+    fillable = {"scale": {"type": "constant", "value": 1.0}, "bias": {"type": "constant", "value": 0.0}}
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        if len(in_shapes[0]) not in (1, 3):
+            raise ShapeError(f"expects C×H×W or a flat vector, got {fmt_shape(in_shapes[0])}")
+        return in_shapes[0], attrs
+
+    def param_shapes(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+        return {"scale": (in_shapes[0][0],), "bias": (in_shapes[0][0],)}
+
+    def fan(self, attrs, in_shapes, out_shape) -> tuple[int, int]:
+        return 1, 1
+
+    def forward(self, node, inputs, ctx):
+        p = node.params
+        y, mean, invstd = _ln.layernorm_forward(inputs[0], p["scale"], p["bias"], node.attrs["eps"])
+        return y, ((inputs[0], mean, invstd) if ctx.train else None)
+
+    def backward(self, node, saved, dy, ctx):
+        x, mean, invstd = saved
+        dx, dscale, dbias = _ln.layernorm_backward(dy, x, node.params["scale"], mean, invstd)
+        return [dx], {"scale": dscale, "bias": dbias}
+
+    def to_onnx(self, node, b) -> None:
+        x, eps = node.inputs[0], node.attrs["eps"]
+        scale = b.initializer(f"{node.name}.scale", node.params["scale"])
+        bias = b.initializer(f"{node.name}.bias", node.params["bias"])
+        spatial = len(b.shapes[x]) == 3
+        if b.opset >= 17:  # LayerNormalization normalises trailing axes: channels last for a C×H×W map
+            if not spatial:
+                b.node("LayerNormalization", [x, scale, bias], node.outputs, node.name, axis=-1, epsilon=eps)
+                return
+            nhwc, normed = b.fresh(f"{node.name}.nhwc"), b.fresh(f"{node.name}.normed")
+            b.node("Transpose", [x], [nhwc], f"{node.name}/to_nhwc", perm=[0, 2, 3, 1])
+            b.node("LayerNormalization", [nhwc, scale, bias], [normed], f"{node.name}/ln", axis=-1, epsilon=eps)
+            b.node("Transpose", [normed], node.outputs, f"{node.name}/to_nchw", perm=[0, 3, 1, 2])
+            return
+        # before opset 17: (x - mean) / sqrt(var + eps) * scale + bias, the means over axis 1
+        shape = [-1, 1, 1] if spatial else [-1]
+        scale_b = b.fresh(f"{node.name}.scale_b")
+        bias_b = b.fresh(f"{node.name}.bias_b")
+        b.node("Reshape", [scale, b.initializer(f"{node.name}.cshape", np.array(shape, np.int64))], [scale_b],
+               f"{node.name}/scale_shape")
+        b.node("Reshape", [bias, b.initializer(f"{node.name}.cshape2", np.array(shape, np.int64))], [bias_b],
+               f"{node.name}/bias_shape")
+        mean, d, sq, var, ve, std, xhat, scaled = (b.fresh(f"{node.name}.{t}") for t in (
+            "mean", "d", "sq", "var", "ve", "std", "xhat", "scaled"))
+        b.node("ReduceMean", [x], [mean], f"{node.name}/mean", axes=[1], keepdims=1)
+        b.node("Sub", [x, mean], [d], f"{node.name}/sub")
+        b.node("Mul", [d, d], [sq], f"{node.name}/sq")
+        b.node("ReduceMean", [sq], [var], f"{node.name}/var", axes=[1], keepdims=1)
+        b.node("Add", [var, b.initializer(f"{node.name}.eps", np.array(eps, np.float32))], [ve], f"{node.name}/eps")
+        b.node("Sqrt", [ve], [std], f"{node.name}/sqrt")
+        b.node("Div", [d, std], [xhat], f"{node.name}/div")
+        b.node("Mul", [xhat, scale_b], [scaled], f"{node.name}/scale")
+        b.node("Add", [scaled, bias_b], node.outputs, node.name)
 
 
 def _window_sum(s: np.ndarray, below: int, above: int) -> np.ndarray:
