@@ -64,7 +64,8 @@ SUPPORTED = (
     "MaxPool, "
     "Mul (x * Sigmoid(x) as silu; two tensors of one shape, or C×H×W by C×1×1), "
     "Pad (H and W; constant, reflect or edge), PRelu (constant per-channel slope), ReduceMean (over H, W), Relu, "
-    "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Softmax, Squeeze (not the batch axis), "
+    "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Slice and Split (channel ranges, axis 1, "
+    "step 1), Softmax, Squeeze (not the batch axis), "
     "Sub (as Div), Sum, Tanh, Transpose (batch axis kept first), Unsqueeze (not before the batch axis), Upsample; "
     "Add, Sub, Mul and Div of a tensor and a scalar or per-channel constant (as affine; not a constant / x)"
 )
@@ -1092,6 +1093,56 @@ class _Importer:
         dims = iter(shape)
         self._reshape_to(node, x, tuple(1 if k in add else next(dims) for k in range(1, rank)))
 
+    def _channel_axis(self, node: onnx.NodeProto, x: str, default: int) -> None:
+        rank = len(self.shape(x)) + 1
+        axis = int(attr(node, "axis", default))
+        if axis % rank != 1:
+            raise _Unsupported(f"along axis {axis} (dlc splits and slices channels, axis 1, only)")
+
+    def split(self, node: onnx.NodeProto) -> None:
+        """Split along the channels into slice layers, one per output (ShuffleNetV2's chunk)."""
+        x = self.value(node.input[0])
+        self._channel_axis(node, x, 0)
+        c, outputs = self.shape(x)[0], [o for o in node.output]
+        sizes = attr(node, "split") if self.opset < 13 else self.const(node, 1)
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            raise _Unsupported("its split sizes are computed at run time")
+        if sizes is None:  # equal parts (the last one smaller from opset 18, as num_outputs says)
+            k = len(outputs)
+            part = -(-c // k)
+            sizes = [min(part, c - i * part) for i in range(k)]
+        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+        if len(sizes) != len(outputs) or sum(sizes) != c or min(sizes) <= 0:
+            raise _Unsupported(f"sizes {sizes} do not split {c} channels into {len(outputs)} parts")
+        start = 0
+        for k, (out, size) in enumerate(zip(outputs, sizes)):
+            if out:
+                self.emit(node, "slice", [x], {"start": start, "end": start + size}, out=out,
+                          suffix="" if k == 0 else f"_{k}")
+            start += size
+
+    def slice(self, node: onnx.NodeProto) -> None:
+        """Slice of a channel range with step 1 (constant starts/ends on axis 1)."""
+        x = self.value(node.input[0])
+        rank, c = len(self.shape(x)) + 1, self.shape(x)[0]
+        if self.opset < 10:
+            starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+        else:
+            if any(len(node.input) > k and node.input[k] and self.const(node, k) is None for k in range(1, 5)):
+                raise _Unsupported("its starts, ends, axes or steps are computed at run time")
+            starts, ends, axes, steps = (self.const(node, k) for k in range(1, 5))
+        starts, ends = (None if v is None else [int(a) for a in np.asarray(v).reshape(-1)] for v in (starts, ends))
+        axes = list(range(len(starts or []))) if axes is None else [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+        steps = [1] * len(axes) if steps is None else [int(a) for a in np.asarray(steps).reshape(-1)]
+        if starts is None or ends is None or axes != [1] or steps != [1]:
+            raise _Unsupported(f"on axes {axes} with steps {steps} (dlc slices a channel range, axis 1, step 1)")
+        start = max(0, min(c, starts[0] + c if starts[0] < 0 else starts[0]))
+        end = max(0, min(c, ends[0] + c if ends[0] < 0 else ends[0]))
+        if start == 0 and end == c:
+            self.alias[node.output[0]] = x
+            return
+        self.emit(node, "slice", [x], {"start": start, "end": end})
+
     def layer_norm(self, node: onnx.NodeProto) -> None:
         """LayerNormalization over the channels: of a flat (N, C) tensor, or (see transpose) inside
         Transpose(0,2,3,1) ... Transpose(0,3,1,2), ConvNeXt's LayerNorm2d."""
@@ -1222,6 +1273,8 @@ class _Importer:
         "HardSwish": hard_swish,
         "Gelu": gelu,
         "LayerNormalization": layer_norm,
+        "Split": split,
+        "Slice": slice,
         "PRelu": prelu,
         "Mul": mul,
         "Sub": sub,

@@ -1,5 +1,5 @@
 """Ops that move elements without computing: reshape and transpose of the per-sample axes (the batch axis stays
-first and is never named). Per-sample shapes of any rank pass through them, e.g. ShuffleNet's channel shuffle
+first and is never named), and slice, a range of channels (ShuffleNetV2's channel split). Per-sample shapes of any rank pass through them, e.g. ShuffleNet's channel shuffle
 C×H×W -> g×(C/g)×H×W -> (C/g)×g×H×W -> C×H×W."""
 
 from __future__ import annotations
@@ -113,3 +113,36 @@ class Transpose(OpDef):
             node.name,
             perm=[0, *(p + 1 for p in node.attrs["perm"])],
         )
+
+
+@register
+class Slice(OpDef):
+    type = "slice"
+    doc = "channels [start, end) of the input (ShuffleNetV2's channel split; ONNX Split or Slice on axis 1)"
+    params = (
+        Param("start", "int", 0, minimum=0, help="first channel"),
+        Param("end", "int", minimum=1, help="one past the last channel"),
+    )
+
+    def infer(self, attrs: dict[str, Any], in_shapes: list[Shape]) -> tuple[Shape, dict[str, Any]]:
+        shape = in_shapes[0]
+        if not 0 <= attrs["start"] < attrs["end"] <= shape[0]:
+            raise ShapeError(f"channels [{attrs['start']}, {attrs['end']}) are not within the input's {shape[0]} "
+                             f"(input {fmt_shape(shape)})")
+        return (attrs["end"] - attrs["start"], *shape[1:]), attrs
+
+    def forward(self, node, inputs, ctx):
+        x = inputs[0]
+        return np.ascontiguousarray(x[:, node.attrs["start"]:node.attrs["end"]]), x.shape
+
+    def backward(self, node, saved, dy, ctx):
+        dx = np.zeros(saved, np.float32)
+        dx[:, node.attrs["start"]:node.attrs["end"]] = dy
+        return [dx], {}
+
+    def to_onnx(self, node, b) -> None:
+        a = node.attrs
+        starts = b.initializer(f"{node.name}.starts", np.array([a["start"]], np.int64))
+        ends = b.initializer(f"{node.name}.ends", np.array([a["end"]], np.int64))
+        axes = b.initializer(f"{node.name}.axes", np.array([1], np.int64))
+        b.node("Slice", [node.inputs[0], starts, ends, axes], node.outputs, node.name)
