@@ -67,7 +67,9 @@ SUPPORTED = (
     "Reshape (constant shape, batch axis kept), Resize (nearest), Sigmoid, Slice and Split (channel ranges, axis 1, "
     "step 1), Softmax, Squeeze (not the batch axis), "
     "Sub (as Div), Sum, Tanh, Transpose (batch axis kept first), Unsqueeze (not before the batch axis), Upsample; "
-    "Add, Sub, Mul and Div of a tensor and a scalar or per-channel constant (as affine; not a constant / x)"
+    "Add, Sub, Mul and Div of a tensor and a scalar or per-channel constant (as affine; not a constant / x); "
+    "and between Transpose(0,2,3,1) and Transpose(0,3,1,2) a chain of LayerNormalization, MatMul (+ Add) by a "
+    "constant, per-channel Add/Mul, Gelu and Relu/Sigmoid/Tanh on the channels (ConvNeXt's block, as NCHW layers)"
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
@@ -1182,7 +1184,107 @@ class _Importer:
             self.ln2d_inner.update((first.output[0], ln.output[0]))
             self.ln2d_at[readers[0].output[0]] = (ln, first.input[0])
 
+    _CL_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Gelu": "gelu"}
+
+    def _find_channels_last(self) -> None:
+        """Transpose(0,2,3,1) -> a chain of ops on the channel axis -> Transpose(0,3,1,2), as ConvNeXt's block
+        writes it (LayerNorm, Linear, GELU, Linear on channels-last maps). Each op of the chain has one reader
+        and acts on the last axis only: LayerNormalization, MatMul by a constant C_in×C_out (+ Add of its bias:
+        a 1×1 conv), Add or Mul of a per-channel constant (affine), GELU, Relu, Sigmoid, Tanh. The chain is
+        imported as those layers on the NCHW map at the closing Transpose; a chain with anything else is left
+        to the usual handlers (which name what they cannot take)."""
+        self.cl_inner: set[str] = set()
+        self.cl_at: dict[str, tuple[str, list[tuple[str, onnx.NodeProto, Any]]]] = {}
+
+        def readers(value: str) -> list[onnx.NodeProto]:
+            return [] if value in self.output_names else self.consumers.get(value, [])
+
+        def per_channel(name: str, c: int) -> np.ndarray | None:
+            v = self.consts.get(name)
+            return None if v is None or np.size(v) != c or np.shape(v)[-1:] != (c,) else np.asarray(v).reshape(c)
+
+        for first in self.model.graph.node:
+            if first.op_type != "Transpose" or attr(first, "perm") != [0, 2, 3, 1] or \
+                    first.output[0] in self.ln2d_inner:
+                continue
+            dims = self.dims.get(first.input[0])
+            if not dims or len(dims) != 4 or not isinstance(dims[1], int):
+                continue
+            c, cur, steps, inner = dims[1], first.output[0], [], [first.output[0]]
+            ok = False
+            while True:
+                rs = readers(cur)
+                if cur in self.gelu_inner or any(r.output[0] in self.gelu_inner for r in rs):
+                    final = next((out for out, x in self.gelu_at.items() if x == cur), None)
+                    if final is None:
+                        break
+                    steps.append(("gelu", self.producers[final], None))
+                    inner.append(final)  # (the chain's other nodes are skipped as gelu_inner already)
+                    cur = final
+                    continue
+                if len(rs) != 1:
+                    break
+                r = rs[0]
+                if r.op_type == "Transpose" and attr(r, "perm") == [0, 3, 1, 2]:
+                    ok = bool(steps)
+                    last = r
+                    break
+                others = [i for i in r.input if i and i != cur]
+                if r.op_type == "LayerNormalization" and int(attr(r, "axis", -1)) in (-1, 3) and r.input[0] == cur:
+                    scale = per_channel(r.input[1], c)
+                    bias = per_channel(r.input[2], c) if len(r.input) > 2 and r.input[2] else np.zeros(c, np.float32)
+                    if scale is None or bias is None:
+                        break
+                    steps.append(("layernorm", r, (scale, bias)))
+                elif r.op_type == "MatMul" and r.input[0] == cur and others and \
+                        np.ndim(self.consts.get(others[0], np.zeros(0))) == 2 and \
+                        np.shape(self.consts[others[0]])[0] == c:
+                    w = np.asarray(self.consts[others[0]])
+                    steps.append(("linear", r, [w, None]))
+                    c = int(w.shape[1])
+                elif r.op_type in ("Add", "Mul") and len(others) == 1 and per_channel(others[0], c) is not None:
+                    vec = per_channel(others[0], c)
+                    if r.op_type == "Add" and steps and steps[-1][0] == "linear" and steps[-1][2][1] is None:
+                        steps[-1][2][1] = vec  # the Linear's bias
+                    else:
+                        steps.append(("affine", r, (np.ones(c) if r.op_type == "Add" else vec,
+                                                    vec if r.op_type == "Add" else np.zeros(c))))
+                elif r.op_type in self._CL_UNARY and r.input[0] == cur:
+                    if r.op_type == "Gelu" and attr(r, "approximate", b"none") not in (b"none", "none"):
+                        break
+                    steps.append((self._CL_UNARY[r.op_type], r, None))
+                else:
+                    break
+                inner.append(r.output[0])
+                cur = r.output[0]
+            if ok:
+                self.cl_inner.update(inner)
+                self.cl_at[last.output[0]] = (first.input[0], steps)
+
+    def _emit_channels_last(self, closing: onnx.NodeProto) -> None:
+        source, steps = self.cl_at[closing.output[0]]
+        x = self.value(source)
+        for k, (kind, node, data) in enumerate(steps):
+            # the chain's ONNX values are channels-last: the layers stand for NCHW twins of them
+            out = closing.output[0] if k == len(steps) - 1 else f"{node.output[0]} (NCHW)"
+            if kind == "layernorm":
+                x = self.emit(node, "layernorm", [x], {"eps": _round(attr(node, "epsilon", 1e-5))},
+                              {"scale": data[0], "bias": data[1]}, out=out)
+            elif kind == "linear":
+                w, b = data
+                params = {"weight": np.ascontiguousarray(w.T)[:, :, None, None]}
+                if b is not None:
+                    params["bias"] = b
+                x = self.emit(node, "conv", [x], {"out": int(w.shape[1]), "kernel": [1, 1], "bias": b is not None},
+                              params, out=out)
+            elif kind == "affine":
+                x = self.emit(node, "affine", [x], {}, {"scale": data[0], "shift": data[1]}, out=out)
+            else:
+                x = self.emit(node, kind, [x], {}, out=out)
+
     def transpose(self, node: onnx.NodeProto) -> None:
+        if node.output[0] in self.cl_at:
+            return self._emit_channels_last(node)
         if node.output[0] in self.ln2d_at:
             ln, x = self.ln2d_at[node.output[0]]
             return self._emit_layer_norm(node, ln, self.value(x))
@@ -1316,6 +1418,7 @@ class _Importer:
                 self.silu_sigmoids.add(n.output[0])
         self._find_gelus()
         self._find_layer_norms_2d()
+        self._find_channels_last()
         # How many layer-making nodes share each name scope (see _scope).
         self.scope_count: dict[tuple[str, ...], int] = {}
         for n in g.node:
@@ -1325,6 +1428,7 @@ class _Importer:
                 and n.output[0] not in self.silu_sigmoids
                 and n.output[0] not in self.gelu_inner
                 and n.output[0] not in self.ln2d_inner
+                and n.output[0] not in self.cl_inner
             ):
                 key = _scope(n.name, n.op_type)[0]
                 self.scope_count[key] = self.scope_count.get(key, 0) + 1
@@ -1336,6 +1440,8 @@ class _Importer:
                 continue  # part of x * 0.5 * (1 + erf(x / sqrt 2)): the last Mul is the gelu layer
             if node.output and node.output[0] in self.ln2d_inner:
                 continue  # Transpose + LayerNormalization of a LayerNorm2d: the last Transpose is the layer
+            if node.output and node.output[0] in self.cl_inner:
+                continue  # inside a channels-last chain: its closing Transpose emits the layers
             handler = self.HANDLERS.get(node.op_type) if std else None
             try:
                 if handler is None:
