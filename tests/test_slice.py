@@ -135,3 +135,52 @@ def test_a_split_along_height_is_named_unsupported():
 def test_slice_layers_in_yaml_need_an_end():
     with pytest.raises(DlcError, match="'end'"):
         load("- {name: s, type: slice, start: 1}", shape=(3, 4, 4))
+
+
+SPLIT_NET = """
+- {name: stem, type: conv, out: 8, kernel: 3, pad: 1, bias: false}
+- {name: stem_relu, type: relu}
+- {name: left, type: slice, start: 0, end: 4, inputs: stem_relu}
+- {name: right, type: slice, start: 4, end: 8, inputs: stem_relu}
+- {name: conv_l, type: conv, out: 4, kernel: 1, bias: false, inputs: left}
+- {name: conv_r, type: conv, out: 4, kernel: 3, pad: 1, bias: false, inputs: right}
+- {name: join, type: concat, inputs: [conv_l, conv_r]}
+- {name: pool, type: global_avgpool}
+- {name: flat, type: flatten}
+- {name: fc, type: linear, out: 3}
+"""
+
+
+def _split_net(dead):
+    graph = load(SPLIT_NET, shape=(3, 6, 6)).graph
+    randomize_weights(graph, seed=9, gain=2.0)
+    graph.node("stem").params["weight"][list(dead)] = 0.0  # dead filters: removing them changes nothing
+    graph.node("conv_l").params["weight"][[0, 3]] = 0.0
+    graph.node("conv_r").params["weight"][[1, 2]] = 0.0
+    return graph
+
+
+def test_structured_pruning_moves_the_slice_offsets_with_the_channels():
+    """stem's channels are one group seen through both slices: pruning its dead filters (1, 2 of the left half,
+    4, 7 of the right; and the dead filters of the branch convs) narrows both ranges, re-bases the right one,
+    and the outputs do not change."""
+    from dlc.compiler.prune.structured import prune
+
+    graph = _split_net(dead=(1, 2, 4, 7))
+    x = np.random.default_rng(10).normal(0, 1, (2, 3, 6, 6)).astype(np.float32)
+    before = Executor(graph).forward(x)["fc"]
+    report = prune(graph, 0.5, "l1")
+    assert {r["producers"][0]: r["after"] for r in report} == {"stem": 4, "conv_l": 2, "conv_r": 2}
+    assert (graph.node("left").attrs["start"], graph.node("left").attrs["end"]) == (0, 2)
+    assert (graph.node("right").attrs["start"], graph.node("right").attrs["end"]) == (2, 4)
+    assert graph.node("conv_l").params["weight"].shape == (2, 2, 1, 1)
+    assert graph.node("conv_r").params["weight"].shape == (2, 2, 3, 3)
+    np.testing.assert_allclose(Executor(graph).forward(x)["fc"], before, rtol=0, atol=1e-6 * np.abs(before).max())
+
+
+def test_pruning_that_would_empty_a_slice_is_refused():
+    from dlc.compiler.prune.structured import prune
+
+    graph = _split_net(dead=(4, 5, 6, 7))  # the whole right half is dead: l1 would take all of it
+    with pytest.raises(DlcError, match=r"pruning would remove every channel that slice 'right' takes \(\[4, 8\)\)"):
+        prune(graph, 0.5, "l1")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..analysis import infer_shapes
+from ..errors import DlcError
 from ..graph import Graph
 
 PASS_THROUGH = {
@@ -164,6 +165,8 @@ class _Analysis:
                 self.labels[out] = (np.repeat(ins[0][0], rep), np.repeat(ins[0][1], rep))
             elif op == "concat":
                 self.labels[out] = (np.concatenate([s for s, _ in ins]), np.concatenate([i for _, i in ins]))
+            elif op == "slice":  # a channel range: its labels are the range's (offsets follow pruning in apply)
+                self.labels[out] = (ins[0][0][a["start"]:a["end"]], ins[0][1][a["start"]:a["end"]])
             elif op in ELEMENTWISE:
                 (sa, ia), (sb, ib) = ins
                 self.labels[out] = ins[0]
@@ -218,16 +221,33 @@ class _Analysis:
                 return self.find(s)
         raise KeyError(f"no group with producer '{group.producers[0]}' in this graph")
 
+    def _kept(self, value: str, keeps: dict[int, np.ndarray]) -> np.ndarray:
+        """Which channels of `value` stay, as a bool mask."""
+        spaces, idx = self.labels[value]
+        roots = self.roots(spaces)
+        mask = np.ones(len(idx), dtype=bool)
+        for r, keep in keeps.items():
+            sel = roots == r
+            mask[sel] = np.isin(idx[sel], keep)
+        return mask
+
     def apply(self, keeps: dict[int, np.ndarray]) -> None:
         g = self.graph
         touched = set()
+        slices = {}
+        for node in g.nodes():  # the new offsets of each channel range, from what stays before and inside it
+            if node.op == "slice":
+                mask = self._kept(node.inputs[0], keeps)
+                start, end = int(mask[:node.attrs["start"]].sum()), int(mask[:node.attrs["end"]].sum())
+                if end == start:
+                    raise DlcError(f"pruning would remove every channel that slice '{node.name}' takes "
+                                   f"([{node.attrs['start']}, {node.attrs['end']})); prune less, or exclude the "
+                                   "layers that produce them")
+                slices[node.name] = (start, end)
+        for name, (start, end) in slices.items():
+            g.node(name).attrs.update(start=start, end=end)
         for b in self.bindings:
-            spaces, idx = self.labels[b.value]
-            roots = self.roots(spaces)
-            mask = np.ones(len(idx), dtype=bool)
-            for r, keep in keeps.items():
-                sel = roots == r
-                mask[sel] = np.isin(idx[sel], keep)
+            mask = self._kept(b.value, keeps)
             if mask.all():
                 continue
             node = g.node(b.node)
