@@ -14,7 +14,7 @@ from dlc.compiler.prune import channel_groups, importance, prune, prune_channels
 from dlc.compiler.prune.structured import _Analysis, group_sizes
 from dlc.compiler.train.executor import Executor
 
-from helpers import ROOT, load, random_input
+from helpers import ROOT, load, ort_session, random_input, randomize_weights
 
 EXAMPLES = ["resnet20", "inception_small", "mobilenet_small"]
 
@@ -196,7 +196,7 @@ def test_barriers_make_groups_fixed():
         shape=(3, 8, 8),
     ).graph
     assert not group_of(g, "c0").prunable  # lrn
-    assert not group_of(g, "c1").prunable  # grouped conv
+    assert group_of(g, "c1").prunable and group_of(g, "c1").blocks == 2  # grouped conv: its outputs, by group
     assert not group_of(g, "c2").prunable  # graph output
 
 
@@ -358,3 +358,52 @@ def test_global_scope_counts_floors_overrides_and_round_to():
     kept = {r["producers"][0]: r["after"] for r in prune(graph.copy(), 0.5, "l1", scope="global",
                                                           overrides={"b": 0.25})}
     assert kept == {"a": 8, "b": 12}
+
+
+RESNEXT = """
+- {name: reduce, type: conv, out: 16, kernel: 1, bias: false}
+- {name: relu1, type: relu}
+- {name: grouped, type: conv, out: 16, kernel: 3, pad: 1, groups: 4, bias: false}
+- {name: relu2, type: relu}
+- {name: expand, type: conv, out: 8, kernel: 1, bias: false}
+- {name: pool, type: global_avgpool}
+- {name: flat, type: flatten}
+- {name: fc, type: linear, out: 3}
+"""
+
+
+def test_a_grouped_conv_loses_the_same_number_of_outputs_in_each_group():
+    """ResNeXt's grouped 3×3 (4 groups of 4): its dead filters (two per group) go, two per group stay, the groups
+    stay 4, the next conv's inputs follow, its own inputs (reduce's outputs) are kept, and nothing changes."""
+    graph = load(RESNEXT, shape=(3, 8, 8)).graph
+    randomize_weights(graph, seed=3)
+    graph.node("grouped").params["weight"][[0, 3, 5, 6, 8, 9, 13, 15]] = 0.0  # two in each group of four
+    graph.node("expand").params["weight"][[1, 2, 5, 6]] = 0.0  # (expand is pruned too: its dead half)
+    x = random_input(graph, batch=2)
+    before = Executor(graph).forward(x)["fc"]
+    report = prune(graph, 0.5, "l1")
+    after = {r["producers"][0]: r["after"] for r in report}
+    assert after == {"grouped": 8, "expand": 4}  # reduce feeds the grouped conv: fixed
+    node = graph.node("grouped")
+    assert node.attrs["groups"] == 4 and node.attrs["out"] == 8 and node.params["weight"].shape == (8, 4, 3, 3)
+    assert graph.node("expand").params["weight"].shape[1] == 8
+    np.testing.assert_allclose(Executor(graph).forward(x)["fc"], before, rtol=0, atol=1e-6 * np.abs(before).max())
+    got = ort_session(graph).run(None, {graph.input_names[0]: x})[0]
+    np.testing.assert_allclose(got, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
+def test_a_grouped_conv_keeps_a_multiple_of_its_groups_and_the_best_of_each():
+    """Group 0's filters are all weak and group 1's all strong: a global ranking would empty group 0; each group
+    keeps its own three best instead."""
+    graph = load(RESNEXT, shape=(3, 8, 8)).graph
+    randomize_weights(graph, seed=4)
+    w = graph.node("grouped").params["weight"]
+    w[0:4] *= 0.01
+    w[4:8] *= 10.0
+    norms = np.abs(w).sum(axis=(1, 2, 3))
+    want = np.concatenate([4 * b + np.sort(np.argsort(-norms[4 * b:4 * b + 4])[:3]) for b in range(4)])
+    expected = w[want].copy()
+    report = prune(graph, 0.3, "l1")  # 16 * 0.7 = 11.2 -> 12: three per group
+    assert {r["producers"][0]: r["after"] for r in report}["grouped"] == 12
+    assert graph.node("grouped").attrs["groups"] == 4
+    np.testing.assert_array_equal(graph.node("grouped").params["weight"], expected)

@@ -63,6 +63,7 @@ class Group:
     prunable: bool
     members: list[str] = field(default_factory=list)  # every layer with a tensor sliced by the group
     reason: str = ""
+    blocks: int = 1  # the channels form this many equal blocks that must shrink alike (a grouped conv's groups)
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"fixed ({self.reason})"
@@ -86,6 +87,7 @@ class _Analysis:
         self.fixed: dict[int, str] = {}  # space -> reason (on any space; resolved through find)
         self.labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.bindings: list[_Binding] = []
+        self.blocks: dict[int, int] = {}  # space -> equal blocks its channels come in (grouped conv outputs)
         self._run()
 
     # --- union-find ----------------------------------------------------------------------------------
@@ -143,9 +145,11 @@ class _Analysis:
                 elif a["groups"] == c_in == a["out"]:  # depthwise: channels pass through
                     self.labels[out] = ins[0]
                     self._bind_out(node, out, 0)
-                else:
+                else:  # grouped (ResNeXt): its inputs stay; its outputs go in equal numbers from each group
                     self.fix(node.inputs[0], f"grouped conv '{node.name}'")
-                    self.fresh(out, node.name, f"grouped conv '{node.name}'")
+                    self.fresh(out, node.name)
+                    self.blocks[int(self.labels[out][0][0])] = int(a["groups"])
+                    self._bind_out(node, out, 0)
             elif op == "conv_transpose" and a["groups"] == 1:
                 self.bindings.append(_Binding(node.name, "weight", 0, node.inputs[0]))
                 self.fresh(out, node.name)
@@ -204,6 +208,13 @@ class _Analysis:
             grp = by_root.get(self.find(s))
             if grp is not None and grp.prunable:
                 grp.prunable, grp.reason = False, reason
+        for s, n in self.blocks.items():
+            grp = by_root.get(self.find(s))
+            if grp is None:
+                continue
+            if grp.blocks not in (1, n) and grp.prunable:
+                grp.prunable, grp.reason = False, "grouped convs with different group counts"
+            grp.blocks = n
         for b in self.bindings:
             for r in np.unique(self.roots(np.unique(self.labels[b.value][0]))):
                 grp = by_root.get(int(r))
@@ -258,7 +269,9 @@ class _Analysis:
         for name in touched:
             node = g.node(name)
             if node.op in ("conv", "linear"):
-                depthwise = node.op == "conv" and node.attrs["groups"] > 1
+                # depthwise (groups == in == out): its channels pass through, so groups follows them; a grouped
+                # conv keeps its groups (its outputs shrink by the same number in each)
+                depthwise = node.op == "conv" and 1 < node.attrs["groups"] == node.attrs["out"]
                 node.attrs["out"] = int(node.params["weight"].shape[0])
                 if depthwise:
                     node.attrs["groups"] = node.attrs["out"]
@@ -385,11 +398,19 @@ def prune(
     scores = {grp.id: importance(graph, grp, method, seed=seed + grp.id) for grp, _, _ in rows}
     counts = {grp.id: min(_n_keep(base, r, round_to, min_channels), grp.size) for grp, r, base in rows if r is not None}
     counts.update(_global_counts([(g, b) for g, r, b in rows if r is None], scores, ratio, round_to, min_channels))
+    for grp, _, _ in rows:  # a grouped conv's output: a multiple of its groups, at least one per group
+        if grp.blocks > 1:
+            counts[grp.id] = min(max(math.ceil(counts[grp.id] / grp.blocks), 1) * grp.blocks, grp.size)
     keeps: dict[int, np.ndarray] = {}
     report = []
     for grp, r, base in rows:
         n = counts[grp.id]
-        if n < grp.size:
+        if n < grp.size and grp.blocks > 1:  # the best n / blocks of each block
+            per, width = n // grp.blocks, grp.size // grp.blocks
+            keeps[grp.id] = np.sort(np.concatenate([
+                b * width + np.argsort(-scores[grp.id][b * width:(b + 1) * width], kind="stable")[:per]
+                for b in range(grp.blocks)]))
+        elif n < grp.size:
             keeps[grp.id] = np.sort(np.argsort(-scores[grp.id], kind="stable")[:n])
         report.append({"producers": list(grp.producers), "before": grp.size, "after": n,
                        "ratio": r if r is not None else 1.0 - n / base})
