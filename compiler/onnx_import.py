@@ -17,6 +17,11 @@ error names the head maps to cut it off at.
 
 IR layers are named after the ONNX nodes, made into plain names ('/' is dlc's block-scope separator), and each
 layer's output value is named after the layer, as in a model YAML.
+
+This module is the walk over the graph, the patterns that span several nodes (silu, the GELU erf chain,
+LayerNorm2d, ConvNeXt's channels-last block, a detector's decode) and the helpers the import rules share. The rule
+for each ONNX op lives beside the op's definition in compiler/ops/ (registered with `@rule` from
+ops/onnx_rules.py), so adding an op is one module: its OpDef, its kernels and its import rule.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ from .graph import Graph, Node, Source, ValueInfo
 from .onnx_io import tensor_array
 from .ops import REGISTRY, Shape, ShapeError, fmt_shape
 from .ops.detect import LOSS_PARAMS, POSTPROCESS_PARAMS, infer_strides
-from .ops.window import resolve_pads, window_output
+from .ops.onnx_rules import RULES
+from .ops.onnx_rules import Skip as _Skip
+from .ops.onnx_rules import Unsupported as _Unsupported
+from .ops.onnx_rules import round_attr as _round
+from .ops.onnx_rules import text as _text
+from .ops.window import resolve_pads
 from .passes import optimize
 from .passes.fold import channel_vector
 from .passes.graph import attr, constant_value
@@ -71,7 +81,6 @@ SUPPORTED = (
     "and between Transpose(0,2,3,1) and Transpose(0,3,1,2) a chain of LayerNormalization, MatMul (+ Add) by a "
     "constant, per-channel Add/Mul, Gelu and Relu/Sigmoid/Tanh on the channels (ConvNeXt's block, as NCHW layers)"
 )
-_FLOAT32_MAX = float(np.finfo(np.float32).max)  # an open Clip bound (dlc's bounds are finite numbers)
 _ODD = re.compile(r"[^A-Za-z0-9_]+")
 # The ops of the decode that dlc's detect layer exports (ops/detect.py, Detect.to_onnx).
 # Shape/Gather/Cast/Range/Expand build the grid of a decode exported with dynamic height and width.
@@ -79,33 +88,6 @@ _DECODE_OPS = {"Reshape", "Transpose", "Sigmoid", "Slice", "Mul", "Add", "Sub", 
                "Shape", "Gather", "Cast", "Range", "Expand"}
 # Ops that, unsupported, point to a detector's decode (or NMS) in another tool's export.
 _DECODE_HINT_OPS = {"Slice", "Split", "Pow", "Exp", "Gather", "GatherElements", "TopK", "NonMaxSuppression"}
-
-
-class _Unsupported(Exception):
-    """This node does not map to a dlc layer; the reason says why (None: dlc has no such op at all)."""
-
-    def __init__(self, reason: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Skip(Exception):
-    """This node reads the output of one that did not map: it is not reported on its own."""
-
-
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _round(value: float, complement: bool = False) -> float:
-    """An ONNX float attribute (stored as float32) as the shortest decimal that was meant: 0.0010000000475 ->
-    0.001. With `complement`, 1 - value the same way (batch norm's momentum: 0.9499999881 -> 0.05)."""
-    want = np.float32(value)
-    for digits in range(1, 10):
-        short = float(f"{1.0 - float(value) if complement else float(value):.{digits}g}")
-        if np.float32(1.0 - short if complement else short) == want:
-            return short
-    return 1.0 - float(value) if complement else float(value)
 
 
 def plain_name(name: str) -> str:
@@ -144,71 +126,6 @@ def _value_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         if vi.type.HasField("tensor_type") and t.HasField("shape"):
             dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return dims
-
-
-def _nearest_is_floor(ctm: str, nearest_mode: str, size: int, scale: int) -> bool:
-    """Whether ONNX Resize (nearest, this coordinate transformation and rounding) picks input pixel
-    floor(i / scale) for every output pixel i of an axis of `size` pixels: dlc's upsample."""
-    out = size * scale
-    for i in range(out):
-        if ctm in ("half_pixel", "half_pixel_symmetric"):  # the same for an integer scale
-            x = (i + 0.5) / scale - 0.5
-        elif ctm == "pytorch_half_pixel":
-            x = (i + 0.5) / scale - 0.5 if out > 1 else 0.0
-        elif ctm == "asymmetric":
-            x = i / scale
-        elif ctm == "align_corners":
-            x = i * (size - 1) / (out - 1) if out > 1 else 0.0
-        elif ctm == "tf_half_pixel_for_nn":
-            x = (i + 0.5) / scale
-        else:
-            return False
-        if nearest_mode == "floor":
-            k = math.floor(x)
-        elif nearest_mode == "ceil":
-            k = math.ceil(x)
-        elif nearest_mode in ("round_prefer_floor", "round_prefer_ceil"):
-            half = x == math.floor(x) + 0.5
-            k = (
-                (math.floor(x) if nearest_mode == "round_prefer_floor" else math.ceil(x))
-                if half
-                else round(x)
-            )
-        else:
-            return False
-        if min(max(k, 0), size - 1) != i // scale:
-            return False
-    return True
-
-
-def _max_pool_ends(raw: dict[str, Any], shape: Shape) -> dict[str, Any]:
-    """A max pool whose end padding is more than half its window (how exporters write ceil_mode for opsets
-    before 10) as the same windows with ceil_mode and less padding: dlc, like PyTorch, pads at most half a window.
-    The padding is -inf for a max pool, so only where the windows start and how many there are matters."""
-    kernel, stride, pads = raw["kernel"], raw["stride"], raw["pad"]
-    if all(max(pads[a], pads[a + 2]) * 2 <= kernel[a] for a in range(2)) or any(
-        pads[a] * 2 > kernel[a] for a in range(2)
-    ):
-        return raw
-    try:
-        want = window_output(shape, tuple(kernel), tuple(stride), tuple(pads), ceil_mode=raw["ceil_mode"])
-    except ShapeError:
-        return raw
-    for ceil in (False, True):
-        ends = []
-        for a in range(2):
-            for end in range(kernel[a] // 2 + 1):
-                trial = [pads[0], pads[1], end, end] if a == 0 else [pads[0], pads[1], pads[2], end]
-                try:
-                    got = window_output(shape, tuple(kernel), tuple(stride), tuple(trial), ceil_mode=ceil)
-                except ShapeError:
-                    continue
-                if got[a] == want[a]:
-                    ends.append(end)
-                    break
-        if len(ends) == 2:
-            return {**raw, "pad": [pads[0], pads[1], ends[0], ends[1]], "ceil_mode": ceil}
-    return raw
 
 
 @dataclass
@@ -570,7 +487,7 @@ class _Importer:
             raise _Unsupported("its axes are computed at run time")
         return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
 
-    # --- ops ------------------------------------------------------------------------------------------------
+    # --- helpers the import rules in compiler/ops/ share ------------------------------------------------------
     def conv_weights(self, node: onnx.NodeProto, what: str) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
         """A (transposed) convolution's constant 2-D weight, optional constant bias and kernel size."""
         w = self.const(node, 1)
@@ -586,181 +503,6 @@ class _Importer:
             raise _Unsupported(f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
         return w, b, kernel
 
-    def conv(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        w, b, kernel = self.conv_weights(node, "convolution")
-        if len(self.shape(x)) != 3:
-            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not a C×H×W feature map")
-        strides = [int(s) for s in attr(node, "strides", [1, 1])]
-        dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
-        pads = self.pads(node, self.shape(x)[1:], kernel, strides, dilations)
-        params = {"weight": w} if b is None else {"weight": w, "bias": b}
-        self.emit(
-            node,
-            "conv",
-            [x],
-            {
-                "out": int(w.shape[0]),
-                "kernel": kernel,
-                "stride": strides,
-                "pad": pads,
-                "dilation": dilations,
-                "groups": int(attr(node, "group", 1)),
-                "bias": b is not None,
-            },
-            params,
-        )
-
-    def conv_transpose(self, node: onnx.NodeProto) -> None:
-        x = self.feature_map(node)
-        w, b, kernel = self.conv_weights(node, "transposed convolution")
-        auto = _text(attr(node, "auto_pad", "NOTSET"))
-        if auto not in ("NOTSET", ""):
-            raise _Unsupported(f"auto_pad {auto} (dlc imports explicit pads)")
-        pads = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]
-        if len(pads) != 4 or min(pads) < 0:
-            raise _Unsupported(f"pads {pads}")
-        group = int(attr(node, "group", 1))
-        strides = [int(s) for s in attr(node, "strides", [1, 1])]
-        output_padding = [int(p) for p in attr(node, "output_padding", [0, 0])]
-        dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
-        wanted = attr(node, "output_shape")
-        if wanted is not None:
-            # ONNX then ignores pads and works them out: the odd pixel of padding at the start (auto_pad NOTSET).
-            wanted = [int(v) for v in wanted][-2:]
-            hw = self.shape(x)[1:]
-            total = [
-                strides[a] * (hw[a] - 1) + output_padding[a] + (kernel[a] - 1) * dilations[a] + 1 - wanted[a]
-                for a in range(2)
-            ]
-            implied = [t - t // 2 for t in total] + [t // 2 for t in total]
-            if min(total) < 0 or (attr(node, "pads") is not None and pads != implied):
-                raise _Unsupported(f"output_shape {wanted} does not agree with its pads {pads}")
-            pads = implied
-        raw = {
-            "out": int(w.shape[1]) * group,
-            "kernel": kernel,
-            "stride": strides,
-            "pad": pads,
-            "output_padding": output_padding,
-            "dilation": dilations,
-            "groups": group,
-            "bias": b is not None,
-        }
-        params = {"weight": w} if b is None else {"weight": w, "bias": b}
-        self.emit(node, "conv_transpose", [x], raw, params)
-
-    def pad(self, node: onnx.NodeProto) -> None:
-        """A Pad that fuse_pad left (not before a Conv or pool, or not constant): spatial axes only."""
-        x = self.feature_map(node)
-        mode = _text(attr(node, "mode", "constant"))
-        if mode not in ("constant", "reflect", "edge"):
-            raise _Unsupported(f"mode {mode} (dlc pads constant, reflect or edge)")
-        if self.opset < 11:
-            pads, value, axes = attr(node, "pads"), float(attr(node, "value", 0.0)), None
-        else:
-            pads, value, axes = self.const(node, 1), 0.0, self.const(node, 3)
-            for k, what in ((1, "pads"), (2, "value"), (3, "axes")):
-                if len(node.input) > k and node.input[k] and self.const(node, k) is None:
-                    raise _Unsupported(f"its {what} are computed at run time")
-            v = self.const(node, 2)
-            if v is not None:
-                if np.asarray(v).size != 1:
-                    raise _Unsupported(f"its value of shape {list(np.shape(v))} is not a scalar")
-                value = float(np.asarray(v).reshape(-1)[0])
-        if pads is None:
-            raise _Unsupported("it has no pads")
-        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-        rank = 4
-        if axes is not None:
-            axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
-            if len(pads) != 2 * len(axes):
-                raise _Unsupported(f"pads {pads} do not match axes {axes}")
-            full = [0] * (2 * rank)
-            for j, a in enumerate(axes):
-                full[a], full[a + rank] = pads[j], pads[j + len(axes)]
-            pads = full
-        if len(pads) != 2 * rank:
-            raise _Unsupported(f"pads {pads} are not for an N×C×H×W tensor")
-        if pads[0] or pads[1] or pads[4] or pads[5]:
-            raise _Unsupported(f"pads {pads} pad the batch or channel axis (dlc pads H and W)")
-        if min(pads) < 0:
-            raise _Unsupported(f"pads {pads} crop (negative)")
-        raw = {"pads": [pads[2], pads[3], pads[6], pads[7]], "mode": mode}
-        if mode == "constant":
-            raw["value"] = _round(value) if np.isfinite(value) else value
-        self.emit(node, "pad", [x], raw)
-
-    def lrn(self, node: onnx.NodeProto) -> None:
-        raw = {
-            "size": int(attr(node, "size", 0)),
-            "alpha": _round(attr(node, "alpha", 1e-4)),
-            "beta": _round(attr(node, "beta", 0.75)),
-            "bias": _round(attr(node, "bias", 1.0)),
-        }
-        self.emit(node, "lrn", [self.feature_map(node)], raw)
-
-    def batchnorm(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        tensors = [self.const(node, k) for k in range(1, 5)]
-        if any(t is None for t in tensors):
-            raise _Unsupported("its scale, bias, mean or variance is not a constant")
-        if attr(node, "training_mode", 0) or any(
-            self.consumers.get(o) or o in self.output_names for o in node.output[1:] if o
-        ):
-            raise _Unsupported("training mode (its batch statistics are used)")
-        eps, momentum = (
-            _round(attr(node, "epsilon", 1e-5)),
-            _round(attr(node, "momentum", 0.9), complement=True),
-        )
-        self.emit(
-            node,
-            "batchnorm",
-            [x],
-            {"eps": eps, "momentum": momentum},
-            dict(zip(("scale", "bias", "mean", "var"), tensors)),
-        )
-
-    def unary(self, node: onnx.NodeProto) -> None:
-        op = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}[node.op_type]
-        if node.op_type == "Sigmoid" and node.output[0] in self.silu_sigmoids:
-            return  # only read as x * sigmoid(x): the Mul becomes the silu layer
-        self.emit(node, op, [self.value(node.input[0])], {})
-
-    def leaky_relu(self, node: onnx.NodeProto) -> None:
-        self.emit(
-            node, "leaky_relu", [self.value(node.input[0])], {"slope": _round(attr(node, "alpha", 0.01))}
-        )
-
-    def clip(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        if self.opset < 11:  # bounds are attributes before opset 11
-            lo, hi = attr(node, "min", -_FLOAT32_MAX), attr(node, "max", _FLOAT32_MAX)
-        else:
-            bounds = []
-            for k, default in ((1, -_FLOAT32_MAX), (2, _FLOAT32_MAX)):
-                value = self.const(node, k)
-                if value is None and len(node.input) > k and node.input[k]:
-                    raise _Unsupported("its min or max is computed at run time")
-                if value is not None and np.asarray(value).size != 1:
-                    raise _Unsupported(f"its bound of shape {list(np.shape(value))} is not a scalar")
-                bounds.append(default if value is None else float(np.asarray(value).reshape(-1)[0]))
-            lo, hi = bounds
-        lo, hi = (max(min(float(v), _FLOAT32_MAX), -_FLOAT32_MAX) for v in (lo, hi))  # -inf/inf: open
-        lo, hi = (_round(v) if abs(v) < _FLOAT32_MAX else v for v in (lo, hi))
-        self.emit(node, "clip", [x], {"min": lo, "max": hi})
-
-    def hard_sigmoid(self, node: onnx.NodeProto) -> None:
-        raw = {"alpha": _round(attr(node, "alpha", 0.2)), "beta": _round(attr(node, "beta", 0.5))}
-        self.emit(node, "hard_sigmoid", [self.value(node.input[0])], raw)
-
-    def hard_swish(self, node: onnx.NodeProto) -> None:
-        self.emit(node, "hard_swish", [self.value(node.input[0])], {})
-
-    def gelu(self, node: onnx.NodeProto) -> None:
-        if attr(node, "approximate", b"none") not in (b"none", "none"):
-            raise _Unsupported("approximate='tanh' (dlc's gelu is the exact erf form)")
-        self.emit(node, "gelu", [self.value(node.input[0])], {})
 
     def _scalar(self, name: str) -> float | None:
         v = self.consts.get(name)
@@ -803,16 +545,6 @@ class _Importer:
             self.gelu_inner.update(n.output[0] for n in (scale, erf, add, mul1))
             self.gelu_at[mul2.output[0]] = x
 
-    def prelu(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        slope = self.const(node, 1)
-        if slope is None:
-            raise _Unsupported("its slope is not a constant")
-        shape = self.shape(x)
-        vec = channel_vector(np.asarray(slope), len(shape) + 1, shape[0])
-        if vec is None:
-            raise _Unsupported(f"its slope of shape {list(np.shape(slope))} is not per channel or a scalar")
-        self.emit(node, "prelu", [x], {}, {"slope": vec})
 
     def _silu_input(self, node: onnx.NodeProto) -> str | None:
         """For Mul(x, Sigmoid(x)) (either order): x."""
@@ -829,15 +561,6 @@ class _Importer:
                 return a
         return None
 
-    def mul(self, node: onnx.NodeProto) -> None:
-        if node.output[0] in self.gelu_at:
-            self.emit(node, "gelu", [self.value(self.gelu_at[node.output[0]])], {})
-            return
-        x = self._silu_input(node)
-        if x is not None:
-            self.emit(node, "silu", [self.value(x)], {})
-            return
-        self._binary(node, "mul", "multiplies by", "multiplies")
 
     def _binary(self, node: onnx.NodeProto, op: str, by_const: str, verb: str) -> None:
         """Mul, Sub or Div of two computed tensors: equal shapes, or C×H×W with a C×1×1 second operand."""
@@ -882,108 +605,6 @@ class _Importer:
         }[op]
         self.emit(node, "affine", [value], {}, {"scale": scale, "shift": shift})
 
-    def sub(self, node: onnx.NodeProto) -> None:
-        self._binary(node, "sub", "subtracts", "subtracts")
-
-    def div(self, node: onnx.NodeProto) -> None:
-        self._binary(node, "div", "divides by", "divides")
-
-    def pool(self, node: onnx.NodeProto) -> None:
-        x = self.feature_map(node)
-        kernel = [int(k) for k in attr(node, "kernel_shape", [])]
-        if len(kernel) != 2:
-            raise _Unsupported(f"{len(kernel)}-D pooling (dlc pools in 2-D)")
-        if any(int(d) != 1 for d in attr(node, "dilations", [1, 1])):
-            raise _Unsupported("dilated pooling")
-        if (
-            node.op_type == "MaxPool"
-            and len(node.output) > 1
-            and node.output[1]
-            and (self.consumers.get(node.output[1]) or node.output[1] in self.output_names)
-        ):
-            raise _Unsupported("its Indices output is used")
-        strides = [int(s) for s in attr(node, "strides", [1, 1])]
-        raw = {
-            "kernel": kernel,
-            "stride": strides,
-            "pad": self.pads(node, self.shape(x)[1:], kernel, strides, [1, 1]),
-            "ceil_mode": bool(attr(node, "ceil_mode", 0)),
-        }
-        if node.op_type == "AveragePool":
-            raw["count_include_pad"] = bool(attr(node, "count_include_pad", 0))
-        else:
-            raw = _max_pool_ends(raw, self.shape(x))
-        self.emit(node, "maxpool" if node.op_type == "MaxPool" else "avgpool", [x], raw)
-
-    def global_pool(self, node: onnx.NodeProto) -> None:
-        x = self.feature_map(node)
-        if node.op_type == "GlobalAveragePool":
-            self.emit(node, "global_avgpool", [x], {})
-        else:  # a max over the whole map is a max pool with the map's size as its window
-            self.emit(node, "maxpool", [x], {"kernel": list(self.shape(x)[1:])})
-
-    def reduce_mean(self, node: onnx.NodeProto) -> None:
-        x = self.feature_map(node)
-        axes = self.axes(node, 18)
-        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
-            raise _Unsupported(f"over axes {axes} (dlc averages over H and W only: global pooling)")
-        if attr(node, "keepdims", 1):
-            self.emit(node, "global_avgpool", [x], {})
-        else:
-            pooled = self.emit(
-                node, "global_avgpool", [x], {}, out=f"{node.output[0]} (pooled)", suffix="_pool"
-            )
-            self.emit(node, "flatten", [pooled], {})
-
-    def gemm(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        if len(self.shape(x)) != 1:
-            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not N×features")
-        if attr(node, "transA", 0):
-            raise _Unsupported("transA")
-        b = self.const(node, 1)
-        if b is None or b.ndim != 2:
-            raise _Unsupported("its B is not a constant matrix")
-        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-        weight = (b if attr(node, "transB", 0) else b.T).astype(np.float64) * alpha
-        params = {"weight": weight}
-        c = self.const(node, 2)
-        if len(node.input) > 2 and node.input[2]:
-            if c is None:
-                raise _Unsupported("its C is not a constant")
-            bias = channel_vector(c, 2, weight.shape[0])
-            if bias is None:
-                raise _Unsupported(f"its C of shape {list(c.shape)} is not a bias vector")
-            params["bias"] = bias * beta
-        self.emit(node, "linear", [x], {"out": int(weight.shape[0]), "bias": "bias" in params}, params)
-
-    def matmul(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        b = self.const(node, 1)
-        if b is None or b.ndim != 2:
-            raise _Unsupported("dlc imports MatMul only with a constant 2-D right operand (a linear layer)")
-        if len(self.shape(x)) != 1:
-            raise _Unsupported(f"its input is {fmt_shape(self.shape(x))}, not N×features")
-        self.emit(node, "linear", [x], {"out": int(b.shape[1]), "bias": False}, {"weight": b.T})
-
-    def add(self, node: onnx.NodeProto) -> None:
-        names = [i for i in node.input if i]
-        constant = [k for k, i in enumerate(names) if i in self.consts]
-        if len(names) == 2 and len(constant) == 1:
-            return self.bias_add(node, names[1 - constant[0]], self.consts[names[constant[0]]])
-        if constant:
-            raise _Unsupported("adds a constant")
-        values = [self.value(i) for i in names]
-        if len(values) == 1:
-            self.alias[node.output[0]] = values[0]
-            return None
-        shapes = [self.shape(v) for v in values]
-        if any(s != shapes[0] for s in shapes):
-            raise _Unsupported(
-                f"broadcasts {', '.join(fmt_shape(s) for s in shapes)} (dlc adds equal shapes)"
-            )
-        self.emit(node, "add", values, {})
-        return None
 
     def bias_add(self, node: onnx.NodeProto, y: str, c: np.ndarray) -> None:
         """layer(x) + constant bias, where the layer is a conv or linear layer whose output nothing else reads;
@@ -1006,31 +627,6 @@ class _Importer:
         self.origin[value] = node.output[0]
         return None
 
-    def concat(self, node: onnx.NodeProto) -> None:
-        values = [self.value(i) for i in node.input if i]
-        ranks = {len(self.shape(v)) + 1 for v in values}
-        axis = attr(node, "axis")
-        if len(ranks) != 1 or axis is None or int(axis) % ranks.pop() != 1:
-            raise _Unsupported(f"along axis {axis} (dlc concatenates channels: axis 1)")
-        if len(values) == 1:
-            self.alias[node.output[0]] = values[0]
-        else:
-            self.emit(node, "concat", values, {})
-
-    def softmax(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        axis = int(attr(node, "axis", 1 if self.opset < 13 else -1))
-        if len(self.shape(x)) != 1 or axis not in (1, -1):
-            raise _Unsupported(f"on {fmt_shape(self.shape(x))} along axis {axis} (dlc: N×classes, axis 1)")
-        self.emit(node, "softmax", [x], {})
-
-    def flatten(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        rank = len(self.shape(x)) + 1
-        axis = int(attr(node, "axis", 1))
-        if axis % rank != 1:
-            raise _Unsupported(f"axis {axis} (dlc flattens from axis 1)")
-        self._flat(node, x)
 
     def _flat(self, node: onnx.NodeProto, x: str) -> None:
         if len(self.shape(x)) == 1:
@@ -1047,53 +643,6 @@ class _Importer:
         else:
             self.emit(node, "reshape", [x], {"shape": list(shape)})
 
-    def reshape(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        target = self.const(node, 1)
-        if target is None:
-            raise _Unsupported("its target shape is computed at run time")
-        t = [int(v) for v in np.asarray(target).reshape(-1)]
-        shape = self.shape(x)
-        n = math.prod(shape)
-        allowzero = bool(attr(node, "allowzero", 0))
-        if allowzero and 0 in t:
-            raise _Unsupported(f"to {t} with allowzero (a zero-sized tensor)")
-        # Entries 0 copy the input's dimension (allowzero off); the batch entry must keep the batch.
-        rest = [shape[k] if d == 0 and k < len(shape) else d for k, d in enumerate(t[1:])]
-        static = bool(rest) and 0 not in rest and -1 not in rest and math.prod(rest) == n
-        if not t or not (t[0] == 0 or (self.batch is not None and t[0] == self.batch) or (t[0] == -1 and static)):
-            raise _Unsupported(f"to {t}: it does not keep the batch axis first (dlc reshapes per sample)")
-        if not rest or 0 in rest or rest.count(-1) > 1 or any(d < -1 for d in rest):
-            raise _Unsupported(f"to {t}")
-        known = math.prod(d for d in rest if d != -1)
-        if (-1 in rest and n % known) or (-1 not in rest and known != n):
-            raise _Unsupported(f"to {t}: {fmt_shape(shape)} has {n} elements per sample")
-        self._reshape_to(node, x, tuple(n // known if d == -1 else d for d in rest))
-
-    def squeeze(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        axes = self.axes(node, 13)
-        shape = self.shape(x)
-        rank = len(shape) + 1
-        if axes is None or any(not -rank <= a < rank for a in axes):
-            raise _Unsupported(f"axes {axes} of {fmt_shape(shape)} (dlc squeezes named axes, not the batch)")
-        drop = {a % rank for a in axes}
-        if 0 in drop or any(shape[a - 1] != 1 for a in drop):
-            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)} (dlc squeezes axes of size 1, not the batch)")
-        self._reshape_to(node, x, tuple(d for k, d in enumerate(shape) if k + 1 not in drop))
-
-    def unsqueeze(self, node: onnx.NodeProto) -> None:
-        x = self.value(node.input[0])
-        axes = self.axes(node, 13)
-        shape = self.shape(x)
-        rank = len(shape) + 1 + len(axes or [])
-        if not axes or any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
-            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)}")
-        add = {a % rank for a in axes}
-        if 0 in add:
-            raise _Unsupported(f"axes {axes} of N×{fmt_shape(shape)} (a new axis before the batch)")
-        dims = iter(shape)
-        self._reshape_to(node, x, tuple(1 if k in add else next(dims) for k in range(1, rank)))
 
     def _channel_axis(self, node: onnx.NodeProto, x: str, default: int) -> None:
         rank = len(self.shape(x)) + 1
@@ -1101,60 +650,6 @@ class _Importer:
         if axis % rank != 1:
             raise _Unsupported(f"along axis {axis} (dlc splits and slices channels, axis 1, only)")
 
-    def split(self, node: onnx.NodeProto) -> None:
-        """Split along the channels into slice layers, one per output (ShuffleNetV2's chunk)."""
-        x = self.value(node.input[0])
-        self._channel_axis(node, x, 0)
-        c, outputs = self.shape(x)[0], [o for o in node.output]
-        sizes = attr(node, "split") if self.opset < 13 else self.const(node, 1)
-        if sizes is None and len(node.input) > 1 and node.input[1]:
-            raise _Unsupported("its split sizes are computed at run time")
-        if sizes is None:  # equal parts (the last one smaller from opset 18, as num_outputs says)
-            k = len(outputs)
-            part = -(-c // k)
-            sizes = [min(part, c - i * part) for i in range(k)]
-        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
-        if len(sizes) != len(outputs) or sum(sizes) != c or min(sizes) <= 0:
-            raise _Unsupported(f"sizes {sizes} do not split {c} channels into {len(outputs)} parts")
-        start = 0
-        for k, (out, size) in enumerate(zip(outputs, sizes)):
-            if out:
-                self.emit(node, "slice", [x], {"start": start, "end": start + size}, out=out,
-                          suffix="" if k == 0 else f"_{k}")
-            start += size
-
-    def slice(self, node: onnx.NodeProto) -> None:
-        """Slice of a channel range with step 1 (constant starts/ends on axis 1)."""
-        x = self.value(node.input[0])
-        rank, c = len(self.shape(x)) + 1, self.shape(x)[0]
-        if self.opset < 10:
-            starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
-        else:
-            if any(len(node.input) > k and node.input[k] and self.const(node, k) is None for k in range(1, 5)):
-                raise _Unsupported("its starts, ends, axes or steps are computed at run time")
-            starts, ends, axes, steps = (self.const(node, k) for k in range(1, 5))
-        starts, ends = (None if v is None else [int(a) for a in np.asarray(v).reshape(-1)] for v in (starts, ends))
-        axes = list(range(len(starts or []))) if axes is None else [int(a) % rank for a in np.asarray(axes).reshape(-1)]
-        steps = [1] * len(axes) if steps is None else [int(a) for a in np.asarray(steps).reshape(-1)]
-        if starts is None or ends is None or axes != [1] or steps != [1]:
-            raise _Unsupported(f"on axes {axes} with steps {steps} (dlc slices a channel range, axis 1, step 1)")
-        start = max(0, min(c, starts[0] + c if starts[0] < 0 else starts[0]))
-        end = max(0, min(c, ends[0] + c if ends[0] < 0 else ends[0]))
-        if start == 0 and end == c:
-            self.alias[node.output[0]] = x
-            return
-        self.emit(node, "slice", [x], {"start": start, "end": end})
-
-    def layer_norm(self, node: onnx.NodeProto) -> None:
-        """LayerNormalization over the channels: of a flat (N, C) tensor, or (see transpose) inside
-        Transpose(0,2,3,1) ... Transpose(0,3,1,2), ConvNeXt's LayerNorm2d."""
-        x = self.value(node.input[0])
-        if len(self.shape(x)) != 1:
-            raise _Unsupported("it normalises more than the channel axis (dlc's layernorm is over channels: "
-                               "of a flat tensor, or of a map between Transpose(0,2,3,1) and Transpose(0,3,1,2))")
-        if int(attr(node, "axis", -1)) not in (-1, 1):
-            raise _Unsupported(f"axis {attr(node, 'axis', -1)} (dlc normalises over the channels only)")
-        self._emit_layer_norm(node, node, x)
 
     def _emit_layer_norm(self, at: onnx.NodeProto, ln: onnx.NodeProto, x: str) -> None:
         c = self.shape(x)[0]
@@ -1282,128 +777,6 @@ class _Importer:
             else:
                 x = self.emit(node, kind, [x], {}, out=out)
 
-    def transpose(self, node: onnx.NodeProto) -> None:
-        if node.output[0] in self.cl_at:
-            return self._emit_channels_last(node)
-        if node.output[0] in self.ln2d_at:
-            ln, x = self.ln2d_at[node.output[0]]
-            return self._emit_layer_norm(node, ln, self.value(x))
-        x = self.value(node.input[0])
-        rank = len(self.shape(x)) + 1
-        perm = attr(node, "perm")
-        perm = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]
-        if sorted(perm) != list(range(rank)) or perm[0] != 0:
-            raise _Unsupported(f"perm {perm} (dlc transposes per sample: the batch axis stays first)")
-        if perm == sorted(perm):
-            self.alias[node.output[0]] = x
-        else:
-            self.emit(node, "transpose", [x], {"perm": [p - 1 for p in perm[1:]]})
-
-    def resize(self, node: onnx.NodeProto) -> None:
-        mode = _text(attr(node, "mode", "nearest"))
-        if mode != "nearest":
-            raise _Unsupported(f"mode '{mode}' (dlc upsamples nearest only)")
-        x = self.feature_map(node)
-        c, h, w = self.shape(x)
-        legacy = node.op_type == "Upsample" or self.opset < 11
-        scales, sizes = (self.const(node, 1), None) if legacy else (self.const(node, 2), self.const(node, 3))
-        scales = None if scales is None or scales.size == 0 else [float(s) for s in scales.reshape(-1)]
-        sizes = None if sizes is None or sizes.size == 0 else [int(s) for s in sizes.reshape(-1)]
-        axes = attr(node, "axes")
-        if axes is not None and not legacy:  # opset 18: scales or sizes for these axes only
-            full = [1.0, 1.0, float(h), float(w)] if sizes is not None else [1.0] * 4
-            values = sizes if sizes is not None else scales
-            if values is None or len(values) != len(axes):
-                raise _Unsupported("its axes and scales disagree")
-            for a, v in zip(axes, values):
-                full[int(a) % 4] = v
-            if sizes is not None:
-                sizes = [int(v) for v in full]
-                sizes[:2] = [self.batch or 1, c]
-            else:
-                scales = full
-        if legacy:
-            ctm, rounding = "asymmetric", "floor"
-        else:
-            ctm = _text(attr(node, "coordinate_transformation_mode", "half_pixel"))
-            rounding = _text(attr(node, "nearest_mode", "round_prefer_floor"))
-            if sizes is not None and _text(attr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch":
-                raise _Unsupported("keep_aspect_ratio_policy")
-        if scales is not None:
-            if len(scales) != 4 or scales[:2] != [1.0, 1.0]:
-                raise _Unsupported(f"scales {scales} (dlc upsamples H and W)")
-            factors = scales[2:]
-        else:
-            if sizes is None:
-                dims = self.dims.get(node.output[0])
-                if dims is None or len(dims) != 4 or None in dims[1:]:
-                    raise _Unsupported("its output size is computed at run time")
-                sizes = [0, *dims[1:]]
-            if len(sizes) != 4 or sizes[1] != c or (sizes[0] and sizes[0] != self.batch):
-                raise _Unsupported(f"sizes {sizes} (dlc upsamples H and W, whatever the batch)")
-            factors = [sizes[2] / h, sizes[3] / w]
-        if any(f != int(f) or f < 1 for f in factors):
-            raise _Unsupported(f"scale factors {factors} (dlc upsamples by whole numbers)")
-        sh, sw = int(factors[0]), int(factors[1])
-        if not (_nearest_is_floor(ctm, rounding, h, sh) and _nearest_is_floor(ctm, rounding, w, sw)):
-            raise _Unsupported(
-                f"coordinate_transformation_mode '{ctm}' with nearest_mode '{rounding}' does not "
-                "repeat each pixel (dlc's nearest upsampling)"
-            )
-        self.emit(node, "upsample", [x], {"scale": [sh, sw]})
-
-    def passthrough(self, node: onnx.NodeProto) -> None:
-        if (
-            node.op_type == "Dropout"
-            and len(node.output) > 1
-            and node.output[1]
-            and (self.consumers.get(node.output[1]) or node.output[1] in self.output_names)
-        ):
-            raise _Unsupported("its mask output is used")
-        self.alias[node.output[0]] = self.value(node.input[0])
-
-    HANDLERS = {
-        "Conv": conv,
-        "ConvTranspose": conv_transpose,
-        "BatchNormalization": batchnorm,
-        "Relu": unary,
-        "Sigmoid": unary,
-        "Tanh": unary,
-        "LeakyRelu": leaky_relu,
-        "Clip": clip,
-        "HardSigmoid": hard_sigmoid,
-        "HardSwish": hard_swish,
-        "Gelu": gelu,
-        "LayerNormalization": layer_norm,
-        "Split": split,
-        "Slice": slice,
-        "PRelu": prelu,
-        "Mul": mul,
-        "Sub": sub,
-        "Div": div,
-        "MaxPool": pool,
-        "AveragePool": pool,
-        "GlobalAveragePool": global_pool,
-        "GlobalMaxPool": global_pool,
-        "ReduceMean": reduce_mean,
-        "Gemm": gemm,
-        "MatMul": matmul,
-        "Add": add,
-        "Sum": add,
-        "Concat": concat,
-        "LRN": lrn,
-        "Pad": pad,
-        "Softmax": softmax,
-        "Flatten": flatten,
-        "Reshape": reshape,
-        "Squeeze": squeeze,
-        "Unsqueeze": unsqueeze,
-        "Transpose": transpose,
-        "Resize": resize,
-        "Upsample": resize,
-        "Identity": passthrough,
-        "Dropout": passthrough,
-    }
 
     # --- the whole graph ------------------------------------------------------------------------------------
     def run(self) -> Graph:
@@ -1442,7 +815,7 @@ class _Importer:
                 continue  # Transpose + LayerNormalization of a LayerNorm2d: the last Transpose is the layer
             if node.output and node.output[0] in self.cl_inner:
                 continue  # inside a channels-last chain: its closing Transpose emits the layers
-            handler = self.HANDLERS.get(node.op_type) if std else None
+            handler = RULES.get(node.op_type) if std else None
             try:
                 if handler is None:
                     raise _Unsupported(None)

@@ -3,13 +3,17 @@ transpose (ONNX ConvTranspose)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlc._C import conv as _k
 
 from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, rule, text
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 from .window import onnx_pads, resolve_pads, window_output
 
 # Shared by conv and conv_transpose (which adds output_padding after pad).
@@ -189,3 +193,73 @@ class ConvTranspose(OpDef):
         b.node("ConvTranspose", inputs, node.outputs, node.name, kernel_shape=list(a["kernel"]),
                strides=list(a["stride"]), pads=list(a["pads"]), dilations=list(a["dilation"]), group=a["groups"],
                output_padding=list(a["output_padding"]))
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("Conv")
+def _import_conv(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    w, b, kernel = imp.conv_weights(node, "convolution")
+    if len(imp.shape(x)) != 3:
+        raise Unsupported(f"its input is {fmt_shape(imp.shape(x))}, not a C×H×W feature map")
+    strides = [int(s) for s in attr(node, "strides", [1, 1])]
+    dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
+    pads = imp.pads(node, imp.shape(x)[1:], kernel, strides, dilations)
+    params = {"weight": w} if b is None else {"weight": w, "bias": b}
+    imp.emit(
+        node,
+        "conv",
+        [x],
+        {
+            "out": int(w.shape[0]),
+            "kernel": kernel,
+            "stride": strides,
+            "pad": pads,
+            "dilation": dilations,
+            "groups": int(attr(node, "group", 1)),
+            "bias": b is not None,
+        },
+        params,
+    )
+
+
+@rule("ConvTranspose")
+def _import_conv_transpose(imp, node: onnx.NodeProto) -> None:
+    x = imp.feature_map(node)
+    w, b, kernel = imp.conv_weights(node, "transposed convolution")
+    auto = text(attr(node, "auto_pad", "NOTSET"))
+    if auto not in ("NOTSET", ""):
+        raise Unsupported(f"auto_pad {auto} (dlc imports explicit pads)")
+    pads = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]
+    if len(pads) != 4 or min(pads) < 0:
+        raise Unsupported(f"pads {pads}")
+    group = int(attr(node, "group", 1))
+    strides = [int(s) for s in attr(node, "strides", [1, 1])]
+    output_padding = [int(p) for p in attr(node, "output_padding", [0, 0])]
+    dilations = [int(d) for d in attr(node, "dilations", [1, 1])]
+    wanted = attr(node, "output_shape")
+    if wanted is not None:
+        # ONNX then ignores pads and works them out: the odd pixel of padding at the start (auto_pad NOTSET).
+        wanted = [int(v) for v in wanted][-2:]
+        hw = imp.shape(x)[1:]
+        total = [
+            strides[a] * (hw[a] - 1) + output_padding[a] + (kernel[a] - 1) * dilations[a] + 1 - wanted[a]
+            for a in range(2)
+        ]
+        implied = [t - t // 2 for t in total] + [t // 2 for t in total]
+        if min(total) < 0 or (attr(node, "pads") is not None and pads != implied):
+            raise Unsupported(f"output_shape {wanted} does not agree with its pads {pads}")
+        pads = implied
+    raw = {
+        "out": int(w.shape[1]) * group,
+        "kernel": kernel,
+        "stride": strides,
+        "pad": pads,
+        "output_padding": output_padding,
+        "dilation": dilations,
+        "groups": group,
+        "bias": b is not None,
+    }
+    params = {"weight": w} if b is None else {"weight": w, "bias": b}
+    imp.emit(node, "conv_transpose", [x], raw, params)

@@ -3,13 +3,17 @@ hard_sigmoid, hard_swish, prelu, softmax, dropout."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlc._C import activation as _k
 
 from .base import OpDef, Param, ParamError, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import FLOAT32_MAX, Unsupported, attr, round_attr, rule
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 
 
 class _Unary(OpDef):
@@ -242,3 +246,94 @@ class Dropout(OpDef):
     def to_onnx(self, node, b) -> None:
         # The artifact is for inference, where dropout is the identity.
         b.node("Identity", [node.inputs[0]], node.outputs, node.name)
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("Relu", "Sigmoid", "Tanh")
+def _import_unary(imp, node: onnx.NodeProto) -> None:
+    op = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}[node.op_type]
+    if node.op_type == "Sigmoid" and node.output[0] in imp.silu_sigmoids:
+        return  # only read as x * sigmoid(x): the Mul becomes the silu layer
+    imp.emit(node, op, [imp.value(node.input[0])], {})
+
+
+@rule("LeakyRelu")
+def _import_leaky_relu(imp, node: onnx.NodeProto) -> None:
+    imp.emit(
+        node, "leaky_relu", [imp.value(node.input[0])], {"slope": round_attr(attr(node, "alpha", 0.01))}
+    )
+
+
+@rule("Clip")
+def _import_clip(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    if imp.opset < 11:  # bounds are attributes before opset 11
+        lo, hi = attr(node, "min", -FLOAT32_MAX), attr(node, "max", FLOAT32_MAX)
+    else:
+        bounds = []
+        for k, default in ((1, -FLOAT32_MAX), (2, FLOAT32_MAX)):
+            value = imp.const(node, k)
+            if value is None and len(node.input) > k and node.input[k]:
+                raise Unsupported("its min or max is computed at run time")
+            if value is not None and np.asarray(value).size != 1:
+                raise Unsupported(f"its bound of shape {list(np.shape(value))} is not a scalar")
+            bounds.append(default if value is None else float(np.asarray(value).reshape(-1)[0]))
+        lo, hi = bounds
+    lo, hi = (max(min(float(v), FLOAT32_MAX), -FLOAT32_MAX) for v in (lo, hi))  # -inf/inf: open
+    lo, hi = (round_attr(v) if abs(v) < FLOAT32_MAX else v for v in (lo, hi))
+    imp.emit(node, "clip", [x], {"min": lo, "max": hi})
+
+
+@rule("HardSigmoid")
+def _import_hard_sigmoid(imp, node: onnx.NodeProto) -> None:
+    raw = {"alpha": round_attr(attr(node, "alpha", 0.2)), "beta": round_attr(attr(node, "beta", 0.5))}
+    imp.emit(node, "hard_sigmoid", [imp.value(node.input[0])], raw)
+
+
+@rule("HardSwish")
+def _import_hard_swish(imp, node: onnx.NodeProto) -> None:
+    imp.emit(node, "hard_swish", [imp.value(node.input[0])], {})
+
+
+@rule("Gelu")
+def _import_gelu(imp, node: onnx.NodeProto) -> None:
+    if attr(node, "approximate", b"none") not in (b"none", "none"):
+        raise Unsupported("approximate='tanh' (dlc's gelu is the exact erf form)")
+    imp.emit(node, "gelu", [imp.value(node.input[0])], {})
+
+
+@rule("PRelu")
+def _import_prelu(imp, node: onnx.NodeProto) -> None:
+    from ..passes.fold import channel_vector
+
+    x = imp.value(node.input[0])
+    slope = imp.const(node, 1)
+    if slope is None:
+        raise Unsupported("its slope is not a constant")
+    shape = imp.shape(x)
+    vec = channel_vector(np.asarray(slope), len(shape) + 1, shape[0])
+    if vec is None:
+        raise Unsupported(f"its slope of shape {list(np.shape(slope))} is not per channel or a scalar")
+    imp.emit(node, "prelu", [x], {}, {"slope": vec})
+
+
+@rule("Softmax")
+def _import_softmax(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    axis = int(attr(node, "axis", 1 if imp.opset < 13 else -1))
+    if len(imp.shape(x)) != 1 or axis not in (1, -1):
+        raise Unsupported(f"on {fmt_shape(imp.shape(x))} along axis {axis} (dlc: N×classes, axis 1)")
+    imp.emit(node, "softmax", [x], {})
+
+
+@rule("Identity", "Dropout")
+def _import_passthrough(imp, node: onnx.NodeProto) -> None:
+    if (
+        node.op_type == "Dropout"
+        and len(node.output) > 1
+        and node.output[1]
+        and (imp.consumers.get(node.output[1]) or node.output[1] in imp.output_names)
+    ):
+        raise Unsupported("its mask output is used")
+    imp.alias[node.output[0]] = imp.value(node.input[0])

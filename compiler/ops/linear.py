@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import OpDef, Param, RField, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, rule
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 
 
 @register
@@ -73,3 +77,52 @@ class Flatten(OpDef):
 
     def to_onnx(self, node, b) -> None:
         b.node("Flatten", [node.inputs[0]], node.outputs, node.name, axis=1)
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("Gemm")
+def _import_gemm(imp, node: onnx.NodeProto) -> None:
+    from ..passes.fold import channel_vector
+
+    x = imp.value(node.input[0])
+    if len(imp.shape(x)) != 1:
+        raise Unsupported(f"its input is {fmt_shape(imp.shape(x))}, not N×features")
+    if attr(node, "transA", 0):
+        raise Unsupported("transA")
+    b = imp.const(node, 1)
+    if b is None or b.ndim != 2:
+        raise Unsupported("its B is not a constant matrix")
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+    weight = (b if attr(node, "transB", 0) else b.T).astype(np.float64) * alpha
+    params = {"weight": weight}
+    c = imp.const(node, 2)
+    if len(node.input) > 2 and node.input[2]:
+        if c is None:
+            raise Unsupported("its C is not a constant")
+        bias = channel_vector(c, 2, weight.shape[0])
+        if bias is None:
+            raise Unsupported(f"its C of shape {list(c.shape)} is not a bias vector")
+        params["bias"] = bias * beta
+    imp.emit(node, "linear", [x], {"out": int(weight.shape[0]), "bias": "bias" in params}, params)
+
+
+@rule("MatMul")
+def _import_matmul(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    b = imp.const(node, 1)
+    if b is None or b.ndim != 2:
+        raise Unsupported("dlc imports MatMul only with a constant 2-D right operand (a linear layer)")
+    if len(imp.shape(x)) != 1:
+        raise Unsupported(f"its input is {fmt_shape(imp.shape(x))}, not N×features")
+    imp.emit(node, "linear", [x], {"out": int(b.shape[1]), "bias": False}, {"weight": b.T})
+
+
+@rule("Flatten")
+def _import_flatten(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    rank = len(imp.shape(x)) + 1
+    axis = int(attr(node, "axis", 1))
+    if axis % rank != 1:
+        raise Unsupported(f"axis {axis} (dlc flattens from axis 1)")
+    imp._flat(node, x)

@@ -3,11 +3,15 @@ inputs (equal shapes, or a C×1×1 second input broadcast over a C×H×W first).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import OpDef, RField, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, rule
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 
 
 def _shape_list(in_shapes: list[Shape]) -> str:
@@ -156,3 +160,61 @@ class Div(_Broadcast):
         da = dy / b if need_a else None
         db = -(dy * a) / (b * b) if need_b else None
         return da, db
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("Mul")
+def _import_mul(imp, node: onnx.NodeProto) -> None:
+    if node.output[0] in imp.gelu_at:
+        imp.emit(node, "gelu", [imp.value(imp.gelu_at[node.output[0]])], {})
+        return
+    x = imp._silu_input(node)
+    if x is not None:
+        imp.emit(node, "silu", [imp.value(x)], {})
+        return
+    imp._binary(node, "mul", "multiplies by", "multiplies")
+
+
+@rule("Sub")
+def _import_sub(imp, node: onnx.NodeProto) -> None:
+    imp._binary(node, "sub", "subtracts", "subtracts")
+
+
+@rule("Div")
+def _import_div(imp, node: onnx.NodeProto) -> None:
+    imp._binary(node, "div", "divides by", "divides")
+
+
+@rule("Add", "Sum")
+def _import_add(imp, node: onnx.NodeProto) -> None:
+    names = [i for i in node.input if i]
+    constant = [k for k, i in enumerate(names) if i in imp.consts]
+    if len(names) == 2 and len(constant) == 1:
+        return imp.bias_add(node, names[1 - constant[0]], imp.consts[names[constant[0]]])
+    if constant:
+        raise Unsupported("adds a constant")
+    values = [imp.value(i) for i in names]
+    if len(values) == 1:
+        imp.alias[node.output[0]] = values[0]
+        return None
+    shapes = [imp.shape(v) for v in values]
+    if any(s != shapes[0] for s in shapes):
+        raise Unsupported(
+            f"broadcasts {', '.join(fmt_shape(s) for s in shapes)} (dlc adds equal shapes)"
+        )
+    imp.emit(node, "add", values, {})
+    return None
+
+
+@rule("Concat")
+def _import_concat(imp, node: onnx.NodeProto) -> None:
+    values = [imp.value(i) for i in node.input if i]
+    ranks = {len(imp.shape(v)) + 1 for v in values}
+    axis = attr(node, "axis")
+    if len(ranks) != 1 or axis is None or int(axis) % ranks.pop() != 1:
+        raise Unsupported(f"along axis {axis} (dlc concatenates channels: axis 1)")
+    if len(values) == 1:
+        imp.alias[node.output[0]] = values[0]
+    else:
+        imp.emit(node, "concat", values, {})

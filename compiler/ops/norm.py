@@ -4,7 +4,7 @@ affine scale and shift (ONNX Mul + Add)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,6 +12,10 @@ from dlc._C import batchnorm as _k
 from dlc._C import layernorm as _ln
 
 from .base import OpDef, Param, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, round_attr, rule
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 
 
 @register
@@ -231,3 +235,52 @@ class Affine(OpDef):
         scaled = b.fresh(f"{node.name}.scaled")
         b.node("Mul", [node.inputs[0], scale_name], [scaled], f"{node.name}/mul")
         b.node("Add", [scaled, shift_name], node.outputs, node.name)
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("BatchNormalization")
+def _import_batchnorm(imp, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0])
+    tensors = [imp.const(node, k) for k in range(1, 5)]
+    if any(t is None for t in tensors):
+        raise Unsupported("its scale, bias, mean or variance is not a constant")
+    if attr(node, "training_mode", 0) or any(
+        imp.consumers.get(o) or o in imp.output_names for o in node.output[1:] if o
+    ):
+        raise Unsupported("training mode (its batch statistics are used)")
+    eps, momentum = (
+        round_attr(attr(node, "epsilon", 1e-5)),
+        round_attr(attr(node, "momentum", 0.9), complement=True),
+    )
+    imp.emit(
+        node,
+        "batchnorm",
+        [x],
+        {"eps": eps, "momentum": momentum},
+        dict(zip(("scale", "bias", "mean", "var"), tensors)),
+    )
+
+
+@rule("LayerNormalization")
+def _import_layer_norm(imp, node: onnx.NodeProto) -> None:
+    """LayerNormalization over the channels: of a flat (N, C) tensor, or (see transpose) inside
+    Transpose(0,2,3,1) ... Transpose(0,3,1,2), ConvNeXt's LayerNorm2d."""
+    x = imp.value(node.input[0])
+    if len(imp.shape(x)) != 1:
+        raise Unsupported("it normalises more than the channel axis (dlc's layernorm is over channels: "
+                           "of a flat tensor, or of a map between Transpose(0,2,3,1) and Transpose(0,3,1,2))")
+    if int(attr(node, "axis", -1)) not in (-1, 1):
+        raise Unsupported(f"axis {attr(node, 'axis', -1)} (dlc normalises over the channels only)")
+    imp._emit_layer_norm(node, node, x)
+
+
+@rule("LRN")
+def _import_lrn(imp, node: onnx.NodeProto) -> None:
+    raw = {
+        "size": int(attr(node, "size", 0)),
+        "alpha": round_attr(attr(node, "alpha", 1e-4)),
+        "beta": round_attr(attr(node, "beta", 0.75)),
+        "bias": round_attr(attr(node, "bias", 1.0)),
+    }
+    imp.emit(node, "lrn", [imp.feature_map(node)], raw)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import OpDef, Param, ParamError, RField, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, round_attr, rule, text
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 
 
 def _source_index(size: int, begin: int, end: int, mode: str) -> np.ndarray:
@@ -79,3 +83,48 @@ class Pad(OpDef):
         if a["mode"] == "constant" and a["value"] != 0.0:
             inputs.append(b.initializer(f"{node.name}.value", np.array(a["value"], np.float32)))
         b.node("Pad", inputs, node.outputs, node.name, mode=a["mode"])
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+@rule("Pad")
+def _import_pad(imp, node: onnx.NodeProto) -> None:
+    """A Pad that fuse_pad left (not before a Conv or pool, or not constant): spatial axes only."""
+    x = imp.feature_map(node)
+    mode = text(attr(node, "mode", "constant"))
+    if mode not in ("constant", "reflect", "edge"):
+        raise Unsupported(f"mode {mode} (dlc pads constant, reflect or edge)")
+    if imp.opset < 11:
+        pads, value, axes = attr(node, "pads"), float(attr(node, "value", 0.0)), None
+    else:
+        pads, value, axes = imp.const(node, 1), 0.0, imp.const(node, 3)
+        for k, what in ((1, "pads"), (2, "value"), (3, "axes")):
+            if len(node.input) > k and node.input[k] and imp.const(node, k) is None:
+                raise Unsupported(f"its {what} are computed at run time")
+        v = imp.const(node, 2)
+        if v is not None:
+            if np.asarray(v).size != 1:
+                raise Unsupported(f"its value of shape {list(np.shape(v))} is not a scalar")
+            value = float(np.asarray(v).reshape(-1)[0])
+    if pads is None:
+        raise Unsupported("it has no pads")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    rank = 4
+    if axes is not None:
+        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            raise Unsupported(f"pads {pads} do not match axes {axes}")
+        full = [0] * (2 * rank)
+        for j, a in enumerate(axes):
+            full[a], full[a + rank] = pads[j], pads[j + len(axes)]
+        pads = full
+    if len(pads) != 2 * rank:
+        raise Unsupported(f"pads {pads} are not for an N×C×H×W tensor")
+    if pads[0] or pads[1] or pads[4] or pads[5]:
+        raise Unsupported(f"pads {pads} pad the batch or channel axis (dlc pads H and W)")
+    if min(pads) < 0:
+        raise Unsupported(f"pads {pads} crop (negative)")
+    raw = {"pads": [pads[2], pads[3], pads[6], pads[7]], "mode": mode}
+    if mode == "constant":
+        raw["value"] = round_attr(value) if np.isfinite(value) else value
+    imp.emit(node, "pad", [x], raw)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlc._C import pool as _k
 
 from .base import OpDef, Param, RField, Shape, ShapeError, fmt_shape, register
+from .onnx_rules import Unsupported, attr, rule
+
+if TYPE_CHECKING:  # annotations only: the op registry loads without onnx
+    import onnx
 from .window import onnx_pads, resolve_pads, window_output
 
 
@@ -108,3 +112,88 @@ class GlobalAvgPool(OpDef):
 
     def to_onnx(self, node, b) -> None:
         b.node("GlobalAveragePool", [node.inputs[0]], node.outputs, node.name)
+
+
+# --- import from ONNX (onnx_import.py walks the graph and calls these by op type) ---------------------------
+
+def _max_pool_ends(raw: dict[str, Any], shape: Shape) -> dict[str, Any]:
+    """A max pool whose end padding is more than half its window (how exporters write ceil_mode for opsets
+    before 10) as the same windows with ceil_mode and less padding: dlc, like PyTorch, pads at most half a window.
+    The padding is -inf for a max pool, so only where the windows start and how many there are matters."""
+    kernel, stride, pads = raw["kernel"], raw["stride"], raw["pad"]
+    if all(max(pads[a], pads[a + 2]) * 2 <= kernel[a] for a in range(2)) or any(
+        pads[a] * 2 > kernel[a] for a in range(2)
+    ):
+        return raw
+    try:
+        want = window_output(shape, tuple(kernel), tuple(stride), tuple(pads), ceil_mode=raw["ceil_mode"])
+    except ShapeError:
+        return raw
+    for ceil in (False, True):
+        ends = []
+        for a in range(2):
+            for end in range(kernel[a] // 2 + 1):
+                trial = [pads[0], pads[1], end, end] if a == 0 else [pads[0], pads[1], pads[2], end]
+                try:
+                    got = window_output(shape, tuple(kernel), tuple(stride), tuple(trial), ceil_mode=ceil)
+                except ShapeError:
+                    continue
+                if got[a] == want[a]:
+                    ends.append(end)
+                    break
+        if len(ends) == 2:
+            return {**raw, "pad": [pads[0], pads[1], ends[0], ends[1]], "ceil_mode": ceil}
+    return raw
+
+
+@rule("MaxPool", "AveragePool")
+def _import_pool(imp, node: onnx.NodeProto) -> None:
+    x = imp.feature_map(node)
+    kernel = [int(k) for k in attr(node, "kernel_shape", [])]
+    if len(kernel) != 2:
+        raise Unsupported(f"{len(kernel)}-D pooling (dlc pools in 2-D)")
+    if any(int(d) != 1 for d in attr(node, "dilations", [1, 1])):
+        raise Unsupported("dilated pooling")
+    if (
+        node.op_type == "MaxPool"
+        and len(node.output) > 1
+        and node.output[1]
+        and (imp.consumers.get(node.output[1]) or node.output[1] in imp.output_names)
+    ):
+        raise Unsupported("its Indices output is used")
+    strides = [int(s) for s in attr(node, "strides", [1, 1])]
+    raw = {
+        "kernel": kernel,
+        "stride": strides,
+        "pad": imp.pads(node, imp.shape(x)[1:], kernel, strides, [1, 1]),
+        "ceil_mode": bool(attr(node, "ceil_mode", 0)),
+    }
+    if node.op_type == "AveragePool":
+        raw["count_include_pad"] = bool(attr(node, "count_include_pad", 0))
+    else:
+        raw = _max_pool_ends(raw, imp.shape(x))
+    imp.emit(node, "maxpool" if node.op_type == "MaxPool" else "avgpool", [x], raw)
+
+
+@rule("GlobalAveragePool", "GlobalMaxPool")
+def _import_global_pool(imp, node: onnx.NodeProto) -> None:
+    x = imp.feature_map(node)
+    if node.op_type == "GlobalAveragePool":
+        imp.emit(node, "global_avgpool", [x], {})
+    else:  # a max over the whole map is a max pool with the map's size as its window
+        imp.emit(node, "maxpool", [x], {"kernel": list(imp.shape(x)[1:])})
+
+
+@rule("ReduceMean")
+def _import_reduce_mean(imp, node: onnx.NodeProto) -> None:
+    x = imp.feature_map(node)
+    axes = imp.axes(node, 18)
+    if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+        raise Unsupported(f"over axes {axes} (dlc averages over H and W only: global pooling)")
+    if attr(node, "keepdims", 1):
+        imp.emit(node, "global_avgpool", [x], {})
+    else:
+        pooled = imp.emit(
+            node, "global_avgpool", [x], {}, out=f"{node.output[0]} (pooled)", suffix="_pool"
+        )
+        imp.emit(node, "flatten", [pooled], {})
