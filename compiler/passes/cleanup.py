@@ -577,10 +577,27 @@ def _reshape_target(c: _Ctx, node: onnx.NodeProto, depth: int = 0) -> np.ndarray
     return np.array(pieces, np.int64)
 
 
+MAX_FOLD_ROUNDS = 64
+
+
 @register_pass("constant_folding")
 def constant_folding(g: OnnxGraph) -> int:
     """Replace nodes whose outputs are known before run time (constant inputs, static shapes) by initializers;
-    Constant nodes become initializers; shape arithmetic on dynamic dims becomes a Reshape target with 0s."""
+    Constant nodes become initializers; shape arithmetic on dynamic dims becomes a Reshape target with 0s.
+
+    Rounds repeat while a round folded something and Shape nodes remain: shape inference cannot see through a
+    Slice whose ends are computed (PyTorch's chunk), so the shapes after it are known only once it is folded,
+    and each ShuffleNetV2 unit's channel shuffle reads the shape the unit before produced."""
+    total = 0
+    for _ in range(MAX_FOLD_ROUNDS):
+        count = _fold_round(g)
+        total += count
+        if not count or not any(n.op_type == "Shape" for n in g.nodes):
+            break
+    return total
+
+
+def _fold_round(g: OnnxGraph) -> int:
     g.topo_sort()
     # The rules below read the graph as it was when the pass began (the index is not updated in this loop);
     # folded nodes are swapped for their replacements (none, or a Constant) once the loop is done.
