@@ -8,7 +8,7 @@ torch stays out of dlc's environment: the export runs under another Python that 
 
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch torchvision onnx onnxscript
     python benchmarks/import_backbones.py --torch-python /tmp/tv/bin/python [--json] [--families resnet18,...]
-                                          [--round-to 8]
+                                          [--round-to 8] [--exporter torchscript|dynamo]
 
 Without --torch-python (and without torch importable here) it says so and exits 0.
 """
@@ -42,9 +42,10 @@ FAMILIES = {  # name: (torchvision constructor, keyword arguments)
 SIZE = 224
 
 
-def export_all(out: Path, names: list[str]) -> None:
-    """(Under a Python with torch.) Each family with random weights and batch-norm statistics, exported by the
-    TorchScript exporter at opset 17 with batch norm kept, and an .npz of a fixed input and torch's output."""
+def export_all(out: Path, names: list[str], exporter: str = "torchscript") -> None:
+    """(Under a Python with torch.) Each family with random weights and batch-norm statistics, exported with
+    batch norm kept (TorchScript exporter at opset 17, or torch.export's dynamo exporter at its default opset),
+    and an .npz of a fixed input and torch's output."""
     import torch
     import torchvision
 
@@ -61,8 +62,12 @@ def export_all(out: Path, names: list[str]) -> None:
                     m.running_var.copy_(torch.rand(c) * 0.5 + 0.75)
             x = torch.randn(1, 3, SIZE, SIZE)
             want = model(x).numpy()
-        torch.onnx.export(model, (x,), str(out / f"{name}.onnx"), opset_version=17, dynamo=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"])
+        if exporter == "dynamo":  # torch.onnx.export's default since torch 2.9
+            torch.onnx.export(model, (x,), str(out / f"{name}.onnx"), dynamo=True, input_names=["x"],
+                              output_names=["y"], external_data=False)
+        else:
+            torch.onnx.export(model, (x,), str(out / f"{name}.onnx"), opset_version=17, dynamo=False,
+                              training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"])
         np.savez(out / f"{name}.npz", x=x.numpy(), want=want)
         print(f"exported {name}", file=sys.stderr, flush=True)
 
@@ -143,6 +148,8 @@ def main() -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--out", default=str(ROOT / "build" / "backbones"))
     parser.add_argument("--runs", type=int, default=5, help="timed runs per block (3 interleaved blocks)")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="torch.onnx's TorchScript exporter (opset 17) or its dynamo exporter")
     parser.add_argument("--round-to", type=int, default=1, help="pruned widths a multiple of this (1)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--export-only", action="store_true", help=argparse.SUPPRESS)
@@ -151,15 +158,15 @@ def main() -> int:
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
-    out = Path(args.out)
+    out = Path(args.out) / args.exporter
     if args.export_only:
-        export_all(out, names)
+        export_all(out, names, args.exporter)
         return 0
     missing = [n for n in names if not (out / f"{n}.onnx").exists()]
     if missing:
         if args.torch_python:
-            subprocess.run([args.torch_python, __file__, "--export-only", "--out", str(out), "--families",
-                            ",".join(missing)], check=True)
+            subprocess.run([args.torch_python, __file__, "--export-only", "--out", str(out.parent), "--exporter",
+                            args.exporter, "--families", ",".join(missing)], check=True)
         else:
             try:
                 import torchvision  # noqa: F401
@@ -167,7 +174,7 @@ def main() -> int:
                 print("skipped: no exports in " + str(out) + " and no torch here; give --torch-python PATH (a "
                       "Python with torch and torchvision)")
                 return 0
-            export_all(out, missing)
+            export_all(out, missing, args.exporter)
     rows = []
     for n in names:
         rows.append(measure(out / f"{n}.onnx", args.runs, args.round_to))

@@ -184,6 +184,22 @@ def test_reshape_chains_collapse_unless_the_second_copies_dims():
     assert count == 0 and ops(after) == ["Reshape", "Reshape"]
 
 
+def test_an_in_order_gather_of_a_flattened_tensor_is_a_reshape():
+    """torch.export writes a contiguous as_strided as Gather(Reshape(x, [-1]), arange(n) shaped S): a Reshape of
+    x to S, which here keeps x's shape and goes. A shuffled or partial index is a real gather and stays."""
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("Gather", ["f", "idx"], ["y"], axis=0)]
+    idx = np.arange(2 * 6).reshape(1, 2, 6, 1).astype(np.int64)
+    m = model(nodes, [vi("x", [1, 2, 6, 1])], [vi("y", [1, 2, 6, 1])], {"flat": i64(-1), "idx": idx})
+    after, count = run(m, "eliminate")
+    assert count == 2 and ops(after) == ["Identity"]  # (a graph output keeps a producer)
+    shuffled = np.random.default_rng(0).permutation(12).reshape(1, 2, 6, 1).astype(np.int64)
+    for other in (shuffled, idx[:, :, :3]):
+        out_shape = list(other.shape)
+        m2 = model(nodes, [vi("x", [1, 2, 6, 1])], [vi("y", out_shape)], {"flat": i64(-1), "idx": other})
+        after, count = run(m2, "eliminate")
+        assert ops(after) == ["Reshape", "Gather"]
+
+
 def test_squeeze_unsqueeze_pairs():
     nodes = [
         helper.make_node("Squeeze", ["x", "ax"], ["a"]),

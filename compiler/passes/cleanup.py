@@ -326,7 +326,29 @@ def _elim_squeeze_pair(c: _Ctx, node: onnx.NodeProto) -> bool:
     return True
 
 
+def _elim_gather_arange(c: _Ctx, node: onnx.NodeProto) -> bool:
+    """Gather(Reshape(x, [-1]), arange(n) shaped S) on axis 0, every element taken once in order: torch.export's
+    as_strided of a contiguous view (ConvNeXt's classifier). It is Reshape(x, S); the Reshape rules go on."""
+    if attr(node, "axis", 0) != 0 or len(node.input) != 2:
+        return False
+    idx, src = c.consts.get(node.input[1]), c.producers.get(node.input[0])
+    if idx is None or src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
+        return False
+    flat = c.dims(src.output[0])
+    if not idx.size or flat != (idx.size,) or not np.array_equal(np.asarray(idx).reshape(-1), np.arange(idx.size)):
+        return False
+    shape = c.g.add_init(f"{node.output[0]}_shape", np.array(idx.shape, np.int64))
+    c.consts[shape] = c.g.inits[shape]
+    node.op_type = "Reshape"
+    del node.attribute[:]
+    c.set_input(node, 1, shape)
+    c.set_input(node, 0, src.input[0])
+    c.drop_if_unused(src)
+    return True
+
+
 _ELIMINATE = {
+    "Gather": _elim_gather_arange,
     "Identity": _elim_identity,
     "Dropout": _elim_dropout,
     "Reshape": _elim_reshape,
@@ -340,7 +362,8 @@ _ELIMINATE = {
 @register_pass("eliminate")
 def eliminate(g: OnnxGraph) -> int:
     """Remove nodes that compute nothing: Identity, inference Dropout, no-op Reshape/Transpose/Flatten, and
-    collapse Transpose pairs, Reshape chains and Squeeze/Unsqueeze pairs."""
+    collapse Transpose pairs, Reshape chains, Squeeze/Unsqueeze pairs and in-order Gathers of a flattened
+    tensor."""
     total = 0
     while True:
         c, count = _Ctx(g), 0
