@@ -374,18 +374,20 @@ RESNEXT = """
 
 def test_a_grouped_conv_loses_the_same_number_of_outputs_in_each_group():
     """ResNeXt's grouped 3×3 (4 groups of 4): its dead filters (two per group) go, two per group stay, the groups
-    stay 4, the next conv's inputs follow, its own inputs (reduce's outputs) are kept, and nothing changes."""
+    stay 4, the next conv's inputs follow; its inputs (reduce's outputs, dead two per group too) shrink alike in
+    each group, each group's filters keeping the columns of its own survivors; and nothing changes."""
     graph = load(RESNEXT, shape=(3, 8, 8)).graph
     randomize_weights(graph, seed=3)
     graph.node("grouped").params["weight"][[0, 3, 5, 6, 8, 9, 13, 15]] = 0.0  # two in each group of four
+    graph.node("reduce").params["weight"][[1, 2, 4, 7, 9, 10, 12, 15]] = 0.0
     graph.node("expand").params["weight"][[1, 2, 5, 6]] = 0.0  # (expand is pruned too: its dead half)
     x = random_input(graph, batch=2)
     before = Executor(graph).forward(x)["fc"]
     report = prune(graph, 0.5, "l1")
     after = {r["producers"][0]: r["after"] for r in report}
-    assert after == {"grouped": 8, "expand": 4}  # reduce feeds the grouped conv: fixed
+    assert after == {"reduce": 8, "grouped": 8, "expand": 4}
     node = graph.node("grouped")
-    assert node.attrs["groups"] == 4 and node.attrs["out"] == 8 and node.params["weight"].shape == (8, 4, 3, 3)
+    assert node.attrs["groups"] == 4 and node.attrs["out"] == 8 and node.params["weight"].shape == (8, 2, 3, 3)
     assert graph.node("expand").params["weight"].shape[1] == 8
     np.testing.assert_allclose(Executor(graph).forward(x)["fc"], before, rtol=0, atol=1e-6 * np.abs(before).max())
     got = ort_session(graph).run(None, {graph.input_names[0]: x})[0]
@@ -403,7 +405,27 @@ def test_a_grouped_conv_keeps_a_multiple_of_its_groups_and_the_best_of_each():
     norms = np.abs(w).sum(axis=(1, 2, 3))
     want = np.concatenate([4 * b + np.sort(np.argsort(-norms[4 * b:4 * b + 4])[:3]) for b in range(4)])
     expected = w[want].copy()
-    report = prune(graph, 0.3, "l1")  # 16 * 0.7 = 11.2 -> 12: three per group
+    report = prune(graph, 0.3, "l1", skip=["reduce"])  # 16 * 0.7 = 11.2 -> 12: three per group
     assert {r["producers"][0]: r["after"] for r in report}["grouped"] == 12
     assert graph.node("grouped").attrs["groups"] == 4
     np.testing.assert_array_equal(graph.node("grouped").params["weight"], expected)
+
+
+def test_a_grouped_convs_inputs_keep_the_same_number_in_each_group():
+    """reduce feeds a 4-group conv: its channels prune in 4 blocks of 4 even when one block is much weaker, and
+    each group's filters keep exactly the columns of its own block's survivors (checked against onnxruntime)."""
+    graph = load(RESNEXT, shape=(3, 8, 8)).graph
+    randomize_weights(graph, seed=5)
+    w = graph.node("reduce").params["weight"]
+    w[0:4] *= 0.01  # block 0 weak: a global ranking would drop all of it
+    norms = np.abs(w).sum(axis=(1, 2, 3))
+    kept = [4 * b + np.sort(np.argsort(-norms[4 * b:4 * b + 4])[:2]) for b in range(4)]
+    gw = graph.node("grouped").params["weight"].copy()
+    report = prune(graph, 0.5, "l1", skip=["expand"])  # (skips the groups expand reads or writes)
+    assert {r["producers"][0]: r["after"] for r in report}["reduce"] == 8
+    want = np.concatenate([gw[4 * k:4 * k + 4][:, kept[k] - 4 * k] for k in range(4)])
+    np.testing.assert_array_equal(graph.node("grouped").params["weight"], want)
+    x = random_input(graph, batch=2)
+    out = Executor(graph).forward(x)["fc"]
+    got = ort_session(graph).run(None, {graph.input_names[0]: x})[0]
+    np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5 * np.abs(out).max())

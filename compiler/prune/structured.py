@@ -76,6 +76,7 @@ class _Binding:
     param: str
     axis: int
     value: str  # whose labels index this axis
+    groups: int = 1  # a grouped conv's weight axis 1: each group's rows take their own block of the input
 
 
 class _Analysis:
@@ -145,8 +146,16 @@ class _Analysis:
                 elif a["groups"] == c_in == a["out"]:  # depthwise: channels pass through
                     self.labels[out] = ins[0]
                     self._bind_out(node, out, 0)
-                else:  # grouped (ResNeXt): its inputs stay; its outputs go in equal numbers from each group
-                    self.fix(node.inputs[0], f"grouped conv '{node.name}'")
+                else:  # grouped (ResNeXt): inputs and outputs go in equal numbers from each group
+                    spaces, idx = ins[0]
+                    if len(np.unique(spaces)) == 1 and np.array_equal(idx, np.arange(len(idx))):
+                        space = int(spaces[0])
+                        if self.blocks.get(space, a["groups"]) != a["groups"]:
+                            self.fix(node.inputs[0], "grouped convs with different group counts")
+                        self.blocks[space] = int(a["groups"])
+                        self.bindings.append(_Binding(node.name, "weight", 1, node.inputs[0], int(a["groups"])))
+                    else:  # its input mixes channels of several producers: its blocks are not one space's
+                        self.fix(node.inputs[0], f"grouped conv '{node.name}'")
                     self.fresh(out, node.name)
                     self.blocks[int(self.labels[out][0][0])] = int(a["groups"])
                     self._bind_out(node, out, 0)
@@ -262,9 +271,20 @@ class _Analysis:
             if mask.all():
                 continue
             node = g.node(b.node)
-            node.params[b.param] = np.ascontiguousarray(
-                np.take(node.params[b.param], np.flatnonzero(mask), axis=b.axis)
-            )
+            if b.groups > 1:  # rows of group k read input block k: each keeps its own block's survivors
+                w = node.params[b.param]
+                blocks = mask.reshape(b.groups, -1)
+                counts = blocks.sum(axis=1)
+                if len(set(counts.tolist())) != 1:
+                    raise DlcError(f"pruning '{b.node}': its {b.groups} input groups would keep "
+                                   f"{counts.tolist()} channels; a grouped conv needs the same number in each")
+                rows = w.shape[0] // b.groups
+                node.params[b.param] = np.ascontiguousarray(np.concatenate(
+                    [w[k * rows:(k + 1) * rows][:, np.flatnonzero(blocks[k])] for k in range(b.groups)]))
+            else:
+                node.params[b.param] = np.ascontiguousarray(
+                    np.take(node.params[b.param], np.flatnonzero(mask), axis=b.axis)
+                )
             touched.add(b.node)
         for name in touched:
             node = g.node(name)
