@@ -89,6 +89,23 @@ def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return grad
 
 
+def check_param_grad(ex, x: np.ndarray, output: str, seed: np.ndarray, layer: str, tensor: str,
+                     grad: np.ndarray, h: float = 1e-2, rtol: float = 2e-2) -> None:
+    """`grad`, the backward of sum(seed * output) with respect to layer.tensor, against central finite differences
+    of that sum through inference forwards (in float64); the tolerance is relative to the gradient's scale."""
+    w = ex.graph.node(layer).params[tensor]
+    original = w.copy()
+
+    def loss(value):
+        w[...] = value
+        return float((ex.forward(x)[output].astype(np.float64) * seed).sum())
+
+    numeric = numeric_grad(loss, original.astype(np.float64), h=h)
+    w[...] = original
+    np.testing.assert_allclose(grad, numeric, rtol=rtol, atol=rtol * np.abs(numeric).max(),
+                               err_msg=f"{layer}.{tensor}")
+
+
 def onnx_model(nodes, inits=(), shape=(4, 6, 6), opset=17):
     """A one-input ONNX model (dynamic batch, input 'x' of per-sample `shape`) around hand-built nodes."""
     from onnx import TensorProto, helper, numpy_helper

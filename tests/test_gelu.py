@@ -16,7 +16,7 @@ from dlc.compiler.export_onnx import to_onnx
 from dlc.compiler.onnx_import import import_onnx
 from dlc.compiler.train.executor import Executor
 
-from helpers import ROOT, load, numeric_grad, randomize_weights
+from helpers import ROOT, check_param_grad, load, numeric_grad, randomize_weights
 
 sys.path.insert(0, str(ROOT / "csrc"))
 from activation_ref import gelu_backward_ref, gelu_forward_ref  # noqa: E402
@@ -72,17 +72,7 @@ def test_training_gradient_through_gelu_matches_finite_differences():
     seed = np.random.default_rng(6).normal(0, 1, (3, 3)).astype(np.float32)
     ex = Executor(graph)
     ex.forward(x, train=True)
-    grad = ex.backward({"fc": seed})["conv"]["weight"]
-    w = graph.node("conv").params["weight"]
-    original = w.copy()
-
-    def loss(value):
-        w[...] = value
-        return float((ex.forward(x)["fc"].astype(np.float64) * seed).sum())
-
-    numeric = numeric_grad(loss, original.astype(np.float64), h=1e-2)
-    w[...] = original
-    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-2 * np.abs(numeric).max())
+    check_param_grad(ex, x, "fc", seed, "conv", "weight", ex.backward({"fc": seed})["conv"]["weight"])
 
 
 @pytest.mark.parametrize("opset, ops", [(17, {"Div", "Erf", "Add", "Mul"}), (20, {"Gelu"})])

@@ -15,7 +15,7 @@ from dlc.compiler.export_onnx import to_onnx
 from dlc.compiler.onnx_import import import_onnx
 from dlc.compiler.train.executor import Executor
 
-from helpers import ROOT, load, numeric_grad, randomize_weights
+from helpers import ROOT, check_param_grad, load, numeric_grad, randomize_weights
 
 sys.path.insert(0, str(ROOT / "csrc"))
 from layernorm_ref import layernorm_backward_ref, layernorm_forward_ref  # noqa: E402
@@ -92,17 +92,7 @@ def test_training_gradients_through_layernorm_match_finite_differences():
     ex.forward(x, train=True)
     grads = ex.backward({"fc": seed})
     for layer, tensor in (("conv", "weight"), ("ln", "scale"), ("ln_flat", "bias")):
-        w = graph.node(layer).params[tensor]
-        original = w.copy()
-
-        def loss(value, w=w):
-            w[...] = value
-            return float((ex.forward(x)["fc"].astype(np.float64) * seed).sum())
-
-        numeric = numeric_grad(loss, original.astype(np.float64), h=1e-2)
-        w[...] = original
-        np.testing.assert_allclose(grads[layer][tensor], numeric, rtol=2e-2, atol=2e-2 * np.abs(numeric).max(),
-                                   err_msg=f"{layer}.{tensor}")
+        check_param_grad(ex, x, "fc", seed, layer, tensor, grads[layer][tensor])
 
 
 @pytest.mark.parametrize("opset, ops", [(13, {"ReduceMean", "Sqrt"}), (17, {"LayerNormalization", "Transpose"})])
