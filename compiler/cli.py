@@ -207,7 +207,10 @@ def compile_cmd(
 
 
 def _val_score(metrics: dict) -> str:
-    """The headline validation score of a training run: mAP@0.5 for detectors, accuracy for classifiers."""
+    """The headline validation score of a training run: mAP@0.5 for detectors, mIoU for segmentation models,
+    accuracy for classifiers."""
+    if metrics.get("val_miou") is not None:
+        return f"val mIoU {metrics['val_miou']:.4f}"
     if metrics.get("val_map") is not None:
         return f"val mAP@0.5 {metrics['val_map']:.4f}"
     return f"val accuracy {metrics['val_accuracy']:.4f}"

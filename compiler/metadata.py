@@ -30,7 +30,7 @@ from .errors import Diagnostic, DlcError
 
 METADATA_KEY = "dlc"
 SCHEMA_VERSION = 2  # 1: the unversioned metadata of dlc before issue 14
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
 PRECISIONS = ("fp32", "fp16", "int8")
 # The image pipeline dlc trains with and `dlc predict` feeds (compiler/data/datasets.read_image).
 PIXEL_SCALE = 1.0 / 255.0
@@ -94,6 +94,9 @@ def build_metadata(graph, *, model: str, classes: list[str] | None = None, yaml_
         "fp16": None,
         "target": None,
     }
+    if is_segmentation(graph):
+        meta["task"] = "segmentation"
+        meta["output_convention"] = [_segmentation_convention(graph, graph.outputs[0])]
     detection = detection_metadata(graph)  # a detector: task, post-processing defaults, anchors, strides, layout
     if detection is not None:
         meta.update(detection)
@@ -123,6 +126,23 @@ def _output_convention(graph, name: str) -> dict[str, Any]:
                                                           "class)"))
     return {"name": name, "shape": shape, "axes": _axes(len(shape)), "dtype": "float32", "kind": kind,
             "description": description}
+
+
+def is_segmentation(graph) -> bool:
+    """A single C×H×W output at the input's height and width: class scores for every input pixel."""
+    if len(graph.outputs) != 1 or any(n.op == "detect" for n in graph.nodes()):
+        return False
+    shape = tuple(graph.shapes[graph.outputs[0]])
+    inp = tuple(graph.meta["input"]["shape"])
+    return len(shape) == 3 and len(inp) == 3 and shape[1:] == inp[1:]
+
+
+def _segmentation_convention(graph, name: str) -> dict[str, Any]:
+    convention = _output_convention(graph, name)
+    what = {"probabilities": "class probabilities per pixel (softmax over the channel axis)",
+            "logits": "class scores per pixel before softmax (argmax over the channel axis is each pixel's class)"}
+    convention["description"] = what.get(convention["kind"], convention["description"])
+    return convention
 
 
 def _detection_convention(detection: dict[str, Any], name: str, shape) -> dict[str, Any]:

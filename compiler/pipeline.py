@@ -107,8 +107,9 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         classes = result.classes
         training = {"stopped": result.stopped, "epochs": len(result.history), "seconds": result.seconds,
                     "best_epoch": result.best_epoch,
-                    **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map")
-                       if k in result.final},  # val_accuracy for classifiers, val_map for detectors
+                    # val_accuracy for classifiers, val_map for detectors, val_miou for segmentation models
+                    **{k: result.final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map", "val_miou")
+                       if k in result.final},
                     **({"transfer": result.transfer} if result.transfer is not None else {})}
     pruning = None
     if loaded.prune is not None:  # between training (or --weights) and export: the exported model is the pruned one

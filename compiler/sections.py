@@ -24,6 +24,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         # detection sets: coco (images folder + instances JSON), synthetic_detection (max_objects)
         "images": "str", "annotations": "str", "val_images": "str", "val_annotations": "str",
         "max_objects": "int",
+        # segmentation sets (data/segmentation.py)
+        "ignore_index": "int", "palette": "list",
     },
     "train": {
         "solver": "str", "base_lr": "float", "lr": "float", "momentum": "float", "nesterov": "bool",
@@ -31,6 +33,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "step_size": "number", "steps": "list", "power": "float", "warmup": _WARMUP, "batch_size": "int",
         "epochs": "int", "max_iter": "int", "early_stopping": _EARLY_STOP, "clip_grad_norm": "float",
         "seed": "int", "snapshot_every": "int", "loss": "str", "class_weights": "any", "focal_gamma": "float",
+        "dice_weight": "float",
         "layers": "any", "eps": "float", "label_smoothing": "float",
         # transfer learning (train/transfer.py)
         "init_from": "str", "strict": "bool", "reinit": "any", "freeze": "any", "transfer": "any",

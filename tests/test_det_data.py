@@ -356,13 +356,14 @@ def test_data_section_detection_keys():
         "relative to this file"]
     assert check("  dataset: cocoo\n") == [
         "m.yaml:2: 'data.dataset' must be one of synthetic, digits, imagefolder, synthetic_detection, coco, yolo, "
-        "got 'cocoo' (did you mean 'coco'?)"]
+        "synthetic_segmentation, segmentation, got 'cocoo' (did you mean 'coco'?)"]
     assert check("  dataset: yolo\n  root: ds\n") == [
         "m.yaml:2: dataset yolo needs 'classes': a list of class names or a file with one name per line"]
     assert check("  dataset: synthetic_detection\n  max_objects: 100\n") == [
         "m.yaml:3: 'data.max_objects' must be an integer in [1, 64], got 100"]
     assert check("  dataset: synthetic\n  max_objects: 3\n") == [
-        "m.yaml:3: 'data.max_objects' is only used by dataset synthetic_detection, not 'synthetic'"]
+        "m.yaml:3: 'data.max_objects' is only used by dataset synthetic_detection / synthetic_segmentation, "
+        "not 'synthetic'"]
     assert check("  dataset: yolo\n  root: ds\n  classes: [a, a]\n") == [
         "m.yaml:4: 'data.classes' has repeated names: ['a', 'a']"]
     assert check("  dataset: coco\n  images: 3\n  annotations: a.json\n") == [

@@ -56,7 +56,8 @@ def write_imported(graph, folder):
 
 
 def assert_close(got, want):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # float32 sums in another order: the error grows with the output's scale (22 on the U-Net example)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
 # --- dlc's own models, there and back -------------------------------------------------------------------------

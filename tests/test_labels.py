@@ -117,12 +117,12 @@ def test_keys_the_dataset_does_not_read_are_refused(tmp_path):
     image_folder(tmp_path / "shapes", ["circle", "square", "triangle"])
     msgs = errors(write(tmp_path, data="  dataset: imagefolder\n  root: shapes\n  samples: 50\n"
                                       "  classes: [a, b, c]\n  image_size: 32"))
-    assert any(":14: 'data.samples' is only read by dataset synthetic / synthetic_detection, not 'imagefolder'" in m
+    assert any(":14: 'data.samples' is only read by dataset synthetic / synthetic_detection / synthetic_segmentation, not 'imagefolder'" in m
                for m in msgs)
     assert any(":16: 'data.image_size' is not a dlc setting (images are always made at, or resized to, "
                "model.input's shape" in m for m in msgs)
     (message,) = errors(write(tmp_path, data="  dataset: imagefolder\n  root: shapes\n  classes: [a, b, c]"))
-    assert ":14: 'data.classes' is only read by dataset yolo" in message
+    assert ":14: 'data.classes' is only read by datasets yolo and segmentation" in message
 
 
 def test_a_missing_root_is_left_to_the_loader(tmp_path):

@@ -16,7 +16,8 @@ from .synthetic import make_shapes
 
 CLASSIFICATION_DATASETS = ("synthetic", "digits", "imagefolder")
 DETECTION_DATASETS = ("synthetic_detection", "coco", "yolo")  # loaded by data/detection.py
-DATASETS = CLASSIFICATION_DATASETS + DETECTION_DATASETS
+SEGMENTATION_DATASETS = ("synthetic_segmentation", "segmentation")  # loaded by data/segmentation.py
+DATASETS = CLASSIFICATION_DATASETS + DETECTION_DATASETS + SEGMENTATION_DATASETS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -31,8 +32,10 @@ class Dataset:
 
 
 # data: keys that only some data sets read; given to another, they would be ignored, so they are refused.
-DATASET_KEYS = {"root": ("imagefolder", "yolo"), "samples": ("synthetic", "synthetic_detection"),
-                "num_classes": ("synthetic", "synthetic_detection")}
+DATASET_KEYS = {"root": ("imagefolder", "yolo", "segmentation"),
+                "samples": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
+                "num_classes": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
+                "ignore_index": SEGMENTATION_DATASETS, "palette": ("segmentation",)}
 
 
 def unused_data_keys(section: Any, file: str) -> list[Diagnostic]:
@@ -183,6 +186,10 @@ def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_out
     if kind in DETECTION_DATASETS:
         raise DlcError(f"dataset '{kind}' is a detection set (boxes, not one label per image): it trains a model "
                        f"with a detect layer; pick one of {', '.join(CLASSIFICATION_DATASETS)} for a classifier")
+    if kind in SEGMENTATION_DATASETS:
+        raise DlcError(f"dataset '{kind}' is a segmentation set (a class per pixel): it trains a model whose output "
+                       f"is class scores per pixel; pick one of {', '.join(CLASSIFICATION_DATASETS)} for a "
+                       "classifier")
     if kind == "synthetic":
         num_classes = cfg.get("num_classes", num_outputs)
         images, labels, classes = make_shapes(cfg.get("samples", 2000), num_classes, input_shape, seed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import Diagnostic
+from ..errors import Diagnostic, DlcError
 from .synthetic import SHAPES
 
 DIGITS = [str(k) for k in range(10)]
@@ -42,6 +42,23 @@ def data_classes(cfg: Any, base_dir: Path, width: int | None) -> tuple[list[str]
             return None, "", "", "num_classes"
         return list(SHAPES[:n]), "the synthetic_detection set", "classes", (
             "num_classes" if "num_classes" in cfg else "dataset")
+    if kind == "synthetic_segmentation":
+        n = cfg.get("num_classes", 4)
+        if not isinstance(n, int) or not 2 <= n <= len(SHAPES) + 1:
+            return None, "", "", "num_classes"
+        return ["background", *SHAPES[:n - 1]], "the synthetic_segmentation set", "classes (background first)", (
+            "num_classes" if "num_classes" in cfg else "dataset")
+    if kind == "segmentation":
+        from .segmentation import segmentation_classes
+
+        try:
+            names = segmentation_classes(cfg, base_dir)
+        except (DlcError, OSError, UnicodeDecodeError):
+            return None, "", "", "classes"  # reported with the file's name when the data is read
+        if names is None:
+            return None, "", "", "classes"
+        return names, "data.classes" if "classes" in cfg else "the set's classes.txt", "names", (
+            "classes" if "classes" in cfg else "root")
     if kind == "digits":
         return list(DIGITS), "the digits set", "classes", "dataset"
     if kind == "yolo" and isinstance(cfg.get("classes"), list):
@@ -61,9 +78,10 @@ def data_classes(cfg: Any, base_dir: Path, width: int | None) -> tuple[list[str]
     return None, "", "", "dataset"  # coco: the categories are in the annotations file, checked when it is read
 
 
-def output_width(graph) -> tuple[int | None, str, str]:
+def output_width(graph, per_pixel: bool = False) -> tuple[int | None, str, str]:
     """(number of classes the model predicts, which layer sets it, how to change it) or (None, '', '') when it
-    has no single class output: a detector's detect layer `classes`, else the width of a single flat output."""
+    has no single class output: a detector's detect layer `classes`, else the width of a single flat output
+    (per_pixel: the channels of a single C×H×W output, a segmentation model's)."""
     detect = [n for n in graph.nodes() if n.op == "detect"]
     if len(detect) == 1:
         node = detect[0]
@@ -73,7 +91,7 @@ def output_width(graph) -> tuple[int | None, str, str]:
         return None, "", ""
     out = graph.outputs[0]
     shape = graph.shapes.get(out)
-    if shape is None or len(shape) != 1:
+    if shape is None or len(shape) != (3 if per_pixel else 1):
         return None, "", ""
     node = graph.producer(out)
     for _ in range(8):  # softmax, dropout, activations keep the width: name the layer that sets it
@@ -94,7 +112,9 @@ def _names(names: list[str]) -> str:
 def check_labels(spec, graph) -> list[Diagnostic]:
     """Every disagreement between model.classes, the data set's classes and the model's output width."""
     diags: list[Diagnostic] = []
-    width, where, change = output_width(graph)
+    data = spec.sections.get("data")
+    per_pixel = isinstance(data, dict) and data.get("dataset") in ("synthetic_segmentation", "segmentation")
+    width, where, change = output_width(graph, per_pixel)
     classes, line = spec.classes, spec.classes_line
     if classes is not None:
         repeated = sorted({c for c in classes if classes.count(c) > 1})
@@ -105,12 +125,12 @@ def check_labels(spec, graph) -> list[Diagnostic]:
             diags.append(Diagnostic(
                 f"'model.classes' names {len(classes)} classes but the model predicts {width} ({where})",
                 file=spec.file, line=line, hint=f"list {width} names, or set {change.format(n=len(classes))}"))
-    data = spec.sections.get("data")
     if not isinstance(data, dict) or spec.data is None:
         return diags
-    if "classes" in data and data.get("dataset") != "yolo":
+    if "classes" in data and data.get("dataset") not in ("yolo", "segmentation"):
         diags.append(Diagnostic(
-            f"'data.classes' is only read by dataset yolo (the names of its class numbers); dataset "
+            f"'data.classes' is only read by datasets yolo and segmentation (the names of their class numbers); "
+            f"dataset "
             f"{data.get('dataset')!r} names its own classes", file=spec.file, line=_line(data, "classes"),
             hint="name the model's outputs with model.classes, or remove data.classes"))
         return diags
@@ -121,7 +141,7 @@ def check_labels(spec, graph) -> list[Diagnostic]:
     if width is not None and len(names) != width:
         if data.get("dataset") == "imagefolder":
             fix = f"give data.root {width} class folders, or set {change.format(n=len(names))}"
-        elif data.get("dataset") in ("synthetic", "synthetic_detection"):
+        elif data.get("dataset") in ("synthetic", "synthetic_detection", "synthetic_segmentation"):
             fix = f"set data.num_classes to {width}, or {change.format(n=len(names))}"
         else:
             fix = f"set {change.format(n=len(names))}"

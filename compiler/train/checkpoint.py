@@ -157,7 +157,7 @@ def validate_resume_info(info: dict[str, Any], path: str | Path, epochs: int, it
                 raise DlcError(f"{path}: checkpoint info 'history[{i}]' has no '{key}'; the checkpoint is damaged "
                                "or not from this model's training (train into a new folder, or without --resume)")
         for key in ("train_loss", "val_loss", "lr", "seconds", "train_accuracy", "val_accuracy", "val_map",
-                    "images_per_s"):
+                    "val_miou", "images_per_s"):
             if key in record and not _is_number(record[key]):
                 raise DlcError(f"{path}: checkpoint info 'history[{i}].{key}' must be a number, got "
                                f"{short(record[key])}")

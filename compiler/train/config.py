@@ -19,8 +19,9 @@ from .schedule import POLICIES
 from .solver import SOLVERS, SolverConfig
 from .transfer import TransferConfig, parse_transfer
 
-LOSSES = ("cross_entropy", "focal")
-MONITORS = ("val_loss", "val_accuracy", "train_loss", "val_map")  # val_map: detectors (mAP@0.5)
+LOSSES = ("cross_entropy", "focal", "dice", "ce_dice")  # dice, ce_dice: segmentation models only
+# val_map: detectors (mAP@0.5); val_miou: segmentation models
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "val_map", "val_miou")
 
 
 @dataclass
@@ -32,7 +33,7 @@ class EarlyStopping:
 
     @property
     def mode(self) -> str:
-        return "max" if self.monitor.endswith(("accuracy", "_map")) else "min"
+        return "max" if self.monitor.endswith(("accuracy", "_map", "_miou")) else "min"
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     snapshot_every: int = 0
     loss: str = "cross_entropy"
     focal_gamma: float = 2.0
+    dice_weight: float = 1.0  # ce_dice: cross_entropy + dice_weight · dice
     class_weights: list[float] | str | None = None
     label_smoothing: float = 0.0
     layer_rules: list[tuple[str, float, bool]] = field(default_factory=list)  # (pattern, lr_mult, freeze)
@@ -180,6 +182,7 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
     t.snapshot_every = c.number("snapshot_every", 0, 0, MAX_EPOCHS, integer=True)
     t.loss = c.choice("loss", "cross_entropy", LOSSES)
     t.focal_gamma = c.number("focal_gamma", 2.0, 0.0)
+    t.dice_weight = c.number("dice_weight", 1.0, 0.0, 100.0)
     t.label_smoothing = c.number("label_smoothing", 0.0, 0.0, 0.999)
     weights = section.get("class_weights")
     if weights is not None:
@@ -228,8 +231,10 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
         c.error("dataset imagefolder needs 'root': a folder with one sub-folder of images per class", "dataset")
     c.number("val_fraction", 0.2, 0.0, 0.9)
     c.number("samples", 2000, 10, 10_000_000, integer=True)
-    if "num_classes" in section:  # a detection set may have a single class
-        c.number("num_classes", 2, 1 if section.get("dataset") == "synthetic_detection" else 2, 12, integer=True)
+    if "num_classes" in section:  # a detection set may have a single class; a segmentation set counts background
+        kind = section.get("dataset")
+        c.number("num_classes", 2, 1 if kind == "synthetic_detection" else 2,
+                 13 if kind == "synthetic_segmentation" else 12, integer=True)
     _check_detection_data(c, section)
     aug = section.get("augment") or {}
     crop = aug.get("crop", 0) if isinstance(aug, dict) else 0
@@ -250,7 +255,7 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
 
 
 _DETECTION_KEYS = {"images": ("coco",), "annotations": ("coco",), "val_images": ("coco",),
-                   "val_annotations": ("coco",), "max_objects": ("synthetic_detection",)}
+                   "val_annotations": ("coco",), "max_objects": ("synthetic_detection", "synthetic_segmentation")}
 
 
 def _check_detection_data(c: _Checker, section: LDict) -> None:
@@ -278,8 +283,14 @@ def _check_detection_data(c: _Checker, section: LDict) -> None:
         names_ok = isinstance(classes, list) and classes and all(isinstance(n, str) and n for n in classes)
         if names_ok and len(set(classes)) != len(classes):
             c.error(f"'data.classes' has repeated names: {classes!r}", "classes")
-        elif not (names_ok or (kind == "yolo" and isinstance(classes, str) and classes)):
-            what = "a list of class names or a names file" if kind == "yolo" else "a list of class names"
+        elif not (names_ok or (kind in ("yolo", "segmentation") and isinstance(classes, str) and classes)):
+            what = ("a list of class names or a names file" if kind in ("yolo", "segmentation")
+                    else "a list of class names")
             c.error(f"'data.classes' must be {what}, got {classes!r}", "classes")
     if "max_objects" in section:
         c.number("max_objects", 4, 1, 64, integer=True)
+    if kind == "segmentation" and not section.get("root"):
+        c.error("dataset segmentation needs 'root': a folder with images/ and masks/ (same file stems), or "
+                "images/train, images/val beside masks/train, masks/val", "dataset")
+    if "ignore_index" in section:
+        c.number("ignore_index", 255, 0, 255, integer=True)

@@ -1,10 +1,12 @@
 """The training loop behind `dlc train`: data, forward, loss, backward, solver, validation, early stopping,
 checkpoints, metrics and curves.
 
-Two tasks share the loop: classification (a flat output of class scores; softmax cross-entropy or focal loss)
-and detection (the output comes from a `detect` layer: the executor runs forward to the layer's raw head
+Three tasks share the loop: classification (a flat output of class scores; softmax cross-entropy or focal
+loss), detection (the output comes from a `detect` layer: the executor runs forward to the layer's raw head
 maps, dlc.compiler.detect.loss gives their gradients, and backward starts there; validation decodes,
-post-processes with NMS and reports mAP@0.5 as val_map).
+post-processes with NMS and reports mAP@0.5 as val_map) and semantic segmentation (a segmentation data set and
+a C×H×W output of class scores per pixel at the input's size; dlc.compiler.segment.loss; validation counts
+one confusion matrix and reports mIoU as val_miou).
 
 Repeatable bit for bit: the data order, each batch's augmentation and each dropout mask are functions of
 (seed, epoch, iteration), so a run resumed from any checkpoint continues exactly as if never stopped.
@@ -34,6 +36,7 @@ from dlc._C import loss as _loss
 from .. import __version__
 from ..atomic import write_json
 from ..data import BatchLoader, load_dataset
+from ..data.datasets import SEGMENTATION_DATASETS
 from ..errors import DlcError
 from ..frontend import LoadedModel
 from ..ops import REGISTRY
@@ -133,8 +136,13 @@ class Trainer:
         self._saved_at: tuple[int, int] | None = None  # (epoch, iteration) of this run's checkpoint on disk
         self.out_dir = Path(out_dir)
         self.det = detect_node(self.graph)
-        if self.det is not None:
+        data_kind = spec.data.raw.get("dataset") if spec.data is not None else None
+        self.task = ("detection" if self.det is not None else
+                     "segmentation" if data_kind in SEGMENTATION_DATASETS else "classification")
+        if self.task == "detection":
             self._init_detection()
+        elif self.task == "segmentation":
+            self._init_segmentation()
         else:
             self._init_classification()
         c = self.cfg
@@ -167,11 +175,10 @@ class Trainer:
         self._interrupted = False
         self._saving_interrupt = False  # the interrupted run's last checkpoint is being written: Ctrl-C waits
         es = c.early_stopping
-        allowed = ("val_loss", "train_loss", "val_map" if self.det is not None else "val_accuracy")
+        allowed = ("val_loss", "train_loss", SCORE[self.task])
         if es is not None and es.monitor not in allowed:
             raise DlcError(f"{spec.file}: early_stopping.monitor is {es.monitor}, which a "
-                           f"{'detector' if self.det is not None else 'classifier'} does not report; use one of "
-                           f"{', '.join(allowed)}")
+                           f"{MODEL_NOUN[self.task]} does not report; use one of {', '.join(allowed)}")
 
     def _init_classification(self) -> None:
         spec, c = self.spec, self.cfg
@@ -182,9 +189,10 @@ class Trainer:
         shape = self.graph.shapes[out]
         if len(shape) != 1:
             raise DlcError(f"{spec.file}: training needs a flat output of class scores, got {shape} from '{out}'")
-        producer = self.graph.producer(out)
-        # A final softmax is folded into the loss (fused softmax + cross-entropy), so train on its input.
-        self.logits = producer.inputs[0] if producer is not None and producer.op == "softmax" else out
+        if c.loss not in ("cross_entropy", "focal"):
+            raise DlcError(f"{spec.file}: train.loss {c.loss} is a segmentation loss (per pixel); a classifier "
+                           "trains with cross_entropy or focal")
+        self.logits = _logits_of(self.graph, out)
         self.num_outputs = shape[0]
         self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
                                                     Path(spec.file).parent)
@@ -202,7 +210,7 @@ class Trainer:
         spec, c, node = self.spec, self.cfg, self.det
         if spec.data is None:
             raise DlcError(f"{spec.file}: training a detector needs a data: section with a detection dataset")
-        if c.class_weights is not None or c.loss != "cross_entropy":
+        if c.class_weights is not None or c.loss != "cross_entropy":  # (dice, ce_dice: segmentation only)
             raise DlcError(f"{spec.file}: train.loss and train.class_weights are for classifiers; a detector's "
                            f"loss settings live on its detect layer '{node.name}' (box_loss, obj_loss, "
                            "class_weights, ...)")
@@ -223,6 +231,45 @@ class Trainer:
         self.val_loader = DetectionLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
                                           drop_last=False)
         self.class_weights = None
+
+    def _init_segmentation(self) -> None:
+        from ..data.segmentation import SegmentationLoader, load_segmentation_dataset
+        from ..segment.loss import SegmentationLoss, balanced_weights
+
+        spec, c = self.spec, self.cfg
+        if len(self.graph.outputs) != 1:
+            raise DlcError(f"{spec.file}: a segmentation model has one output (class scores per pixel); this model "
+                           f"has {len(self.graph.outputs)}")
+        out = self.graph.outputs[0]
+        shape, (_, h, w) = tuple(self.graph.shapes[out]), spec.input.shape
+        if len(shape) != 3 or shape[1:] != (h, w):
+            raise DlcError(f"{spec.file}: a segmentation model's output must be classes×{h}×{w} (class scores for "
+                           f"every input pixel), but '{out}' is {'×'.join(map(str, shape))}; upsample back to the "
+                           "input size (conv_transpose or upsample) and end with a 1×1 conv with out: <classes>")
+        self.logits = _logits_of(self.graph, out)
+        self.num_outputs = shape[0]
+        self.train_set, self.val_set = load_segmentation_dataset(spec.data.raw, spec.input.shape,
+                                                                 Path(spec.file).parent, self.num_outputs)
+        n = len(self.train_set.classes)
+        if n != self.num_outputs:
+            raise DlcError(f"{spec.file}: the model's output '{out}' has {self.num_outputs} channels but the data has "
+                           f"{n} classes ({', '.join(self.train_set.classes)}); set the last conv's out to {n}")
+        if c.label_smoothing:
+            raise DlcError(f"{spec.file}: train.label_smoothing is for classifiers; a segmentation model's losses "
+                           "are cross_entropy, focal, dice and ce_dice")
+        weights = c.class_weights
+        if weights == "balanced":
+            weights = balanced_weights(self.train_set.pixel_counts())
+        elif weights is not None and len(weights) != n:
+            raise DlcError(f"{spec.file}: train.class_weights has {len(weights)} values for {n} classes")
+        self.class_weights = None if weights is None else np.asarray(weights, np.float32)
+        self.seg_loss = SegmentationLoss(c.loss, self.class_weights, self.train_set.ignore_index, c.focal_gamma,
+                                         c.dice_weight)
+        inp = spec.input
+        self.train_loader = SegmentationLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed,
+                                               spec.data.augment, prefetch=spec.data.prefetch)
+        self.val_loader = SegmentationLoader(self.val_set, c.batch_size, inp.mean, inp.std, shuffle=False,
+                                             drop_last=False)
 
     def _auto_anchors(self) -> dict[str, Any]:
         """anchors: auto: k-means (1 − IoU) over the training boxes, smallest anchors to the finest stride."""
@@ -262,6 +309,8 @@ class Trainer:
         return np.asarray(w, np.float32)
 
     def loss(self, logits: np.ndarray, labels: np.ndarray, weighted: bool = True) -> tuple[float, np.ndarray]:
+        if self.task == "segmentation":
+            return self.seg_loss(logits, labels)
         weights = self.class_weights if weighted else None
         if self.cfg.loss == "focal":
             return _loss.focal_loss(logits, labels, self.cfg.focal_gamma, weights)
@@ -278,6 +327,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         if self.det is not None:
             return self._evaluate_detection()
+        if self.task == "segmentation":
+            return self._evaluate_segmentation()
         losses, preds = [], []
         for x, y in self.val_loader.epoch(0):
             logits = self.executor.forward(x, train=False, outputs=[self.logits])[self.logits]
@@ -312,6 +363,23 @@ class Trainer:
                 "val_map50_95": float(map50_95),
                 "val_precision": result["precision"], "val_recall": result["recall"], "val_f1": result["f1"],
                 "per_class_ap": result["ap"]}
+
+    def _evaluate_segmentation(self) -> dict[str, Any]:
+        from dlc.runtime.segmentation_metrics import confusion_matrix, segmentation_metrics
+
+        n = self.num_outputs
+        matrix = np.zeros((n, n), np.int64)
+        loss_sum = 0.0
+        for x, y in self.val_loader.epoch(0):
+            logits = self.executor.forward(x, train=False, outputs=[self.logits])[self.logits]
+            loss, _ = self.seg_loss(logits, y)
+            loss_sum += loss * len(y)
+            matrix += confusion_matrix(np.argmax(logits, axis=1), y, n, self.val_set.ignore_index)
+        m = segmentation_metrics(matrix, self.val_set.classes)
+        return {"val_loss": loss_sum / len(self.val_set), "val_miou": m["miou"],
+                "val_pixel_accuracy": m["pixel_accuracy"], "val_mean_accuracy": m["mean_accuracy"],
+                "val_fwiou": m["fwiou"], "val_mdice": m["mdice"], "per_class": m["per_class"],
+                "confusion_matrix": matrix.tolist()}
 
     def _info(self, state: dict[str, Any]) -> dict[str, Any]:
         info = {**{k: state[k] for k in STATE_KEYS}, "yaml_sha256": self.spec.sha256,
@@ -393,7 +461,8 @@ class Trainer:
         if not path.exists():
             raise DlcError(f"no checkpoint in {self.out_dir} yet; run without --resume to start training")
         params, solver_state, best, info = read_checkpoint(path)
-        scores = ("val_map",) if self.det is not None else ("train_accuracy", "val_accuracy")
+        scores = {"detection": ("val_map",), "segmentation": ("val_miou",),
+                  "classification": ("train_accuracy", "val_accuracy")}[self.task]
         validate_resume_info(info, path, self.epochs, self.iters_per_epoch, self.total_iters, bool(self.cfg.max_iter),
                              record_keys=("train_loss", "val_loss", "lr", "seconds", "images_per_s", *scores))
         if info["yaml_sha256"] != self.spec.sha256:
@@ -439,7 +508,7 @@ class Trainer:
                         loss, dmaps = self.detection_loss(maps, y)
                         finite = all(np.all(np.isfinite(m)) for m in maps)
                         seeds = dict(zip(self.heads, dmaps))
-                    else:
+                    else:  # classification, segmentation
                         logits = self.executor.forward(x, train=True, rng=rng, outputs=[self.logits])[self.logits]
                         loss, dlogits = self.loss(logits, y)
                         finite = bool(np.all(np.isfinite(logits)))
@@ -454,7 +523,7 @@ class Trainer:
                         if hasattr(cb, "on_step"):
                             cb.on_step(self, state["global_iteration"])
                     partial["loss_sum"] += loss * len(y)
-                    if self.det is None:
+                    if self.task == "classification":
                         partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
                     partial["seen"] += len(y)
                     state["iteration"] += 1
@@ -473,7 +542,7 @@ class Trainer:
                         break
                 partial["seconds"] += time.perf_counter() - t0
                 record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1)}
-                if self.det is None:
+                if self.task == "classification":
                     record["train_accuracy"] = partial["correct"] / max(partial["seen"], 1)
                 record.update({**self.evaluate(), "lr": self.schedule(max(state["global_iteration"] - 1, 0)),
                                "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9),
@@ -484,8 +553,8 @@ class Trainer:
                 state["partial"] = None
                 if bar:
                     bar.remove_task(task)
-                score = (f"val mAP@0.5 {record['val_map']:.4f}" if self.det is not None
-                         else f"val acc {record['val_accuracy']:.4f}")
+                label = {"detection": "val mAP@0.5", "segmentation": "val mIoU", "classification": "val acc"}
+                score = f"{label[self.task]} {record[SCORE[self.task]]:.4f}"
                 self._say(f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f}  val loss "
                           f"{record['val_loss']:.4f}  {score}  lr {record['lr']:.3g}  "
                           f"{record['images_per_s']:.0f} img/s")
@@ -531,12 +600,17 @@ class Trainer:
         }
         if self.det is not None:
             report.update(task="detection", anchors=self.det.attrs["anchors"], anchor_fit=self.anchor_fit)
+        if self.task == "segmentation":
+            report.update(task="segmentation", ignore_index=self.train_set.ignore_index,
+                          class_weights=None if self.class_weights is None else self.class_weights.tolist())
         write_json(self.out_dir / "metrics.json", report)
         if history:
-            curves = history if self.det is None else [
-                {**h, "train_accuracy": float("nan"), "val_accuracy": h["val_map"]} for h in history]
+            score = SCORE[self.task]
+            curves = history if self.task == "classification" else [
+                {**h, "train_accuracy": float("nan"), "val_accuracy": h[score]} for h in history]
             plot_curves(curves, self.out_dir / "curves.png", f"{self.spec.name}: training curves",
-                        metric="accuracy" if self.det is None else "mAP@0.5")
+                        metric={"classification": "accuracy", "detection": "mAP@0.5",
+                                "segmentation": "mIoU"}[self.task])
 
     def _say(self, text: str) -> None:
         if self.progress and self.console is not None:
@@ -552,6 +626,16 @@ class Trainer:
                        TimeRemainingColumn(), console=self.console, transient=True)
         bar.start()
         return bar
+
+
+SCORE = {"classification": "val_accuracy", "detection": "val_map", "segmentation": "val_miou"}
+MODEL_NOUN = {"classification": "classifier", "detection": "detector", "segmentation": "segmentation model"}
+
+
+def _logits_of(graph, out: str) -> str:
+    """A final softmax is folded into the loss (fused softmax + cross-entropy), so training reads its input."""
+    producer = graph.producer(out)
+    return producer.inputs[0] if producer is not None and producer.op == "softmax" else out
 
 
 def restore_anchors(graph, info: dict[str, Any]) -> None:
@@ -598,7 +682,8 @@ def reuse_checkpoint(loaded: LoadedModel, out_dir: str | Path, console=None, cal
     seconds = sum(h["seconds"] for h in history if isinstance(h, dict) and isinstance(h.get("seconds"), (int, float)))
     return {"reused": str(path), "stopped": info["stopped"], "epochs": len(history), "seconds": float(seconds),
             "best_epoch": info.get("best_epoch"), "classes": info.get("classes"),
-            **{k: final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map") if k in final}}
+            **{k: final.get(k) for k in ("train_loss", "val_loss", "val_accuracy", "val_map", "val_miou")
+               if k in final}}
 
 
 def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,

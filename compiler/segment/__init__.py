@@ -1,0 +1,1 @@
+"""Semantic segmentation: per-pixel losses (the task's loss beside detection's compiler/detect)."""

@@ -1,0 +1,148 @@
+"""Training a U-Net on the synthetic segmentation set: the loss falls, mIoU is recorded and monitored, the
+exported ONNX gives the backend's per-pixel scores, and wrong wiring ends in one clear message."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dlc.compiler.data.segmentation import load_segmentation_dataset
+from dlc.compiler.errors import DlcError
+from dlc.compiler.export_onnx import read_metadata
+from dlc.compiler.frontend import load_model
+from dlc.compiler.pipeline import compile_model
+from dlc.compiler.train.executor import Executor
+from dlc.compiler.train.trainer import Trainer
+from dlc.runtime.segmentation_metrics import confusion_matrix, segmentation_metrics
+
+UNET = """
+model:
+  name: micro_unet
+  input: {name: image, shape: [3, 32, 32], mean: 0.3, std: 0.3}
+  layers:
+    - {name: enc1, type: conv, out: 8, kernel: 3, pad: 1, bias: false}
+    - {name: bn1, type: batchnorm}
+    - {name: relu1, type: relu}
+    - {name: pool1, type: maxpool, kernel: 2, stride: 2}
+    - {name: enc2, type: conv, out: 16, kernel: 3, pad: 1, bias: false}
+    - {name: bn2, type: batchnorm}
+    - {name: relu2, type: relu}
+    - {name: up, type: conv_transpose, out: 8, kernel: 2, stride: 2}
+    - {name: cat, type: concat, inputs: [up, relu1]}
+    - {name: dec, type: conv, out: 8, kernel: 3, pad: 1}
+    - {name: relu3, type: relu}
+    - {name: HEAD}
+data:
+  dataset: synthetic_segmentation
+  samples: 200
+  num_classes: 3
+  val_fraction: 0.2
+  augment: {mirror: true, crop: 2}
+train:
+  solver: adam
+  base_lr: 0.01
+  batch_size: 20
+  epochs: 4
+  seed: 0
+  loss: LOSS
+  early_stopping: {monitor: val_miou, patience: 4}
+"""
+HEAD = "head, type: conv, out: 3, kernel: 1"
+
+
+def _yaml(folder, loss="ce_dice", head=HEAD, extra=""):
+    path = folder / "unet.yaml"
+    path.write_text(UNET.replace("name: HEAD", f"name: {head}").replace("LOSS", loss) + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seg")
+    path = _yaml(folder)
+    loaded = load_model(path)
+    trainer = Trainer(loaded, folder / "run", progress=False)
+    losses = []
+    first = trainer.loss
+
+    def recording(logits, labels, weighted=True):
+        loss, grad = first(logits, labels, weighted)
+        losses.append(loss)
+        return loss, grad
+
+    trainer.loss = recording
+    result = trainer.run()
+    return path, folder / "run", loaded, result, losses
+
+
+def test_training_lowers_the_loss_and_records_miou(trained):
+    path, run, loaded, result, losses = trained
+    train_losses = losses[:8]  # first epoch: 8 training steps (160 / 20)
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(train_losses[:2])
+    hist = result.history
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert hist[-1]["val_miou"] > hist[0]["val_miou"] and hist[-1]["val_miou"] > 0.4
+    for key in ("val_pixel_accuracy", "val_mean_accuracy", "val_fwiou", "val_mdice"):
+        assert 0 < hist[-1][key] <= 1
+    assert result.best_epoch == int(np.argmax([h["val_miou"] for h in hist])) + 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and metrics["classes"] == ["background", "disc", "square"]
+    assert (run / "curves.png").stat().st_size > 0
+
+
+def test_recorded_miou_is_the_metric_of_the_backends_predictions(trained):
+    path, run, loaded, result, _ = trained
+    _, val = load_segmentation_dataset({"dataset": "synthetic_segmentation", "samples": 200, "num_classes": 3,
+                                        "val_fraction": 0.2}, (3, 32, 32), path.parent)
+    x = ((val.images - 0.3) / 0.3).astype(np.float32)
+    logits = Executor(loaded.graph).forward(x)["head"]
+    m = segmentation_metrics(confusion_matrix(logits.argmax(1), val.masks, 3))
+    # the graph holds the best epoch's weights (restore_best)
+    best = result.history[result.best_epoch - 1]
+    assert m["miou"] == pytest.approx(best["val_miou"], abs=1e-9)
+    assert m["pixel_accuracy"] == pytest.approx(best["val_pixel_accuracy"], abs=1e-9)
+
+
+def test_onnx_gives_the_backends_pixel_scores(trained, tmp_path):
+    path, run, loaded, _, _ = trained
+    result = compile_model(path, tmp_path, weights=run / "checkpoint.safetensors")
+    model_bytes = result.onnx_path.read_bytes()
+    import onnx
+
+    meta = read_metadata(onnx.load_from_string(model_bytes))
+    assert meta["task"] == "segmentation" and meta["output_convention"][0]["axes"] == [
+        "batch", "channel", "height", "width"]
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)
+    backend = Executor(loaded.graph).forward(x)["head"]
+    out = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert out.shape == (4, 3, 32, 32)
+    np.testing.assert_allclose(out, backend, rtol=1e-4, atol=1e-4 * np.abs(backend).max())
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal", "dice"])
+def test_every_loss_trains(tmp_path, loss):
+    path = _yaml(tmp_path, loss, extra="").read_text().replace("epochs: 4", "epochs: 1")
+    (tmp_path / "unet.yaml").write_text(path + "  class_weights: balanced\n")
+    result = Trainer(load_model(tmp_path / "unet.yaml"), tmp_path / "run", progress=False).run()
+    assert np.isfinite(result.history[0]["val_loss"]) and 0 <= result.history[0]["val_miou"] <= 1
+
+
+def test_wrong_wiring_ends_in_one_message(tmp_path):
+    small = "pool_out, type: maxpool, kernel: 2, stride: 2}\n    - {name: head, type: conv, out: 3, kernel: 1"
+    with pytest.raises(DlcError, match=r"output must be classes×32×32 .* 'head' is 3×16×16"):
+        Trainer(load_model(_yaml(tmp_path, head=small)), tmp_path / "r1", progress=False)
+    # validation already compares the classes with the output's channels, before any work
+    with pytest.raises(DlcError, match=r"unet.yaml:\d+: the synthetic_segmentation set has 3 classes .* but the "
+                                       r"model predicts 5 classes \(layer 'head' has out: 5\)"):
+        load_model(_yaml(tmp_path, head="head, type: conv, out: 5, kernel: 1"))
+
+
+def test_dice_loss_on_a_classifier_is_refused(tmp_path):
+    from tests.helpers import tiny_training_yaml
+
+    path = tiny_training_yaml(tmp_path, 1)
+    path.write_text(path.read_text().replace("seed: 5}", "seed: 5, loss: dice}"))
+    assert "loss: dice" in path.read_text()
+    with pytest.raises(DlcError, match="dice is a segmentation loss"):
+        Trainer(load_model(path), tmp_path / "run", progress=False)
