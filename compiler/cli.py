@@ -774,13 +774,15 @@ def predict(
                                help="Detectors: score threshold (default: the model's, from its metadata)."),
     iou: float = typer.Option(None, "--iou", min=0.0, max=1.0, help="Detectors: NMS IoU threshold (default: the model's)."),
     max_det: int = typer.Option(None, "--max-det", min=1, help="Detectors: most detections per image (default: the model's)."),
-    draw: bool = typer.Option(True, "--draw/--no-draw", help="Write one PNG per image with boxes or the top class."),
+    draw: bool = typer.Option(True, "--draw/--no-draw", help="Write one PNG per image with boxes, the top class or the class colours over the image (a segmentation model's index masks are written either way)."),
     on_error: str = typer.Option("skip", "--on-error", help="An unreadable image: skip it (named on stderr and in "
                                  "predictions.json's 'skipped'; exit 0 while at least one image was read) or stop "
                                  "(exit 2, nothing written)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Run a classifier or detector on images: writes DIR/predictions.json and annotated PNGs.
+    """Run a classifier, detector or segmentation model on images: writes DIR/predictions.json and annotated
+    PNGs (segmentation: per image <name>_mask.png with the class index of every pixel at the image's own size,
+    <name>_colour.png and the overlay <name>.png).
 
     Input size, normalisation, class names and (for detectors) post-processing come from the model's metadata;
     detections are NMS-filtered with dlc's native code and given in the original images' pixels (xyxy)."""
@@ -816,6 +818,12 @@ def predict(
             found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r.detections[:8]) or "nothing"
             more = f" (+{len(r.detections) - 8} more)" if len(r.detections) > 8 else ""
             out.print(f"  {r.path}: {len(r.detections)} detection(s): {found}{more}", highlight=False)
+        elif summary["task"] == "segmentation":
+            pixels = r.to_dict()["segmentation"]["pixels"]
+            total = max(sum(pixels.values()), 1)
+            shares = ", ".join(f"{name} {100 * n / total:.1f} %" for name, n in
+                               sorted(pixels.items(), key=lambda kv: -kv[1]))
+            out.print(f"  {r.path}: {shares} -> {r.files['mask']}", highlight=False)
         else:
             best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r.top[:3])
             out.print(f"  {r.path}: {best}", highlight=False)
@@ -907,7 +915,9 @@ def eval_cmd(
     Either from files (--gt instances.json --pred detections.json) or end to end (--model model.onnx --data
     model.yaml): the model runs through onnxruntime on the data section's validation split, its detections go
     through dlc's NMS (confidence threshold 0.001, the model's NMS settings) and are scored the same way. A
-    classifier given --model/--data gets top-1 accuracy and macro-F1."""
+    classifier given --model/--data gets top-1 accuracy and macro-F1; a segmentation model mIoU, pixel
+    accuracy, mean class accuracy, frequency-weighted IoU, mDice and per-class IoU/Dice (ignored pixels left
+    out)."""
     from dlc.runtime.coco import coco_report
     from dlc.runtime.metrics import plot_pr_curves
 
@@ -956,9 +966,12 @@ def _eval_model(model: Path, data: Path, device: str, iou: float, score: float, 
         result = Evaluator(spec).evaluate(session)
         if as_json:
             out.print_json(json.dumps({"model": str(model), "data": str(data), **result.to_dict()}))
+        elif result.task == "segmentation":
+            _print_segmentation(model, data, result.details)
         else:
             out.print(f"[bold]{model}[/] on the validation split of {data}: top-1 accuracy {result.accuracy:.4f} "
                       f"({result.correct}/{result.total}), macro-F1 {result.macro_f1:.4f}")
+        if not as_json:
             for note in result.notes:
                 err.print(f"[yellow]note:[/] {note}", highlight=False)
         return None
@@ -968,6 +981,23 @@ def _eval_model(model: Path, data: Path, device: str, iou: float, score: float, 
         write_json(save / "instances.json", instances)
         write_json(save / "detections.json", detections)
     return coco_report(instances, detections, iou, score)
+
+
+def _print_segmentation(model: Path, data: Path, m: dict) -> None:
+    from rich.table import Table
+
+    out.print(f"[bold]{model}[/] on the validation split of {data} ({m['pixels']:,} pixels counted): "
+              f"mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, mean class accuracy "
+              f"{m['mean_accuracy']:.4f}, frequency-weighted IoU {m['fwiou']:.4f}, mDice {m['mdice']:.4f}",
+              highlight=False)
+    table = Table("class", "IoU", "Dice", "accuracy", "pixels")
+
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    for name, c in m["per_class"].items():
+        table.add_row(name, cell(c["iou"]), cell(c["dice"]), cell(c["accuracy"]), f"{c['pixels']:,}")
+    out.print(table)
 
 
 @app.command()

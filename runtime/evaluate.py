@@ -4,7 +4,8 @@ The data set is dlc's own `data:` section (synthetic, digits, imagefolder) read 
 model's own YAML; the validation split is the one training used (same seed, same stratified split). Images are
 normalised with the mean/std in the ONNX file's dlc metadata, or else the YAML's `model.input`, or else not at
 all, and the result says which. Class names in the metadata map the data set's labels to output indices.
-Detection models (metadata task == "detection") are scored by mAP@0.5, see `evaluate_detection`.
+Detection models (metadata task == "detection") are scored by mAP@0.5, see `evaluate_detection`; segmentation
+models (task == "segmentation") by mIoU, see `evaluate_segmentation`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Evaluation:
     mean: list[float]
     std: list[float]
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] | None = None  # segmentation: every figure of runtime.segmentation_metrics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,8 +133,19 @@ class Evaluator:
 
     def evaluate(self, session: Session) -> Evaluation:
         meta = session.metadata
-        if (meta or {}).get("task") == "detection":
+        task = (meta or {}).get("task")
+        kind = self.spec.data.get("dataset")
+        from dlc.compiler.data.datasets import DETECTION_DATASETS, SEGMENTATION_DATASETS
+
+        data_task = ("detection" if kind in DETECTION_DATASETS else
+                     "segmentation" if kind in SEGMENTATION_DATASETS else "classification")
+        if (task or "classification") != data_task:
+            raise DlcError(f"{session.path} is a {task or 'classification'} model but --data {self.spec.file} holds "
+                           f"a {data_task} data set ('{kind}'); give the YAML of the data this model was trained on")
+        if task == "detection":
             return evaluate_detection(session, self.spec)
+        if task == "segmentation":
+            return evaluate_segmentation(session, self.spec, self.batch_size)
         return self.classification(session, meta)
 
     def classification(self, session: Session, meta: dict[str, Any] | None) -> Evaluation:
@@ -257,3 +270,63 @@ def evaluate_detection(session: Session, spec: DataSpec) -> Evaluation:
     n_gt = result["tp"] + result["fn"]
     return Evaluation("detection", "mAP@0.5", float(result["map"] or 0.0), float(result["f1"]), int(result["tp"]),
                       int(n_gt), source, mean, std, notes)
+
+
+def segment_validation(session: Session, spec: DataSpec, batch_size: int = EVAL_BATCH):
+    """Run a segmentation model on the validation split of a segmentation `data:` section. Returns (validation
+    SegmentationDataset, predicted class maps N×H×W int64, (normalisation source, mean, std, notes)). The output
+    is N×C×H×W scores (argmax over C) or, with the ArgMax inside the graph (export.embed_argmax), the class map."""
+    from dlc.compiler.data.segmentation import load_segmentation_dataset
+
+    meta = session.metadata or {}
+    shape = _input_shape(session, meta)
+    normalization = _normalization(session, meta, spec, shape[0])
+    _, mean, std, _ = normalization
+    classes = meta.get("classes")
+    try:
+        val = load_segmentation_dataset(spec.data, shape, spec.base_dir, len(classes) if classes else None)[1]
+    except DlcError as exc:
+        raise DlcError([Diagnostic(f"--data: {d.format()}", file=spec.file) for d in exc.diagnostics]) from None
+    if classes and [str(c) for c in classes] != [str(c) for c in val.classes]:
+        raise DlcError(f"{session.path}: the model's classes {list(classes)[:10]} are not the data set's "
+                       f"{val.classes[:10]} (same names in the same order); is --data the data the model was "
+                       "trained on?")
+    m = np.asarray(mean, np.float32)[None, :, None, None]
+    inv = 1.0 / np.asarray(std, np.float32)[None, :, None, None]
+    preds = np.empty(val.masks.shape, np.int64)
+    for start in range(0, len(val), batch_size):
+        x = ((val.images[start:start + batch_size] - m) * inv).astype(np.float32)
+        out = next(iter(session.run(x).values()))
+        preds[start:start + len(x)] = class_map(out, len(val.classes), session.path)
+    return val, preds, normalization
+
+
+def class_map(output: np.ndarray, num_classes: int, where: Any) -> np.ndarray:
+    """A segmentation model's output as class indices: N×C×H×W scores (argmax over C), or N×H×W / N×1×H×W
+    indices already (ArgMax in the graph)."""
+    if output.ndim == 4 and output.shape[1] > 1:
+        if output.shape[1] != num_classes:
+            raise DlcError(f"{where}: the model outputs {output.shape[1]} channels for {num_classes} classes")
+        return output.argmax(axis=1)
+    if output.ndim == 4:
+        output = output[:, 0]
+    if output.ndim != 3 or not np.issubdtype(output.dtype, np.integer):
+        raise DlcError(f"{where}: a segmentation model's output must be N×classes×H×W scores or an N×H×W class "
+                       f"map, got {output.dtype} {output.shape}")
+    return output.astype(np.int64)
+
+
+def evaluate_segmentation(session: Session, spec: DataSpec, batch_size: int = EVAL_BATCH) -> Evaluation:
+    """mIoU of a segmentation model on the validation split (see segment_validation). In the result, `accuracy`
+    holds the mIoU, `macro_f1` the mean Dice (per-class F1 of pixels), `correct`/`total` the correctly labelled
+    and the counted (not ignored) pixels, and `details` every figure of runtime.segmentation_metrics."""
+    from .segmentation_metrics import confusion_matrix, segmentation_metrics
+
+    val, preds, (source, mean, std, notes) = segment_validation(session, spec, batch_size)
+    n = len(val.classes)
+    if preds.size and (preds.min() < 0 or preds.max() >= n):
+        raise DlcError(f"{session.path}: the model predicts class {int(preds.max())}, outside 0..{n - 1}")
+    matrix = confusion_matrix(preds, val.masks, n, val.ignore_index)
+    m = segmentation_metrics(matrix, val.classes)
+    return Evaluation("segmentation", "mIoU", m["miou"], m["mdice"], int(np.trace(matrix)), int(matrix.sum()),
+                      source, mean, std, notes, {**m, "confusion_matrix": matrix.tolist()})

@@ -1,8 +1,10 @@
-"""`dlc predict`: run a dlc-compiled classifier or detector on image files.
+"""`dlc predict`: run a dlc-compiled classifier, detector or segmentation model on image files.
 
 Everything needed comes from the ONNX file's "dlc" metadata: the input size and normalisation, the class names
 and, for detectors, the post-processing defaults. Images are read like the training data (grey or RGB, bilinear
-resize to the input size); detections are mapped back to the original image's pixels.
+resize to the input size); detections are mapped back to the original image's pixels, and a segmentation
+model's class scores are resized bilinearly to the original size before the argmax (a class map from an ArgMax
+inside the graph is resized nearest-neighbour), so every mask has its image's size.
 """
 
 from __future__ import annotations
@@ -33,9 +35,17 @@ class ImageResult:
     top: list[dict[str, Any]] = field(default_factory=list)  # classifier: [{label, class_id, score}] best first
     detections: list[dict[str, Any]] = field(default_factory=list)  # detector: [{box xyxy, score, label, class_id}]
     drawn: str | None = None  # the PNG written by write_outputs
+    mask: np.ndarray | None = None  # segmentation: uint8 class map at the original size (height × width)
+    classes: list[str] | None = None  # segmentation: the class names, for the per-class pixel shares
+    files: dict[str, str] = field(default_factory=dict)  # segmentation: mask, colour and overlay PNGs
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"image": self.path, "width": self.width, "height": self.height}
+        if self.mask is not None:
+            counts = np.bincount(self.mask.ravel(), minlength=len(self.classes or []))
+            d["segmentation"] = {"pixels": {_name(self.classes, k): int(n) for k, n in enumerate(counts) if n},
+                                 **self.files}
+            return d
         if self.detections or not self.top:
             d["detections"] = self.detections
         if self.top:
@@ -101,6 +111,7 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
     std = np.asarray(meta["input"].get("std") or [1.0] * c, np.float32)[None, :, None, None]
     classes = meta.get("classes")
     detection = meta.get("task") == "detection"
+    segmentation = meta.get("task") == "segmentation"
     settings: dict[str, Any] = {}
     if detection:
         settings = dict(meta.get("postprocess") or {})
@@ -144,7 +155,10 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
             per_image = _detections(outputs, settings, meta.get("embedded_nms"))
         for k, (path, (w0, h0)) in enumerate(zip(chunk, sizes)):
             r = ImageResult(str(path), int(w0), int(h0))
-            if detection:
+            if segmentation:
+                r.mask = _full_size_mask(output[k], int(w0), int(h0), len(classes or []) or None, model)
+                r.classes = classes
+            elif detection:
                 boxes, scores, labels = per_image[k]
                 scale = np.array([w0 / w, h0 / h, w0 / w, h0 / h], np.float64)
                 for box, score, label in zip(boxes, scores, labels):
@@ -159,7 +173,7 @@ def predict(model: str | Path, images: list[Path], device: str = "auto", batch: 
             results.append(r)
     if not results:
         raise DlcError(failures + [Diagnostic(f"none of the {len(images)} image(s) could be read; nothing written")])
-    summary = {"model": str(model), "task": "detection" if detection else "classification",
+    summary = {"model": str(model), "task": meta.get("task") or "classification",
                "provider": session.provider, "images": len(results), "settings": settings, "skipped": skipped}
     return results, summary
 
@@ -171,6 +185,60 @@ def _detections(outputs: dict[str, np.ndarray], settings: dict[str, Any], embedd
     if embedded:
         return embedded_detections(outputs, embedded, settings.get("conf_threshold"), settings.get("max_detections"))
     return postprocess(next(iter(outputs.values())), **settings)
+
+
+def _full_size_mask(output: np.ndarray, w0: int, h0: int, num_classes: int | None, model: Path) -> np.ndarray:
+    """One image's class map at its original size: scores C×h×w resized bilinearly (pixel centres aligned), then
+    the argmax; a class map h×w (ArgMax in the graph) resized nearest-neighbour."""
+    from dlc.compiler.data.datasets import resize
+    from dlc.compiler.data.segmentation import resize_mask
+
+    if output.ndim == 3 and output.shape[0] > 1 and np.issubdtype(output.dtype, np.floating):
+        if num_classes and output.shape[0] != num_classes:
+            raise DlcError(f"{model}: the model outputs {output.shape[0]} channels for {num_classes} classes")
+        scores = resize(output[None].astype(np.float32), h0, w0)[0]
+        return scores.argmax(axis=0).astype(np.uint8)
+    labels = output[0] if output.ndim == 3 else output
+    if labels.ndim != 2:
+        raise DlcError(f"{model}: a segmentation model's output must be classes×H×W scores or an H×W class map, "
+                       f"got {output.shape}")
+    return resize_mask(labels.astype(np.int64), h0, w0).astype(np.uint8)
+
+
+def class_colours(n: int) -> np.ndarray:
+    """Pascal VOC's colour map (n × 3 uint8): class 0 black, then distinct colours from the bits of the index."""
+    colours = np.zeros((max(n, 1), 3), np.uint8)
+    for k in range(n):
+        c, r, g, b = k, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours[k] = (r, g, b)
+    return colours
+
+
+def draw_segmentation(result: ImageResult, out_dir: Path, stem: str, pictures: bool = True) -> None:
+    """DIR/<stem>_mask.png (class indices, 8-bit grey: the exact answer) and, with `pictures`,
+    DIR/<stem>_colour.png (each class in its VOC colour) and DIR/<stem>.png (the image with the colours laid
+    over it at half opacity; background pixels left as they are)."""
+    from PIL import Image
+
+    mask = result.mask
+    colours = class_colours(int(mask.max()) + 1 if result.classes is None else max(len(result.classes), 1))
+    colour = colours[mask]
+    with Image.open(result.path) as im:
+        image = np.asarray(im.convert("RGB"), np.float32)
+    blended = np.where((mask > 0)[..., None], 0.5 * image + 0.5 * colour, image)
+    written = (("_mask", mask), ("_colour", colour), ("", np.rint(blended).astype(np.uint8)))
+    for suffix, array in written if pictures else written[:1]:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        path = out_dir / f"{stem}{suffix}.png"
+        write_bytes(path, buffer.getvalue())
+        result.files[{"_mask": "mask", "_colour": "colour", "": "overlay"}[suffix]] = str(path)
+    result.drawn = str(out_dir / f"{stem}.png") if pictures else None
 
 
 def _name(classes: list[str] | None, k: int) -> str:
@@ -210,13 +278,16 @@ def write_outputs(results: list[ImageResult], summary: dict[str, Any], out_dir: 
     """DIR/predictions.json and, with `images`, one DIR/<name>.png per input (names made unique)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for r in results if images else []:
+    for r in results if images or any(r.mask is not None for r in results) else []:
         stem = Path(r.path).stem
-        name, k = f"{stem}.png", 1
+        name, k = stem, 1
         while name in used:
             k += 1
-            name = f"{stem}_{k}.png"
+            name = f"{stem}_{k}"
         used.add(name)
-        draw(r, out_dir / name)
-        r.drawn = str(out_dir / name)
+        if r.mask is not None:  # the index mask is a segmentation model's answer: written even without pictures
+            draw_segmentation(r, out_dir, name, pictures=images)
+        else:
+            draw(r, out_dir / f"{name}.png")
+            r.drawn = str(out_dir / f"{name}.png")
     return write_json(out_dir / "predictions.json", {**summary, "results": [r.to_dict() for r in results]})

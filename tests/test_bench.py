@@ -381,7 +381,8 @@ def test_detection_map_through_evaluate_detections(tmp_path):
 def test_detection_needs_detection_data(digits, tmp_path):
     with pytest.raises(DlcError) as info:
         bench([_detector(tmp_path)], [1], device="cpu", min_time_s=0.0, data=digits["spec"])
-    assert "det.onnx" in str(info.value) and "must hold a detection data set" in str(info.value)
+    assert "det.onnx is a detection model but --data" in str(info.value)
+    assert "holds a classification data set ('digits')" in str(info.value)
 
 
 def test_ratios_under_changing_load(lenets, monkeypatch):

@@ -146,3 +146,63 @@ def test_dice_loss_on_a_classifier_is_refused(tmp_path):
     assert "loss: dice" in path.read_text()
     with pytest.raises(DlcError, match="dice is a segmentation loss"):
         Trainer(load_model(path), tmp_path / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(trained, tmp_path_factory):
+    path, run, loaded, result, _ = trained
+    out = tmp_path_factory.mktemp("seg_onnx")
+    return compile_model(path, out, weights=run / "checkpoint.safetensors").onnx_path
+
+
+def test_eval_model_gives_the_metrics_of_the_onnx_predictions(trained, compiled):
+    from dlc.runtime import Session
+    from dlc.runtime.evaluate import Evaluator, read_data_spec
+
+    path, _, loaded, result, _ = trained
+    evaluation = Evaluator(read_data_spec(path)).evaluate(Session(compiled, device="cpu"))
+    assert evaluation.task == "segmentation" and evaluation.metric == "mIoU"
+    best = result.history[result.best_epoch - 1]
+    # onnxruntime's scores differ from the backend's by float32 rounding: an argmax may flip on a near-tie
+    assert evaluation.accuracy == pytest.approx(best["val_miou"], abs=2e-3)
+    assert evaluation.details["pixel_accuracy"] == pytest.approx(best["val_pixel_accuracy"], abs=1e-3)
+    assert evaluation.total == 40 * 32 * 32  # no ignored pixels in the synthetic set
+
+
+def test_eval_refuses_a_task_mismatch(compiled, tmp_path):
+    from dlc.runtime import Session
+    from dlc.runtime.evaluate import Evaluator, read_data_spec
+
+    other = tmp_path / "det.yaml"
+    other.write_text("data: {dataset: synthetic_detection, samples: 40, num_classes: 2}\n")
+    with pytest.raises(DlcError, match=r"is a segmentation model but --data .*det.yaml holds a detection data set"):
+        Evaluator(read_data_spec(other)).evaluate(Session(compiled, device="cpu"))
+
+
+def test_predict_writes_masks_at_the_original_size(trained, compiled, tmp_path):
+    from PIL import Image
+
+    from dlc.compiler.data.datasets import resize
+    from dlc.runtime.predict import predict, write_outputs
+
+    _, _, loaded, _, _ = trained
+    scene = load_segmentation_dataset({"dataset": "synthetic_segmentation", "samples": 2, "num_classes": 3,
+                                         "val_fraction": 0.5, "seed": 4}, (3, 45, 38), tmp_path)[0]
+    pixels = (scene.images[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    results, summary = predict(compiled, [tmp_path / "scene.png"], device="cpu")
+    write_outputs(results, summary, tmp_path / "out")
+    assert summary["task"] == "segmentation"
+    mask = np.asarray(Image.open(tmp_path / "out" / "scene_mask.png"))
+    assert mask.shape == (45, 38)
+    # the reference: the backend's scores at the input size, resized bilinearly to 45×38, then argmax
+    x = resize(np.asarray(pixels, np.float32).transpose(2, 0, 1)[None] / 255, 32, 32)
+    scores = Executor(loaded.graph).forward(((x - 0.3) / 0.3).astype(np.float32))["head"]
+    want = resize(scores, 45, 38)[0].argmax(0)
+    assert (mask == want).mean() > 0.995
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())["results"][0]
+    assert sum(record["segmentation"]["pixels"].values()) == 45 * 38
+    overlay = np.asarray(Image.open(record["segmentation"]["overlay"]))
+    assert overlay.shape == (45, 38, 3)
+    np.testing.assert_array_equal(overlay[mask == 0], pixels[mask == 0])  # background left as it was
+    assert (overlay[mask > 0] != pixels[mask > 0]).any()
