@@ -198,7 +198,7 @@ def compile_cmd(
     p = report.get("pruning")
     if p:
         b, a = p["before"], p["after"]
-        metric = "mAP@0.5" if p.get("metric") == "mAP@0.5" else "accuracy"
+        metric = p.get("metric") if p.get("metric") in ("mAP@0.5", "mIoU") else "accuracy"
         acc = f"; val {metric} {a['val_accuracy']:.4f}" if a.get("val_accuracy") is not None else ""
         tuned = "fine-tuned" if p["fine_tuned"] else "not fine-tuned"
         out.print(f"  pruned      {p['config']['method']} {p['config']['amount']:g} in {len(p['steps'])} step(s), "
@@ -646,7 +646,7 @@ def prune(
         return
     table = Table(title=f"{cfg.method} pruning of {model} ({cfg.importance}, {cfg.amount:g} in {cfg.steps} "
                   f"step{'s' if cfg.steps > 1 else ''})", title_justify="left")
-    score = "val mAP@0.5" if result.metric == "mAP@0.5" else "val acc"
+    score = f"val {result.metric}" if result.metric in ("mAP@0.5", "mIoU") else "val acc"
     for col in ("step", "amount", "params", "MACs", "sparsity", f"{score} pruned", f"{score} fine-tuned",
                 "epochs", "seconds"):
         table.add_column(col, justify="right")
@@ -665,7 +665,8 @@ def prune(
     out.print(f"  params      {b['params']:,} -> {a['params']:,} ({a['params'] / max(b['params'], 1):.0%}); MACs "
               f"{b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.0%})")
     if b["val_accuracy"] is not None:
-        out.print(f"  {'mAP@0.5' if result.metric == 'mAP@0.5' else 'accuracy':<11} {b['val_accuracy']:.4f} -> "
+        out.print(f"  {result.metric if result.metric in ('mAP@0.5', 'mIoU') else 'accuracy':<11} "
+                  f"{b['val_accuracy']:.4f} -> "
                   f"{a['val_accuracy']:.4f} (validation split)")
     if result.sizes:
         s = result.sizes
@@ -694,8 +695,9 @@ def _prune_sensitivity(loaded, cfg, ratios: str, plot: Path | None, as_json: boo
         raise DlcError(f"--ratios must be numbers in [0, 1), got '{ratios}'")
     val = ValData.from_spec(loaded.spec, loaded.graph)
     if val is None:
-        raise DlcError("--sensitivity measures validation accuracy (a classifier: one output of class scores) or "
-                       "mAP@0.5 (a detector with a detection data set); this model and data are neither")
+        raise DlcError("--sensitivity measures validation accuracy (a classifier: one output of class scores), "
+                       "mAP@0.5 (a detector with a detection data set) or mIoU (a segmentation model with a "
+                       "segmentation data set); this model and data are neither")
     result = run_sensitivity(loaded.graph, val, cfg.method, cfg.importance, values, cfg.exclude, cfg.round_to)
     if plot is not None:
         plot_sensitivity(result, plot, f"{loaded.spec.name}: {cfg.method} pruning sensitivity ({cfg.importance})")

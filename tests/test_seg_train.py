@@ -206,3 +206,35 @@ def test_predict_writes_masks_at_the_original_size(trained, compiled, tmp_path):
     assert overlay.shape == (45, 38, 3)
     np.testing.assert_array_equal(overlay[mask == 0], pixels[mask == 0])  # background left as it was
     assert (overlay[mask > 0] != pixels[mask > 0]).any()
+
+
+def test_structured_pruning_couples_the_skips_and_reports_miou(trained, tmp_path):
+    """dlc prune on the U-Net: the decoder's inputs follow the encoder's pruned channels through the skip
+    concatenation, the head keeps its classes, and the score is mIoU (equal to the training record before)."""
+    from typer.testing import CliRunner
+
+    from dlc.compiler.cli import app
+    from dlc.compiler.prune.structured import channel_groups
+    path, run, loaded, result, _ = trained
+    groups = {g.producers[0]: g for g in channel_groups(loaded.graph)}
+    assert groups["enc1"].prunable and "dec" in groups["enc1"].members  # the skip couples enc1 and dec's input
+    assert not groups["head"].prunable  # the classes
+    out = tmp_path / "pruned.onnx"
+    res = CliRunner().invoke(app, ["prune", str(path), "--weights", str(run / "checkpoint.safetensors"), "-o",
+                                   str(out), "--ratio", "0.5", "--fine-tune-epochs", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["metric"] == "mIoU" and report["fine_tuned"]
+    before, after = report["before"], report["after"]
+    assert after["macs"] < 0.5 * before["macs"] and 0 <= after["val_accuracy"] <= 1
+    best = result.history[result.best_epoch - 1]
+    assert before["val_accuracy"] == pytest.approx(best["val_miou"], abs=1e-9)
+    import onnx
+
+    model = onnx.load(out)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert shapes["dec.weight"][1] == shapes["up.weight"][1] + shapes["enc1.weight"][0] < 16
+    assert shapes["head.weight"][0] == 3
+    x = np.random.default_rng(2).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert y.shape == (2, 3, 32, 32) and np.isfinite(y).all()

@@ -61,15 +61,19 @@ class ValData:
     metric = "top-1"
 
     @classmethod
-    def from_spec(cls, spec, graph: Graph) -> ValData | DetectionValData | None:
-        """A classifier (one flat output of class scores) with classification data, or a detector with detection
-        data; None for anything else."""
+    def from_spec(cls, spec, graph: Graph) -> ValData | DetectionValData | SegmentationValData | None:
+        """A classifier (one flat output of class scores) with classification data, a detector with detection
+        data, or a segmentation model with segmentation data; None for anything else."""
         from ..data import load_dataset
         from ..ops.detect import detect_node
 
         out = graph.outputs[0]
         if detect_node(graph) is not None:
             return DetectionValData.from_spec(spec, graph)
+        from ..data.datasets import SEGMENTATION_DATASETS
+
+        if spec.data.raw.get("dataset") in SEGMENTATION_DATASETS:
+            return SegmentationValData.from_spec(spec, graph)
         if len(graph.outputs) != 1 or len(graph.shapes[out] or ()) != 1 or "detection" in str(
                 spec.data.raw.get("dataset")):
             return None
@@ -128,6 +132,46 @@ class DetectionValData:
             rows = ex.forward(self.x[i:i + self.batch_size])[node.outputs[0]]
             preds += postprocess(rows, 0.001, a["iou_threshold"], a["max_detections"], a["class_agnostic"])
         return float(evaluate_detections(self.gts, preds, a["classes"], 0.5)["map"] or 0.0)
+
+
+@dataclass
+class SegmentationValData:
+    """A segmentation model's validation split: `accuracy` is the mIoU of the backend's per-pixel argmax, as the
+    trainer's val_miou (ignored pixels left out)."""
+
+    x: np.ndarray
+    masks: np.ndarray
+    ignore_index: int
+    batch_size: int = 32
+    classes: list[str] | None = None
+    metric = "mIoU"
+
+    @classmethod
+    def from_spec(cls, spec, graph: Graph) -> SegmentationValData | None:
+        from ..data.segmentation import load_segmentation_dataset
+
+        out = graph.outputs[0]
+        if len(graph.outputs) != 1 or len(graph.shapes[out] or ()) != 3:
+            return None
+        _, val = load_segmentation_dataset(spec.data.raw, spec.input.shape, Path(spec.file).parent,
+                                           int(graph.shapes[out][0]))
+        mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
+        std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
+        return cls(np.ascontiguousarray((val.images - mean) / std, dtype=np.float32), val.masks, val.ignore_index,
+                   classes=list(val.classes))
+
+    def accuracy(self, graph: Graph) -> float:
+        from dlc.runtime.segmentation_metrics import confusion_matrix, segmentation_metrics
+
+        from ..train.executor import Executor
+
+        ex, out = Executor(graph), graph.outputs[0]
+        n = int(graph.shapes[out][0])
+        matrix = np.zeros((n, n), np.int64)
+        for i in range(0, len(self.x), self.batch_size):
+            scores = ex.forward(self.x[i:i + self.batch_size])[out]
+            matrix += confusion_matrix(scores.argmax(axis=1), self.masks[i:i + self.batch_size], n, self.ignore_index)
+        return float(segmentation_metrics(matrix)["miou"])
 
 
 @dataclass
