@@ -123,6 +123,11 @@ def finish(model: onnx.ModelProto, cfg: ExportConfig, plan: Plan, *, data=None, 
         model = embed_detector_nms(model, cfg, source)
         notes.append(f"NMS is inside the model ({cfg.layout} layout, at most "
                      f"{read_metadata(model)['embedded_nms']['max_detections']} detections per image)")
+    if cfg.embed_argmax:  # after the precision: ArgMax of fp16 or dequantized scores is the same class map
+        from .embed_argmax import embed_argmax
+
+        model = embed_argmax(model, cfg.embed_argmax, source)
+        notes.append(f"ArgMax is inside the model: its output is the {cfg.embed_argmax} class map")
     keep_within(model, plan, source)
     finalize_metadata(model, passes=passes, precision=cfg.precision, file=source)
     return Finished(model, cfg.precision, notes, check, quant)

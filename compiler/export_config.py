@@ -52,6 +52,7 @@ class ExportConfig:
     embed_nms: bool = False  # detectors: NMS inside the graph (compiler/embed_nms.py)
     max_detections: int | None = None  # embed_nms: the cap per image (default: the detect layer's)
     layout: str = "padded"  # embed_nms: padded | efficient_nms
+    embed_argmax: str | None = None  # segmentation: ArgMax in the graph, output dtype uint8 | int64
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -208,6 +209,15 @@ def parse_export(section: Any, file: str = "<export>") -> tuple[ExportConfig, li
         else:
             bad("layout", f"'export.layout' must be one of {', '.join(LAYOUTS)}, got {section['layout']!r}",
                 hint=did_you_mean(section["layout"], LAYOUTS))
+    if "embed_argmax" in section:
+        value = section["embed_argmax"]
+        if value is True:
+            kwargs["embed_argmax"] = "uint8"
+        elif value in ("uint8", "int64"):
+            kwargs["embed_argmax"] = value
+        elif value is not False:
+            bad("embed_argmax", f"'export.embed_argmax' is true (a uint8 class map), uint8, int64 or false, "
+                                f"got {value!r}")
     for key in ("max_detections", "layout"):
         if key in section and not section.get("embed_nms"):
             bad(key, f"'export.{key}' applies with embed_nms: true only", hint="add embed_nms: true")

@@ -44,7 +44,7 @@ REQUIRED_FIELDS = ("schema_version", "dlc_version", "model", "yaml_sha256", "tas
                    "preprocessing", "outputs", "output_convention", "opset", "ir_version", "min_onnxruntime",
                    "precision", "quantization", "fp16", "target", "passes")
 DETECTION_FIELDS = ("postprocess", "detection")
-FIELDS = REQUIRED_FIELDS + DETECTION_FIELDS
+FIELDS = REQUIRED_FIELDS + DETECTION_FIELDS + ("embedded_nms", "embedded_argmax")
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
     "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",

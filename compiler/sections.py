@@ -49,7 +49,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "opset": "int", "dynamic_batch": "bool", "filename": "str", "target": "any", "dynamic": "any",
         "precision": "str", "calibration": {"samples": "int", "method": "str", "percentile": "float"},
         "max_accuracy_drop": "float", "keep_io_types": "bool", "force": "bool",
-        "embed_nms": "bool", "max_detections": "int", "layout": "str",
+        "embed_nms": "bool", "max_detections": "int", "layout": "str", "embed_argmax": "any",
     },
 }
 

@@ -238,3 +238,35 @@ def test_structured_pruning_couples_the_skips_and_reports_miou(trained, tmp_path
     x = np.random.default_rng(2).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
     y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert y.shape == (2, 3, 32, 32) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int64"])
+def test_embed_argmax_outputs_the_class_map(trained, compiled, tmp_path, dtype):
+    import onnx
+
+    path, run, _, _, _ = trained
+    argmax_yaml = tmp_path / "unet.yaml"
+    argmax_yaml.write_text(path.read_text() + f"export: {{embed_argmax: {'true' if dtype == 'uint8' else dtype}}}\n")
+    result = compile_model(argmax_yaml, tmp_path / "out", weights=run / "checkpoint.safetensors")
+    model = onnx.load(result.onnx_path)
+    meta = read_metadata(model)
+    assert meta["embedded_argmax"]["dtype"] == dtype and meta["output_convention"][0]["kind"] == "class_map"
+    x = np.random.default_rng(7).normal(0, 1, (3, 3, 32, 32)).astype(np.float32)
+    scores = ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    labels = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    assert labels.dtype == np.dtype(dtype) and labels.shape == (3, 32, 32)
+    np.testing.assert_array_equal(labels, scores.argmax(1))
+    assert len(np.unique(labels)) > 1
+
+
+def test_embed_argmax_is_for_segmentation_models(tmp_path):
+    from tests.helpers import tiny_training_yaml
+
+    path = tiny_training_yaml(tmp_path, 1, "export: {embed_argmax: true}\n")
+    with pytest.raises(DlcError, match="embed_argmax applies to segmentation models"):
+        compile_model(path, tmp_path / "out", skip_train=True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("embed_argmax: true", "embed_argmax: float16"))
+    with pytest.raises(DlcError, match="'export.embed_argmax' is true .* got 'float16'"):
+        load_model(bad)
