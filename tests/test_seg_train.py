@@ -2,6 +2,7 @@
 exported ONNX gives the backend's per-pixel scores, and wrong wiring ends in one clear message."""
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -130,8 +131,10 @@ def test_every_loss_trains(tmp_path, loss):
 
 def test_wrong_wiring_ends_in_one_message(tmp_path):
     small = "pool_out, type: maxpool, kernel: 2, stride: 2}\n    - {name: head, type: conv, out: 3, kernel: 1"
-    with pytest.raises(DlcError, match=r"output must be classes×32×32 .* 'head' is 3×16×16"):
-        Trainer(load_model(_yaml(tmp_path, head=small)), tmp_path / "r1", progress=False)
+    with pytest.raises(DlcError) as info:  # found by validation, before any work, with the layer's line
+        load_model(_yaml(tmp_path, head=small))
+    assert re.search(r"unet.yaml:\d+: .*layer 'head'.*the data is a segmentation set, so the output must be "
+                     r"classes×32×32 .* but 'head' is 3×16×16", str(info.value)), str(info.value)
     # validation already compares the classes with the output's channels, before any work
     with pytest.raises(DlcError, match=r"unet.yaml:\d+: the synthetic_segmentation set has 3 classes .* but the "
                                        r"model predicts 5 classes \(layer 'head' has out: 5\)"):

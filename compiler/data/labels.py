@@ -104,6 +104,25 @@ def output_width(graph, per_pixel: bool = False) -> tuple[int | None, str, str]:
     return int(shape[0]), f"the output '{out}' has {shape[0]} values", "the last layer's width to {n}"
 
 
+def _per_pixel_output(spec, graph) -> Diagnostic | None:
+    """A segmentation data set needs one output of class scores at the input's height and width."""
+    _, h, w = spec.input.shape
+    if len(graph.outputs) != 1:
+        return Diagnostic(f"a segmentation model has one output (class scores per pixel); this model has "
+                          f"{len(graph.outputs)}", file=spec.file, hint="name one output in model.outputs")
+    out = graph.outputs[0]
+    shape = tuple(graph.shapes.get(out) or ())
+    if len(shape) == 3 and shape[1:] == (h, w):
+        return None
+    node = graph.producer(out)
+    layer = node.name if node is not None else out
+    return Diagnostic(f"the data is a segmentation set, so the output must be classes×{h}×{w} (a score per class "
+                      f"for every input pixel), but '{out}' is {'×'.join(map(str, shape))}",
+                      file=spec.file, line=node.source.line if node is not None else None, layer=layer,
+                      hint="upsample back to the input size (conv_transpose or upsample) and end with a 1×1 conv "
+                           "whose out is the number of classes")
+
+
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:12])
     return f"[{shown}{', ...' if len(names) > 12 else ''}]"
@@ -116,6 +135,10 @@ def check_labels(spec, graph) -> list[Diagnostic]:
     per_pixel = isinstance(data, dict) and data.get("dataset") in ("synthetic_segmentation", "segmentation")
     width, where, change = output_width(graph, per_pixel)
     classes, line = spec.classes, spec.classes_line
+    if per_pixel:
+        problem = _per_pixel_output(spec, graph)
+        if problem is not None:
+            return [problem]
     if classes is not None:
         repeated = sorted({c for c in classes if classes.count(c) > 1})
         if repeated:
