@@ -17,13 +17,26 @@ def torch_model(graph, torch):
                 key = node.name.replace("/", "__").replace(".", "_")
                 if node.op == "conv":
                     cin = graph.shapes[node.inputs[0]][0]
-                    m = nn.Conv2d(cin, a["out"], a["kernel"], a["stride"], 0, a["dilation"], a["groups"],
-                                  bias="bias" in p)
+                    top, left, bottom, right = a["pads"]
+                    # symmetric pads inside the conv (as a PyTorch user writes it); only uneven ones need a pad
+                    symmetric = top == bottom and left == right
+                    m = nn.Conv2d(cin, a["out"], a["kernel"], a["stride"], (top, left) if symmetric else 0,
+                                  a["dilation"], a["groups"], bias="bias" in p)
                     m.weight.data = torch.from_numpy(p["weight"].copy())
                     if "bias" in p:
                         m.bias.data = torch.from_numpy(p["bias"].copy())
+                    if not symmetric:
+                        m = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), m)
+                elif node.op == "conv_transpose":
+                    cin = graph.shapes[node.inputs[0]][0]
                     top, left, bottom, right = a["pads"]
-                    m = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), m) if any(a["pads"]) else m
+                    if top != bottom or left != right:
+                        raise NotImplementedError("conv_transpose with uneven pads")
+                    m = nn.ConvTranspose2d(cin, a["out"], a["kernel"], a["stride"], (top, left), a["output_padding"],
+                                           a["groups"], "bias" in p, a["dilation"])
+                    m.weight.data = torch.from_numpy(p["weight"].copy())
+                    if "bias" in p:
+                        m.bias.data = torch.from_numpy(p["bias"].copy())
                 elif node.op == "batchnorm":
                     m = nn.BatchNorm2d(p["scale"].shape[0], eps=a["eps"], momentum=a["momentum"])
                     m.weight.data = torch.from_numpy(p["scale"].copy())

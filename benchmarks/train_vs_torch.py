@@ -5,7 +5,11 @@ batch, SGD with momentum, both limited to the same number of threads. Prints ms 
 loss, backward, update), the ratio dlc/torch (< 1: dlc faster) and dlc's achieved GFLOP/s (6 FLOPs per MAC
 per image: forward, input gradient, weight gradient), next to a plain float32 SGEMM on the same machine.
 
-    python benchmarks/train_vs_torch.py [--threads 2] [--steps 20] [--json]
+    python benchmarks/train_vs_torch.py [--threads 2] [--steps 20] [--batch 64] [--models lenet5,resnet20,unet_small]
+                                        [--json]
+
+unet_small (a segmentation model) trains with per-pixel cross-entropy on both sides. PyTorch's twin
+(torch_twins.py) writes symmetric padding inside Conv2d, as a PyTorch user would.
 
 PyTorch is optional: `pip install torch==2.13.0` (the CPU build on these machines' disk).
 """
@@ -54,7 +58,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--models", default="lenet5,resnet20")
+    parser.add_argument("--models", default="lenet5,resnet20,unet_small")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -64,6 +68,7 @@ def main() -> int:
     from dlc._C import loss as dlc_loss
     from dlc.compiler.analysis import summarize
     from dlc.compiler.frontend import load_model
+    from dlc.compiler.segment.loss import SegmentationLoss
     from dlc.compiler.train.executor import Executor
     from dlc.compiler.train.solver import Solver, SolverConfig
 
@@ -83,7 +88,10 @@ def main() -> int:
         macs = summarize(graph).total_macs
         rng = np.random.default_rng(0)
         x = rng.standard_normal((args.batch, *graph.inputs[0].shape)).astype(np.float32)
-        y = rng.integers(0, graph.shapes[graph.outputs[0]][0], args.batch)
+        out_shape = graph.shapes[graph.outputs[0]]
+        per_pixel = len(out_shape) == 3  # a segmentation model: a class per pixel, per-pixel cross-entropy
+        y = rng.integers(0, out_shape[0], (args.batch, *out_shape[1:]) if per_pixel else args.batch)
+        seg_loss = SegmentationLoss("cross_entropy") if per_pixel else None
         net_torch = torch_model(graph, torch) if torch else None
 
         ex = Executor(graph)
@@ -94,7 +102,7 @@ def main() -> int:
 
         def dlc_step():
             logits = ex.forward(x, train=True)[out]
-            _, d = dlc_loss.softmax_cross_entropy(logits, y)
+            _, d = seg_loss(logits, y) if per_pixel else dlc_loss.softmax_cross_entropy(logits, y)
             grads = ex.backward({out: d})
             solver.step({f"{n}.{t}": g for n, gs in grads.items() for t, g in gs.items()}, 0.01)
 
