@@ -37,24 +37,11 @@ import zlib
 from pathlib import Path
 
 import yaml
+from dlc_cli import dlc, log  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 YAML = ROOT / "examples/resnet20.yaml"
 TARGETS = {"structured_b1": 1.5, "structured_b32": 1.8, "accuracy_drop_points": 1.0}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def dlc(*args: str | Path) -> dict:
-    """Run one dlc command with --json; its JSON output, or exit with dlc's own error message."""
-    cmd = [sys.executable, "-m", "dlc.compiler.cli", *map(str, args), "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    if proc.returncode != 0:
-        log(proc.stderr.strip())
-        raise SystemExit(f"failed ({proc.returncode}): dlc {' '.join(map(str, args))}")
-    return json.loads(proc.stdout)
 
 
 def prune_flags_ready() -> None:

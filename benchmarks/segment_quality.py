@@ -15,28 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dlc_cli import dlc, log  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 YAML = ROOT / "examples" / "unet_small.yaml"
 TARGETS = {"miou": 0.85, "train_seconds": 300.0, "miou_drop": 0.02, "speedup_b8": 1.5}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def dlc(*args: str | Path) -> dict:
-    """Run one dlc command with --json; its JSON output, or exit with dlc's own error message."""
-    cmd = [sys.executable, "-m", "dlc.compiler.cli", *map(str, args), "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    if proc.returncode != 0:
-        log(proc.stderr.strip())
-        raise SystemExit(f"failed ({proc.returncode}): dlc {' '.join(map(str, args))}")
-    return json.loads(proc.stdout)
 
 
 def main() -> int:

@@ -78,9 +78,7 @@ class ValData:
                 spec.data.raw.get("dataset")):
             return None
         _, val = load_dataset(spec.data.raw, spec.input.shape, int(graph.shapes[out][0]), Path(spec.file).parent)
-        mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
-        std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
-        return cls(np.ascontiguousarray((val.images - mean) / std, dtype=np.float32), np.asarray(val.labels),
+        return cls(_normalised(val.images, spec), np.asarray(val.labels),
                    classes=list(val.classes))
 
     def accuracy(self, graph: Graph) -> float:
@@ -92,6 +90,13 @@ class ValData:
             logits = ex.forward(self.x[i:i + self.batch_size])[out]
             correct += int((np.argmax(logits, axis=1) == self.y[i:i + self.batch_size]).sum())
         return correct / max(len(self.y), 1)
+
+
+def _normalised(images: np.ndarray, spec) -> np.ndarray:
+    """Validation images as the model sees them: (x − mean) / std of model.input, float32."""
+    mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
+    std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
+    return np.ascontiguousarray((images - mean) / std, dtype=np.float32)
 
 
 @dataclass
@@ -113,10 +118,8 @@ class DetectionValData:
         if spec.data.raw.get("dataset") not in DETECTION_DATASETS:
             return None
         _, val = load_detection_dataset(spec.data.raw, spec.input.shape, Path(spec.file).parent)
-        mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
-        std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
         gts = [(val.boxes[i], val.labels[i], val.crowd(i)) for i in range(len(val))]
-        return cls(np.ascontiguousarray((val.images - mean) / std, dtype=np.float32), gts, classes=list(val.classes))
+        return cls(_normalised(val.images, spec), gts, classes=list(val.classes))
 
     def accuracy(self, graph: Graph) -> float:
         from dlc.runtime.detect import postprocess
@@ -155,9 +158,7 @@ class SegmentationValData:
             return None
         _, val = load_segmentation_dataset(spec.data.raw, spec.input.shape, Path(spec.file).parent,
                                            int(graph.shapes[out][0]))
-        mean = np.asarray(spec.input.mean, np.float32)[None, :, None, None]
-        std = np.asarray(spec.input.std, np.float32)[None, :, None, None]
-        return cls(np.ascontiguousarray((val.images - mean) / std, dtype=np.float32), val.masks, val.ignore_index,
+        return cls(_normalised(val.images, spec), val.masks, val.ignore_index,
                    classes=list(val.classes))
 
     def accuracy(self, graph: Graph) -> float:
