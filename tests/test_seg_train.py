@@ -273,3 +273,24 @@ def test_embed_argmax_is_for_segmentation_models(tmp_path):
     bad.write_text(path.read_text().replace("embed_argmax: true", "embed_argmax: float16"))
     with pytest.raises(DlcError, match="'export.embed_argmax' is true .* got 'float16'"):
         load_model(bad)
+
+
+def test_dynamic_height_and_width_export(trained, tmp_path):
+    """--dynamic batch,height,width: the U-Net runs at other sizes (multiples of its total stride, 2 here) and
+    gives a class score map of the same size; at the trained size it equals the fixed export."""
+    from typer.testing import CliRunner
+
+    from dlc.compiler.cli import app
+
+    path, run, loaded, _, _ = trained
+    out = tmp_path / "dyn.onnx"
+    res = CliRunner().invoke(app, ["export", str(path), "-o", str(out), "--weights", str(run / "checkpoint.safetensors"),
+                                   "--dynamic", "batch,height,width", "--json"])
+    assert res.exit_code == 0, res.output
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).normal(0, 1, (2, 3, 48, 40)).astype(np.float32)
+    assert session.run(None, {"image": x})[0].shape == (2, 3, 48, 40)
+    x = x[:, :, :32, :32].copy()
+    backend = Executor(loaded.graph).forward(x)["head"]
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], backend, rtol=1e-4,
+                               atol=1e-4 * np.abs(backend).max())
