@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dlc.compiler.segment.loss import SegmentationLoss, balanced_weights, segmentation_loss
-from tests.helpers import numeric_grad
+from helpers import numeric_grad
 
 
 def _case(seed=0, n=2, c=4, h=3, w=5, ignore=255):

@@ -142,7 +142,7 @@ def test_wrong_wiring_ends_in_one_message(tmp_path):
 
 
 def test_dice_loss_on_a_classifier_is_refused(tmp_path):
-    from tests.helpers import tiny_training_yaml
+    from helpers import tiny_training_yaml
 
     path = tiny_training_yaml(tmp_path, 1)
     path.write_text(path.read_text().replace("seed: 5}", "seed: 5, loss: dice}"))
@@ -264,7 +264,7 @@ def test_embed_argmax_outputs_the_class_map(trained, compiled, tmp_path, dtype):
 
 
 def test_embed_argmax_is_for_segmentation_models(tmp_path):
-    from tests.helpers import tiny_training_yaml
+    from helpers import tiny_training_yaml
 
     path = tiny_training_yaml(tmp_path, 1, "export: {embed_argmax: true}\n")
     with pytest.raises(DlcError, match="embed_argmax applies to segmentation models"):
