@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dlc.compiler.segment.loss import SegmentationLoss, balanced_weights, segmentation_loss
+
 from helpers import numeric_grad
 
 
