@@ -294,3 +294,21 @@ def test_dynamic_height_and_width_export(trained, tmp_path):
     backend = Executor(loaded.graph).forward(x)["head"]
     np.testing.assert_allclose(session.run(None, {"image": x})[0], backend, rtol=1e-4,
                                atol=1e-4 * np.abs(backend).max())
+
+
+def test_prune_section_compiles_a_pruned_unet(tmp_path):
+    """`dlc compile` with a prune: section trains, prunes and fine-tunes the U-Net and exports the pruned one."""
+    import onnx
+
+    text = _yaml(tmp_path).read_text().replace("epochs: 4", "epochs: 2")
+    path = tmp_path / "unet.yaml"
+    path.write_text(text + "prune: {method: structured, amount: 0.5, fine_tune: {epochs: 1}}\n")
+    result = compile_model(path, tmp_path / "out")
+    report = json.loads(result.report_path.read_text())
+    pruning = report["pruning"]
+    assert pruning["metric"] == "mIoU" and pruning["fine_tuned"]
+    assert pruning["after"]["macs"] < 0.5 * pruning["before"]["macs"]
+    assert 0 <= pruning["after"]["val_accuracy"] <= 1
+    model = onnx.load(result.onnx_path)
+    assert read_metadata(model)["task"] == "segmentation"
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [3, 32, 32]
