@@ -286,15 +286,20 @@ def _load_coco(images_dir: Path, ann_file: Path, input_shape: tuple[int, int, in
     return DetectionDataset(stacked, boxes, labels, [name for _, name in cats], ids, crowds), cats
 
 
+def read_names_file(path: Path) -> list[str]:
+    """A class names file: one name per line, blank lines skipped; a missing or empty file is an error naming it."""
+    if not path.is_file():
+        raise DlcError(Diagnostic("class names file not found", file=str(path), hint="check data.classes"))
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DlcError(Diagnostic("class names file is empty (one name per line)", file=str(path)))
+    return names
+
+
 def _yolo_classes(cfg: dict, base_dir: Path) -> list[str]:
     classes = cfg.get("classes")
     if isinstance(classes, str):
-        path = _resolve(base_dir, classes)
-        if not path.is_file():
-            raise DlcError(Diagnostic("class names file not found", file=str(path), hint="check data.classes"))
-        classes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not classes:
-            raise DlcError(Diagnostic("class names file is empty (one name per line)", file=str(path)))
+        classes = read_names_file(_resolve(base_dir, classes))
     if not (isinstance(classes, list) and classes and all(isinstance(n, str) for n in classes)):
         raise DlcError("dataset yolo needs 'classes': a list of class names or a file with one name per line")
     return classes

@@ -104,7 +104,7 @@ def output_width(graph, per_pixel: bool = False) -> tuple[int | None, str, str]:
     return int(shape[0]), f"the output '{out}' has {shape[0]} values", "the last layer's width to {n}"
 
 
-def _per_pixel_output(spec, graph) -> Diagnostic | None:
+def per_pixel_output(spec, graph) -> Diagnostic | None:
     """A segmentation data set needs one output of class scores at the input's height and width."""
     _, h, w = spec.input.shape
     if len(graph.outputs) != 1:
@@ -136,7 +136,7 @@ def check_labels(spec, graph) -> list[Diagnostic]:
     width, where, change = output_width(graph, per_pixel)
     classes, line = spec.classes, spec.classes_line
     if per_pixel:
-        problem = _per_pixel_output(spec, graph)
+        problem = per_pixel_output(spec, graph)
         if problem is not None:
             return [problem]
     if classes is not None:

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import Diagnostic, DlcError
 from .augment import AugmentConfig, augment
 from .datasets import IMAGE_SUFFIXES, SEGMENTATION_DATASETS, _check_regular_file, match_channels, read_image
+from .detection import _random_split as random_split
+from .detection import (
+    _render_shapes,  # the scenes are the detection set's; only the labels differ
+    _resolve,
+    read_names_file,
+)
 from .loader import BatchLoader
 from .synthetic import SHAPES
 
@@ -64,7 +69,6 @@ def make_segmentation_shapes(samples: int, num_classes: int, shape: tuple[int, i
     """The detection set's scenes (1..max_objects shapes per image over a textured, noisy background) with the
     exact mask of what is drawn: class 0 is the background, class k the k-th shape (disc, square, triangle, ...),
     so num_classes counts the background. Deterministic by seed."""
-    from .detection import _render_shapes  # the scenes are the detection set's; only the labels differ
 
     if not 2 <= num_classes <= len(SHAPES) + 1:
         raise DlcError(f"synthetic_segmentation has 2 to {len(SHAPES) + 1} classes (background included), "
@@ -185,11 +189,6 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
                                list(classes), ignore_index, sizes, names)
 
 
-def _resolve(base_dir: Path, value: Any) -> Path:
-    path = Path(str(value))
-    return path if path.is_absolute() else base_dir / path
-
-
 def segmentation_classes(cfg: dict, base_dir: Path) -> list[str] | None:
     """data.classes, else root/classes.txt (one name per line), else None (the model's width decides)."""
     classes = cfg.get("classes")
@@ -199,12 +198,7 @@ def segmentation_classes(cfg: dict, base_dir: Path) -> list[str] | None:
         _resolve(base_dir, cfg["root"]) / "classes.txt" if cfg.get("root") else None)
     if path is None or (classes is None and not path.is_file()):
         return None
-    if not path.is_file():
-        raise DlcError(Diagnostic("class names file not found", file=str(path), hint="check data.classes"))
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
-        raise DlcError(Diagnostic("class names file is empty (one name per line)", file=str(path)))
-    return names
+    return read_names_file(path)
 
 
 def _palette(cfg: dict, n: int) -> np.ndarray | None:
@@ -261,12 +255,12 @@ def load_segmentation_dataset(cfg: dict, input_shape: tuple[int, int, int], base
 
 def _random_split(data: SegmentationDataset, val_fraction: float, seed: int, what: str
                   ) -> tuple[SegmentationDataset, SegmentationDataset]:
-    order = np.random.default_rng([seed, 104729]).permutation(len(data))
+    """The detection sets' split; an empty validation split is refused too (mIoU of nothing is no score)."""
     n_val = int(round(len(data) * val_fraction))
     if n_val >= len(data) or n_val == 0:
         raise DlcError(f"dataset '{what}': val_fraction {val_fraction} of {len(data)} images leaves "
                        f"{'no training' if n_val else 'no validation'} images")
-    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+    return random_split(data, val_fraction, seed, what)
 
 
 # ---------------------------------------------------------------------------------------------------------------

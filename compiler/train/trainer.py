@@ -233,21 +233,17 @@ class Trainer:
         self.class_weights = None
 
     def _init_segmentation(self) -> None:
+        from ..data.labels import per_pixel_output
         from ..data.segmentation import SegmentationLoader, load_segmentation_dataset
         from ..segment.loss import SegmentationLoss, balanced_weights
 
         spec, c = self.spec, self.cfg
-        if len(self.graph.outputs) != 1:
-            raise DlcError(f"{spec.file}: a segmentation model has one output (class scores per pixel); this model "
-                           f"has {len(self.graph.outputs)}")
+        problem = per_pixel_output(spec, self.graph)  # validation's check, for graphs that skipped it
+        if problem is not None:
+            raise DlcError(problem)
         out = self.graph.outputs[0]
-        shape, (_, h, w) = tuple(self.graph.shapes[out]), spec.input.shape
-        if len(shape) != 3 or shape[1:] != (h, w):
-            raise DlcError(f"{spec.file}: a segmentation model's output must be classes×{h}×{w} (class scores for "
-                           f"every input pixel), but '{out}' is {'×'.join(map(str, shape))}; upsample back to the "
-                           "input size (conv_transpose or upsample) and end with a 1×1 conv with out: <classes>")
         self.logits = _logits_of(self.graph, out)
-        self.num_outputs = shape[0]
+        self.num_outputs = self.graph.shapes[out][0]
         self.train_set, self.val_set = load_segmentation_dataset(spec.data.raw, spec.input.shape,
                                                                  Path(spec.file).parent, self.num_outputs)
         n = len(self.train_set.classes)
