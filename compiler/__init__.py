@@ -2,6 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .train.launcher import share_threads
+
+share_threads()  # under mpirun: each rank's share of the CPUs, set before numpy and the kernels load
+
 try:
     __version__ = version("dlc")
 except PackageNotFoundError:  # running from a source tree that was never installed

@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .errors import DlcError
 from .failures import classify
+from .train.launcher import launched_size
 
 _debug = {"on": os.environ.get("DLC_DEBUG", "") not in ("", "0")}
 
@@ -49,9 +50,12 @@ class _OneErrorPath(TyperGroup):
             failure = classify(exc)
             if _debug["on"]:
                 err.out("".join(traceback.format_exception(exc)), highlight=False)
+            world = _mpi_world()
             for line in failure.lines:
                 err.print("[bold red]error:[/] ", end="")
-                err.out(line, highlight=False)
+                err.out((f"rank {world.rank} of {world.size}: " if world is not None else "") + line, highlight=False)
+            if world is not None:  # the other ranks would wait for this one in their next collective
+                _abort_ranks(world, failure.code)
             raise typer.Exit(failure.code) from None
 
 
@@ -65,17 +69,45 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-# When piped, rich would wrap at 80 columns; keep lines whole for logs and scripts.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
+# When piped, rich would wrap at 80 columns; keep lines whole for logs and scripts. Under mpirun each rank writes
+# to a pseudo-terminal that the launcher copies into its own output (a log, a pipe): no colour codes there.
+_UNDER_MPI = launched_size() > 1
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() and not _UNDER_MPI else 160,
+              **({"color_system": None, "force_terminal": False} if _UNDER_MPI else {}))
+err = Console(stderr=True, soft_wrap=True, **({"color_system": None} if _UNDER_MPI else {}))
 
 
 def _fail(exc: DlcError) -> None:
-    """Print every diagnostic (the user's text is never parsed as rich markup) and exit with code 2."""
+    """Print every diagnostic (the user's text is never parsed as rich markup) and exit with code 2.
+
+    Under mpirun, an error on one rank names the rank and stops the whole job at once (MPI_Abort), so no rank
+    is left waiting in a collective; an error every rank raised together (a NaN loss) is reported by rank 0."""
+    world = _mpi_world()
+    collective = getattr(exc, "collective", False)
+    if world is not None and collective and not world.is_root:
+        raise typer.Exit(2)
+    prefix = f"rank {world.rank} of {world.size}: " if world is not None and not collective else ""
     for line in classify(exc).lines:
         err.print("[bold red]error:[/] ", end="")
-        err.out(line, highlight=False)
+        err.out(prefix + line, highlight=False)
+    if world is not None and not collective:
+        _abort_ranks(world, 2)
     raise typer.Exit(2)
+
+
+def _mpi_world():
+    """The distributed world this process joined under mpirun, or None."""
+    if "dlc.compiler.train.distributed" not in sys.modules:
+        return None
+    from .train.distributed import active_world
+
+    return active_world()
+
+
+def _abort_ranks(world, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    world.abort(code)
 
 
 def _version(value: bool) -> None:
@@ -156,17 +188,23 @@ def compile_cmd(
     dlc version) are unchanged is reused instead (--retrain trains anyway). Writes DIR/model.onnx (with dlc's
     metadata: model name, input size and normalization, classes, dlc version, the YAML's sha256) and
     DIR/report.json, replaced atomically.
+
+    Under `mpirun -n K`, the training runs data-parallel on K ranks (see `dlc train --help`); pruning, export
+    and verification then run on rank 0.
     """
-    from .outdir import claim_output_folder
     from .pipeline import compile_model
+    from .train.distributed import World
 
     output = output or Path("build") / model.stem
     try:
-        with claim_output_folder(output, "compile", console=err):
+        world = World.detect()
+        with _claim(output, "compile", world):
             result = compile_model(model, output, opset, weights, progress=not as_json, console=err,
-                                   skip_train=skip_train, retrain=retrain)
+                                   skip_train=skip_train, retrain=retrain, world=world)
     except DlcError as exc:
         _fail(exc)
+    if result is None:  # another rank under mpirun: it helped train; rank 0 exports and reports
+        return
     report = result.report
     if as_json:
         out.print_json(json.dumps(report))
@@ -206,6 +244,15 @@ def compile_cmd(
     out.print(f"  report      {result.report_path}")
 
 
+def _claim(output: Path, command: str, world):
+    """Rank 0 alone holds the output folder (it alone writes there)."""
+    import contextlib
+
+    from .outdir import claim_output_folder
+
+    return claim_output_folder(output, command, console=err) if world.is_root else contextlib.nullcontext()
+
+
 def _val_score(metrics: dict) -> str:
     """The headline validation score of a training run: mAP@0.5 for detectors, mIoU for segmentation models,
     accuracy for classifiers."""
@@ -229,10 +276,16 @@ def train(
     A checkpoint is written after every epoch; Ctrl-C writes one at the current iteration and exits, and
     `--resume` continues from it exactly (same data order, augmentation and dropout). A NaN or inf loss stops
     training, names the epoch and iteration, and keeps the last good checkpoint.
+
+    **On several processes or machines**: `mpirun -n K dlc train model.yaml -o DIR` trains data-parallel over
+    MPI (install it with `pip install -e ".[mpi]"`). train.batch_size is per rank; base_lr is for the global
+    batch of K × batch_size (`train.scale_lr: true` multiplies it by K); `train.sync_bn: true` normalises
+    batch norm over the global batch. Rank 0 writes every file; `--resume` works with any K. DLC_MPI_TIMEOUT
+    (seconds, default 300) bounds the wait for a rank that died or hangs.
     """
     from .frontend import load_model
-    from .outdir import claim_output_folder
     from .prune.pipeline import training_callbacks
+    from .train.distributed import World
     from .train.trainer import dumps, train_model
 
     output = output or Path("build") / model.stem
@@ -240,11 +293,15 @@ def train(
         loaded = load_model(model)
         if loaded.spec.train is None:
             raise DlcError(f"{model}: no 'train:' section: add one (and a 'data:' section) to train")
-        with claim_output_folder(output, "train", console=err):
+        world = World.detect()
+        with _claim(output, "train", world):
             result = train_model(loaded, output, resume=resume, progress=not as_json, console=err,
-                                 callbacks=training_callbacks(loaded.prune))  # prune.bn_l1: network slimming
+                                 callbacks=training_callbacks(loaded.prune),  # prune.bn_l1: network slimming
+                                 world=world)
     except DlcError as exc:
         _fail(exc)
+    if not world.is_root:  # rank 0 reports
+        raise typer.Exit(130 if result.stopped == "interrupted" else 0)
     if as_json:
         out.print_json(dumps(result))
     elif result.stopped == "interrupted":

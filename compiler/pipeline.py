@@ -61,22 +61,32 @@ def verify_on_runtime(model_bytes: bytes, graph: Graph, batch: int = 2) -> dict[
             "matches_inferred": not mismatches, "mismatches": mismatches}
 
 
-def _reuse(loaded: LoadedModel, out_dir: str | Path, console) -> dict[str, Any] | None:
+def _reuse(loaded: LoadedModel, out_dir: str | Path, console, world=None) -> dict[str, Any] | None:
+    """A finished checkpoint's training summary when it can be reused (rank 0 decides for every rank)."""
     from .prune.pipeline import training_callbacks
     from .train.trainer import reuse_checkpoint
 
-    return reuse_checkpoint(loaded, out_dir, console, training_callbacks(loaded.prune))
+    if world is None or not world.distributed:
+        return reuse_checkpoint(loaded, out_dir, console, training_callbacks(loaded.prune))
+    reused = reuse_checkpoint(loaded, out_dir, console, training_callbacks(loaded.prune)) if world.is_root else None
+    return world.broadcast_json(reused, "reuse decision")
 
 
 def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None = None,
                   weights: str | Path | None = None, progress: bool = False, console=None,
-                  skip_train: bool = False, retrain: bool = False) -> CompileResult:
+                  skip_train: bool = False, retrain: bool = False, world=None) -> CompileResult | None:
     """Load, (train or load weights), export, verify. With a train: section and no `weights`, trains first
     (into out_dir: checkpoint, metrics, curves), so the ONNX carries the trained weights; a finished checkpoint
-    in out_dir with the same training fingerprint is reused instead, unless `retrain`."""
+    in out_dir with the same training fingerprint is reused instead, unless `retrain`.
+
+    With a distributed `world` (mpirun), every rank trains; the rest runs on rank 0, and the other ranks return
+    None once training is done (or at once when there is nothing to train)."""
     from .artifact import finish, load_check, plan_opset
 
     loaded = load_model(yaml_path)
+    helper = world is not None and not world.is_root  # a rank other than 0: it only trains
+    if helper and (weights is not None or skip_train or loaded.spec.train is None):
+        return None
     cfg = loaded.export
     plan = plan_opset(cfg, opset, loaded.spec.file)  # before training: a bad target fails in a second, not an hour
     options = {"opset": plan.opset, "dynamic": cfg.dynamic}
@@ -91,7 +101,9 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         training, classes = {"weights": str(weights)}, info.get("classes")
     elif loaded.spec.train is not None and skip_train:
         training = {"skipped": True}
-    elif loaded.spec.train is not None and not retrain and (reused := _reuse(loaded, out_dir, console)):
+    elif loaded.spec.train is not None and not retrain and (reused := _reuse(loaded, out_dir, console, world)):
+        if helper:
+            return None
         training = reused
         classes = training.pop("classes")
     elif loaded.spec.train is not None:
@@ -99,7 +111,9 @@ def compile_model(yaml_path: str | Path, out_dir: str | Path, opset: int | None 
         from .train.trainer import train_model
 
         result = train_model(loaded, out_dir, progress=progress, console=console,
-                             callbacks=training_callbacks(loaded.prune))
+                             callbacks=training_callbacks(loaded.prune), world=world)
+        if helper:
+            return None
         if result.stopped == "interrupted":
             raise DlcError(f"training was interrupted; the checkpoint in {out_dir} keeps its state: continue with "
                            f"`dlc train {yaml_path} -o {out_dir} --resume`, then `dlc compile {yaml_path} -o "

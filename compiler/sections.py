@@ -38,6 +38,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         # transfer learning (train/transfer.py)
         "init_from": "str", "strict": "bool", "reinit": "any", "freeze": "any", "transfer": "any",
         "cache_features": "bool",
+        # data-parallel training over MPI (train/distributed.py)
+        "scale_lr": "bool", "sync_bn": "bool",
     },
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",

@@ -492,7 +492,7 @@ class DetectionLoader(BatchLoader):
         boxes = [self.targets[i][0] for i in idx]
         labels = [self.targets[i][1] for i in idx]
         if self.augment_cfg.active:
-            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            rng = self.batch_rng(epoch, index)
             x, boxes, labels = augment_detection(x, boxes, labels, self.augment_cfg, rng, self.pca)
         x = (x - self.mean) * self.inv_std
         return np.ascontiguousarray(x, dtype=np.float32), [(b.copy(), lab.copy()) for b, lab in zip(boxes, labels)]

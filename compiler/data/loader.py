@@ -30,20 +30,37 @@ class BatchLoader:
         self.drop_last = drop_last and len(data) > batch_size
         self.prefetch = max(prefetch, 1)
         self.pca = pca_basis(data.images) if self.augment_cfg.pca_color > 0 else None
+        self.rank, self.ranks = 0, 1
+
+    def shard(self, rank: int, ranks: int) -> None:
+        """Read only this rank's part of every global batch (data-parallel training): global batch i is
+        order[i·ranks·B : (i+1)·ranks·B] of the epoch's order, the same on every rank, and rank r takes its r-th
+        run of B. The last partial global batch is dropped. Each rank draws its own augmentation."""
+        self.rank, self.ranks = rank, ranks
+        self.drop_last = True
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, step = len(self.data), self.batch_size * self.ranks
+        return n // step if self.drop_last else -(-n // step)
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.data)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.ranks == 1:
+            return order
+        batches = len(self)
+        return order[:batches * self.ranks * self.batch_size].reshape(batches, self.ranks, -1)[:, self.rank].ravel()
+
+    def batch_rng(self, epoch: int, index: int) -> np.random.Generator:
+        """The augmentation generator of one batch: a function of (seed, epoch, iteration), and the rank."""
+        key = [self.seed, epoch, index, 1] + ([self.rank] if self.ranks > 1 else [])
+        return np.random.default_rng(key)
 
     def make_batch(self, epoch: int, index: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
         x = self.data.images[idx]
         if self.augment_cfg.active:
-            x = augment(x, self.augment_cfg, np.random.default_rng([self.seed, epoch, index, 1]), self.pca)
+            x = augment(x, self.augment_cfg, self.batch_rng(epoch, index), self.pca)
         x = (x - self.mean) * self.inv_std
         return np.ascontiguousarray(x, dtype=np.float32), self.data.labels[idx]
 

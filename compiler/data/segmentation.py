@@ -302,7 +302,7 @@ class SegmentationLoader(BatchLoader):
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
         x, masks = self.data.images[idx], self.data.masks[idx]
         if self.augment_cfg.active:
-            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            rng = self.batch_rng(epoch, index)
             x, masks = augment_segmentation(x, masks, self.augment_cfg, rng, self.data.ignore_index, self.pca)
         x = (x - self.mean) * self.inv_std
         return np.ascontiguousarray(x, dtype=np.float32), masks.astype(np.int64)

@@ -167,6 +167,7 @@ class RunContext:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     need_input_grad: list[bool] = field(default_factory=list)  # set per node by the executor before backward
     frozen: frozenset[str] = frozenset()  # layers that do not train: their batch norms use running statistics
+    sync_bn: Any = None  # a distributed World when batch norm's statistics span every rank's batch (train.sync_bn)
 
 
 class OpDef:

@@ -53,9 +53,12 @@ class BatchNorm(OpDef):
             # frozen (transfer learning): the running statistics normalise and stay as they are; backward is
             # the fixed per-channel scale
             return y, ("frozen", p["scale"] / np.sqrt(p["var"].astype(np.float64) + eps))
-        y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps)
+        if ctx.sync_bn is not None:
+            y, mean, invstd, count = _synced_forward(x, p, eps, ctx.sync_bn, node.name)
+        else:
+            y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps)
+            count = x.size // x.shape[1]
         # Running statistics: the batch variance made unbiased, blended in with weight `momentum` (PyTorch's).
-        count = x.size // x.shape[1]
         var = (1.0 / np.square(invstd.astype(np.float64)) - eps) * count / max(count - 1, 1)
         m = node.attrs["momentum"]
         p["mean"][...] = (1 - m) * p["mean"] + m * mean
@@ -67,6 +70,8 @@ class BatchNorm(OpDef):
             k = saved[1].astype(np.float32).reshape((1, -1) + (1,) * (dy.ndim - 2))
             return [dy * k], {}
         x, mean, invstd = saved
+        if ctx.sync_bn is not None:
+            return _synced_backward(dy, x, node.params["scale"], mean, invstd, ctx.sync_bn, node.name)
         dx, dscale, dbias = _k.batchnorm_backward(dy, x, node.params["scale"], mean, invstd)
         return [dx], {"scale": dscale, "bias": dbias}
 
@@ -74,6 +79,39 @@ class BatchNorm(OpDef):
         names = [b.initializer(f"{node.name}.{p}", node.params[p]) for p in ("scale", "bias", "mean", "var")]
         b.node("BatchNormalization", [node.inputs[0], *names], node.outputs, node.name, epsilon=node.attrs["eps"],
                momentum=1.0 - node.attrs["momentum"])  # ONNX's momentum weighs the old statistics
+
+
+def _synced_forward(x, p, eps: float, world, name: str):
+    """Training batch norm over every rank's batch (train.sync_bn): one allreduce of the per-channel sum, sum of
+    squares and count (float64, so E[x²] − mean² keeps float32's precision), then the usual affine map."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    local = np.concatenate([x3.sum(axis=(0, 2), dtype=np.float64),
+                            np.einsum("ncs,ncs->c", x3, x3, dtype=np.float64), [x3.shape[0] * x3.shape[2]]])
+    total = world.allreduce_sum(local, f"batch-norm statistics of '{name}'")
+    c = x.shape[1]
+    count = int(total[-1])
+    mean = total[:c] / count
+    var = np.maximum(total[c:2 * c] / count - mean * mean, 0.0)
+    y = _k.batchnorm_forward_eval(x, p["scale"], p["bias"], mean.astype(np.float32), var.astype(np.float32), eps)
+    return y, mean.astype(np.float32), (1.0 / np.sqrt(var + eps)).astype(np.float32), count
+
+
+def _synced_backward(dy, x, gamma, mean, invstd, world, name: str):
+    """The gradient of batch norm over every rank's batch: Σdy and Σdy·(x − μ) are summed over the ranks for dx;
+    dscale and dbias stay this rank's share (the gradient allreduce averages them like every other gradient)."""
+    n, c = x.shape[0], x.shape[1]
+    x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
+    xm = x3 - mean[None, :, None]
+    local = np.concatenate([dy3.sum(axis=(0, 2), dtype=np.float64),
+                            np.einsum("ncs,ncs->c", dy3, xm, dtype=np.float64), [n * x3.shape[2]]])
+    total = world.allreduce_sum(local, f"batch-norm gradient of '{name}'")
+    count = total[-1]
+    inv = invstd.astype(np.float64)
+    dy_mean = (total[:c] / count).astype(np.float32)[None, :, None]
+    proj = (inv * inv * total[c:2 * c] / count).astype(np.float32)[None, :, None]
+    k = (gamma.astype(np.float64) * inv).astype(np.float32)[None, :, None]
+    dx = ((dy3 - dy_mean - xm * proj) * k).reshape(x.shape)
+    return [dx], {"scale": (local[c:2 * c] * inv).astype(np.float32), "bias": local[:c].astype(np.float32)}
 
 
 @register

@@ -61,6 +61,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     layer_rules: list[tuple[str, float, bool]] = field(default_factory=list)  # (pattern, lr_mult, freeze)
     transfer: TransferConfig = field(default_factory=TransferConfig)  # init_from, freeze, reinit, ...
+    # data-parallel training (mpirun -n K): batch_size is per rank, base_lr is for the global batch unless scaled
+    scale_lr: bool = False  # multiply base_lr by the number of ranks (linear scaling rule)
+    sync_bn: bool = False  # batch-norm statistics over every rank's batch (else each rank's own)
 
     def lr_mult_for(self, layer: str) -> float:
         """The multiplier of the last rule whose pattern matches the layer name (0 when frozen)."""
@@ -218,6 +221,8 @@ def parse_train(section: LDict, file: str, layer_names: list[str]) -> tuple[Trai
             mult = c.number("lr_mult", 1.0, 0.0, path="layers.<pattern>.lr_mult", within=rule)
             t.layer_rules.append((str(pattern), float(mult), bool(rule.get("freeze", False))))
     t.transfer = parse_transfer(section, c, layer_names)
+    t.scale_lr = section.get("scale_lr") is True  # (types are checked with the file's structure)
+    t.sync_bn = section.get("sync_bn") is True
     return t, c.diags
 
 

@@ -34,6 +34,7 @@ class Executor:
         self.frozen: frozenset[str] = frozenset()
         self.no_backward: frozenset[str] = frozenset()
         self.skip_forward: frozenset[str] = frozenset()  # layers whose outputs come in the feeds (cached)
+        self.sync_bn = None  # a distributed World: training batch norm normalises over every rank's batch
 
     def set_frozen(self, frozen: set[str], no_backward: set[str]) -> None:
         """Layers that do not train (`frozen`: batch norm there normalises with its running statistics, in
@@ -50,7 +51,7 @@ class Executor:
         wanted = outputs or self.graph.outputs
         values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
         self._ctx = RunContext(train=train, rng=rng if rng is not None else np.random.default_rng(0),
-                               frozen=self.frozen)
+                               frozen=self.frozen, sync_bn=self.sync_bn if train else None)
         tape = [] if train else None
         for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
             if node.name in self.skip_forward:  # a cached frozen trunk: its outputs the head reads are fed

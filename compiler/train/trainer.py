@@ -51,6 +51,7 @@ from .checkpoint import (
     validate_resume_info,
 )
 from .config import TrainConfig
+from .distributed import GradientBuffer, World
 from .executor import Executor
 from .metrics import classification_report, plot_curves
 from .schedule import LRSchedule
@@ -64,7 +65,7 @@ STATE_KEYS = ("epoch", "iteration", "global_iteration", "history", "best_value",
 
 
 class TrainingDiverged(DlcError):
-    pass
+    collective = True  # data parallel: every rank raises it at the same step, and rank 0 reports it
 
 
 class _NonFinite(Exception):
@@ -121,12 +122,14 @@ class Trainer:
     `on_epoch_end(trainer, epoch)` methods, e.g. to hold pruning masks or raise sparsity gradually."""
 
     def __init__(self, loaded: LoadedModel, out_dir: str | Path, progress: bool = True, console=None,
-                 config: TrainConfig | None = None, callbacks=()):
+                 config: TrainConfig | None = None, callbacks=(), world: World | None = None):
         spec, self.graph = loaded.spec, loaded.graph
         self.spec = spec
+        self.world = world if world is not None else World.single()  # data-parallel ranks (train/distributed.py)
+        self._grad_buffer: GradientBuffer | None = None
         self.cfg = config if config is not None else spec.train
         self.callbacks = list(callbacks)
-        self.console, self.progress = console, progress
+        self.console, self.progress = console, progress and self.world.is_root  # rank 0 alone reports
         self.transfer_report = None
         tc = self.cfg.transfer
         if tc.init_from is not None:  # before the fingerprint: the pretrained weights are the starting point
@@ -146,7 +149,9 @@ class Trainer:
         else:
             self._init_classification()
         c = self.cfg
+        self._shard()
         self.executor = Executor(self.graph)
+        self.executor.sync_bn = self.world if c.sync_bn and self.world.distributed else None
         self.frozen = frozen_layers(self.graph, tc) | {n.name for n in self.graph.nodes()
                                                         if c.lr_mult_for(n.name) == 0.0}
         params, mults, training = {}, {}, set()
@@ -169,7 +174,9 @@ class Trainer:
         self.total_iters = c.max_iter or c.epochs * self.iters_per_epoch
         self.epochs = c.epochs if not c.max_iter else -(-c.max_iter // self.iters_per_epoch)
         warmup = c.warmup_iterations or int(round(c.warmup_epochs * self.iters_per_epoch))
-        self.schedule = LRSchedule(c.base_lr, c.lr_policy, self.iters_per_epoch, self.total_iters, c.gamma,
+        # base_lr is for the global batch (ranks × batch_size); scale_lr: Goyal et al.'s linear scaling by ranks
+        base_lr = c.base_lr * (self.world.size if c.scale_lr else 1)
+        self.schedule = LRSchedule(base_lr, c.lr_policy, self.iters_per_epoch, self.total_iters, c.gamma,
                                    c.step_size, c.steps, c.power, warmup_iters=warmup,
                                    warmup_start_factor=c.warmup_start_factor)
         self._interrupted = False
@@ -179,6 +186,20 @@ class Trainer:
         if es is not None and es.monitor not in allowed:
             raise DlcError(f"{spec.file}: early_stopping.monitor is {es.monitor}, which a "
                            f"{MODEL_NOUN[self.task]} does not report; use one of {', '.join(allowed)}")
+
+    def _shard(self) -> None:
+        """Data parallel: each rank reads its part of every global batch of ranks × batch_size samples."""
+        w, c = self.world, self.cfg
+        if not w.distributed:
+            return
+        if c.transfer.cache_features:
+            raise DlcError(f"{self.spec.file}: train.cache_features runs in one process; train without mpirun, or "
+                           "drop cache_features (a frozen trunk already costs no backward)")
+        self.train_loader.shard(w.rank, w.size)
+        if len(self.train_loader) == 0:
+            raise DlcError(f"{self.spec.file}: {len(self.train_set)} training samples are fewer than one global "
+                           f"batch ({w.size} ranks × batch_size {c.batch_size}); lower train.batch_size or the "
+                           "number of ranks")
 
     def _init_classification(self) -> None:
         spec, c = self.spec, self.cfg
@@ -380,7 +401,8 @@ class Trainer:
     def _info(self, state: dict[str, Any]) -> dict[str, Any]:
         info = {**{k: state[k] for k in STATE_KEYS}, "yaml_sha256": self.spec.sha256,
                 "train_sha256": self.train_sha256, "dlc_version": __version__, "seed": self.cfg.seed,
-                "solver_steps": self.solver.steps, "classes": self.train_set.classes}
+                "solver_steps": self.solver.steps, "classes": self.train_set.classes,
+                "ranks": self.world.size, "global_batch": self.world.size * self.cfg.batch_size}
         if self.det is not None:
             info["anchors"] = {self.det.name: self.det.attrs["anchors"]}
         return info
@@ -389,6 +411,8 @@ class Trainer:
               stopped: str | None = None) -> None:
         """`stopped` marks the final save of a run (completed, early_stopping, max_iter or interrupted); the
         per-epoch saves have none (training still under way)."""
+        if not self.world.is_root:  # rank 0 alone writes (every rank holds the same weights)
+            return
         info = self._info(state)
         if stopped is not None:
             info["stopped"] = stopped
@@ -409,9 +433,12 @@ class Trainer:
         state: dict[str, Any] = {"epoch": 0, "iteration": 0, "global_iteration": 0, "history": [],
                                  "best_value": None, "best_epoch": None, "bad_epochs": 0, "partial": None}
         best: dict[str, np.ndarray] | None = None
-        if resume:
+        if resume and self.world.is_root:
             state, best = self._resume()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.distributed:
+            state = self._start_together(state)
+        if self.world.is_root:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         handler_installed = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_installed else None
         started = time.perf_counter()
@@ -419,8 +446,9 @@ class Trainer:
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by the NaN check
                 stopped, best = self._loop(state, best)
-        except _NonFinite as exc:
+        except _NonFinite as exc:  # every rank raises it at the same iteration (the flag rides in the allreduce)
             self._write_reports(state, "diverged", reason=str(exc))
+            self.world.barrier("stop after a non-finite loss")  # rank 0's reports are written before anyone exits
             raise TrainingDiverged(f"{exc}; training stopped and {self._kept_checkpoint()}; "
                                    f"{self.out_dir / 'metrics.json'} holds the history so far. Try a lower base_lr, "
                                    "warm-up or clip_grad_norm") from None
@@ -434,6 +462,46 @@ class Trainer:
             self._write_reports(state, stopped)
         return TrainResult(self.out_dir, state["history"], stopped, state["best_epoch"],
                            time.perf_counter() - started, self.train_set.classes, self._transfer_summary())
+
+    def _start_together(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Every rank starts from rank 0's weights, optimizer state and training state (its fillers, init_from,
+        or the checkpoint --resume read there): the other ranks never read the output folder."""
+        w = self.world
+        shared = w.broadcast_json({"state": state, "solver_steps": self.solver.steps,
+                                   "anchors": self.det.attrs["anchors"] if self.det is not None else None},
+                                  "broadcast of rank 0's training state")
+        self.solver.steps = shared["solver_steps"]
+        if self.det is not None:
+            self.det.attrs["anchors"] = shared["anchors"]
+        tensors = graph_tensors(self.graph)
+        w.broadcast_arrays_([tensors[k] for k in sorted(tensors)] +
+                            [self.solver.state[k] for k in sorted(self.solver.state)],
+                            "broadcast of rank 0's weights")
+        return shared["state"]
+
+    def _allreduce(self, grads: dict[str, np.ndarray], loss: float, correct: int, bad: bool, stop: bool):
+        """One allreduce per step: the averaged gradients, mean loss and the global batch's correct count, and
+        whether any rank saw NaN/inf or Ctrl-C."""
+        if self._grad_buffer is None:
+            self._grad_buffer = GradientBuffer({k: p for k, p in self.solver.params.items()
+                                                if self.solver.lr_mult[k] != 0})
+        buf = self._grad_buffer
+        buf.pack(grads, loss, correct, bad, stop)
+        self.world.allreduce_mean_(buf.flat)
+        return buf.unpack(self.world.size)
+
+    def _average_running_stats(self) -> None:
+        """Per-rank batch norm leaves each rank its own running statistics: average them once an epoch, so
+        validation and the checkpoint see one model (a no-op with sync_bn, where they agree already)."""
+        stats = [n.params[t] for n in self.graph.nodes() if n.op == "batchnorm" for t in ("mean", "var")]
+        if not stats:
+            return
+        flat = np.concatenate([a.ravel() for a in stats]).astype(np.float32)
+        self.world.allreduce_mean_(flat, "average of batch-norm running statistics")
+        offset = 0
+        for a in stats:
+            a[...] = flat[offset:offset + a.size].reshape(a.shape)
+            offset += a.size
 
     def _transfer_summary(self) -> dict[str, Any] | None:
         """What init_from moved (train/transfer.py's report) and which layers stayed frozen."""
@@ -457,6 +525,7 @@ class Trainer:
         if not path.exists():
             raise DlcError(f"no checkpoint in {self.out_dir} yet; run without --resume to start training")
         params, solver_state, best, info = read_checkpoint(path)
+        info = self._rebatch(info, path)
         scores = {"detection": ("val_map",), "segmentation": ("val_miou",),
                   "classification": ("train_accuracy", "val_accuracy")}[self.task]
         validate_resume_info(info, path, self.epochs, self.iters_per_epoch, self.total_iters, bool(self.cfg.max_iter),
@@ -484,8 +553,23 @@ class Trainer:
         self._saved_at = (info["epoch"], info["iteration"])  # the resumed checkpoint: this run's last good state
         return {k: info[k] for k in STATE_KEYS}, (best or None)
 
+    def _rebatch(self, info: dict[str, Any], path: Path) -> dict[str, Any]:
+        """A checkpoint from another number of ranks has another global batch: keep its place in the epoch (the
+        samples it has seen) and count the iterations in the new global batches; the epoch's order is the same."""
+        old, new = info.get("global_batch", self.cfg.batch_size), self.world.size * self.cfg.batch_size
+        counts = [info.get(k) for k in ("epoch", "iteration", "global_iteration")] + [old]
+        if old == new or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or not old:
+            return info  # the same run shape, or a damaged checkpoint (validate_resume_info names the key)
+        iteration = info["iteration"] * old // new
+        moved = info["global_iteration"] * old // new if self.cfg.max_iter else (
+            info["epoch"] * self.iters_per_epoch + iteration)
+        self._say(f"note: {path} was written with {info.get('ranks', 1)} rank(s) × batch {self.cfg.batch_size}; "
+                  f"continuing with {self.world.size}: global batch {old} → {new}, iteration {info['iteration']} of "
+                  f"epoch {info['epoch'] + 1} → {iteration}")
+        return {**info, "iteration": iteration, "global_iteration": moved}
+
     def _loop(self, state: dict[str, Any], best: dict[str, np.ndarray] | None) -> tuple[str, Any]:
-        c = self.cfg
+        c, w = self.cfg, self.world
         bar = self._progress_bar()
         try:
             while state["epoch"] < self.epochs:
@@ -497,7 +581,7 @@ class Trainer:
                 for x, y in self.train_loader.epoch(epoch, state["iteration"]):
                     i, g = state["iteration"], state["global_iteration"]
                     lr = self.schedule(g)
-                    rng = np.random.default_rng([c.seed, epoch, i, 2])
+                    rng = np.random.default_rng([c.seed, epoch, i, 2] + ([w.rank] if w.distributed else []))
                     if self.det is not None:
                         values = self.executor.forward(x, train=True, rng=rng, outputs=self.heads)
                         maps = [values[h] for h in self.heads]
@@ -509,26 +593,34 @@ class Trainer:
                         loss, dlogits = self.loss(logits, y)
                         finite = bool(np.all(np.isfinite(logits)))
                         seeds = {self.logits: dlogits}
-                    if not np.isfinite(loss) or not finite:
+                    bad = not np.isfinite(loss) or not finite
+                    if bad and not w.distributed:
                         raise _NonFinite(f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} "
                                          f"(global {g + 1})")
-                    grads = self.executor.backward(seeds)
+                    grads = self.executor.backward(seeds) if not bad else {}
                     flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
+                    correct = int((np.argmax(logits, axis=1) == y).sum()) if self.task == "classification" else 0
+                    seen, stop = len(y), self._interrupted
+                    if w.distributed:  # the gradients, loss and flags of the whole global batch
+                        flat, loss, correct, bad, stop = self._allreduce(flat, loss, correct, bad, stop)
+                        seen *= w.size
+                        if bad:
+                            raise _NonFinite(f"the loss became NaN or inf on at least one of the {w.size} ranks at "
+                                             f"epoch {epoch + 1}, iteration {i + 1} (global {g + 1})")
                     self.solver.step(flat, lr)
                     for cb in self.callbacks:
                         if hasattr(cb, "on_step"):
                             cb.on_step(self, state["global_iteration"])
-                    partial["loss_sum"] += loss * len(y)
-                    if self.task == "classification":
-                        partial["correct"] += int((np.argmax(logits, axis=1) == y).sum())
-                    partial["seen"] += len(y)
+                    partial["loss_sum"] += loss * seen
+                    partial["correct"] += correct
+                    partial["seen"] += seen
                     state["iteration"] += 1
                     state["global_iteration"] += 1
                     elapsed = partial["seconds"] + time.perf_counter() - t0
                     if bar:
                         bar.update(task, advance=1, loss=partial["loss_sum"] / partial["seen"], lr=lr,
                                    ips=partial["seen"] / max(elapsed, 1e-9))
-                    if self._interrupted:
+                    if stop if w.distributed else self._interrupted:  # every rank, or Ctrl-C seen up to now
                         self._saving_interrupt = True  # from here to the CLI's exit, more Ctrl-C are ignored
                         partial["seconds"] = elapsed
                         state["partial"] = partial
@@ -537,6 +629,8 @@ class Trainer:
                     if state["global_iteration"] >= self.total_iters:
                         break
                 partial["seconds"] += time.perf_counter() - t0
+                if w.distributed:
+                    self._average_running_stats()
                 record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1)}
                 if self.task == "classification":
                     record["train_accuracy"] = partial["correct"] / max(partial["seen"], 1)
@@ -558,6 +652,8 @@ class Trainer:
                     if hasattr(cb, "on_epoch_end"):
                         cb.on_epoch_end(self, epoch)
                 best, stop = self._early_stopping(state, record, best)
+                if w.distributed:  # rank 0 decides, so no rounding difference can split the ranks
+                    stop = w.broadcast_json(stop, "early-stopping decision")
                 self._save(state, best)
                 if c.snapshot_every and state["epoch"] % c.snapshot_every == 0:
                     self._save(state, best, f"snapshots/epoch_{state['epoch']:04d}.safetensors")
@@ -585,7 +681,9 @@ class Trainer:
         return best, state["bad_epochs"] >= es.patience
 
     def _write_reports(self, state: dict[str, Any], stopped: str, reason: str | None = None) -> None:
-        """metrics.json and curves.png; also after a NaN stop (stopped: diverged, with the reason)."""
+        """metrics.json and curves.png; also after a NaN stop (stopped: diverged, with the reason). Rank 0 only."""
+        if not self.world.is_root:
+            return
         history = state["history"]
         report = {
             "model": self.spec.name, "stopped": stopped, "best_epoch": state["best_epoch"],
@@ -683,8 +781,9 @@ def reuse_checkpoint(loaded: LoadedModel, out_dir: str | Path, console=None, cal
 
 
 def train_model(loaded: LoadedModel, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                console=None, config: TrainConfig | None = None, callbacks=()) -> TrainResult:
-    return Trainer(loaded, out_dir, progress, console, config, callbacks).run(resume=resume)
+                console=None, config: TrainConfig | None = None, callbacks=(), world: World | None = None
+                ) -> TrainResult:
+    return Trainer(loaded, out_dir, progress, console, config, callbacks, world).run(resume=resume)
 
 
 def dumps(result: TrainResult) -> str:
