@@ -26,6 +26,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "max_objects": "int",
         # segmentation sets (data/segmentation.py)
         "ignore_index": "int", "palette": "list",
+        # sets read from files (data/lazy.py): decoded up front or per batch, and what an unreadable file does
+        "load": "str", "cache_mb": "number", "on_bad_image": "str",
     },
     "train": {
         "solver": "str", "base_lr": "float", "lr": "float", "momentum": "float", "nesterov": "bool",

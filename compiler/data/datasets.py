@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import Diagnostic, DlcError
+from .lazy import AUTO_LAZY_BYTES, LazyImages, subset
 from .synthetic import make_shapes
 
 CLASSIFICATION_DATASETS = ("synthetic", "digits", "imagefolder")
@@ -23,19 +24,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # float32 N×C×H×W in [0, 1]
+    images: np.ndarray  # float32 N×C×H×W in [0, 1] (or a LazyImages that reads them per batch)
     labels: np.ndarray  # int64 N
     classes: list[str]
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, idx) -> Dataset:
+        return Dataset(subset(self.images, idx), self.labels[idx], list(self.classes))
+
+
+FILE_DATASETS = ("imagefolder", "coco", "yolo", "segmentation")  # read from image files (lazily, if asked)
 
 # data: keys that only some data sets read; given to another, they would be ignored, so they are refused.
 DATASET_KEYS = {"root": ("imagefolder", "yolo", "segmentation"),
                 "samples": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
                 "num_classes": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
-                "ignore_index": SEGMENTATION_DATASETS, "palette": ("segmentation",)}
+                "ignore_index": SEGMENTATION_DATASETS, "palette": ("segmentation",),
+                **{key: FILE_DATASETS for key in ("load", "cache_mb", "on_bad_image")}}
 
 
 def unused_data_keys(section: Any, file: str) -> list[Diagnostic]:
@@ -160,21 +167,78 @@ def image_folder_root(cfg: dict[str, Any], base_dir: Path) -> Path:
     return root if root.is_absolute() else base_dir / root
 
 
-def _image_folder(root: Path, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; a DlcError naming an unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    _check_regular_file(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DlcError(Diagnostic("image file not found", file=str(path), hint="check the path")) from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
+                                  hint="remove or replace the file")) from None
+
+
+class ImageCollector:
+    """The image files of one set, decoded now (data.load: memory) or per batch (lazy: only their headers are
+    read here). `auto` reads lazily once the decoded set would pass 1 GiB. With data.on_bad_image: skip, a file
+    that cannot be read is left out here (add returns None) and counted; with error, it raises."""
+
+    def __init__(self, cfg: dict[str, Any], shape: tuple[int, int, int], count: int):
+        self.shape = tuple(int(v) for v in shape)
+        mode = cfg.get("load", "auto")
+        self.lazy = mode == "lazy" or (mode == "auto" and count * 4 * int(np.prod(self.shape)) > AUTO_LAZY_BYTES)
+        self.on_bad = cfg.get("on_bad_image", "error")
+        self.cache_mb = float(cfg.get("cache_mb", 256))
+        self.paths: list[Path] = []
+        self.arrays: list[np.ndarray] = []
+        self.skipped: list[str] = []
+
+    def add(self, path: Path) -> tuple[int, int] | None:
+        """Take one file; its original (width, height), or None when it is unreadable and skipped."""
+        try:
+            if self.lazy:
+                size = image_size(path)
+            else:
+                array, size = read_image(path, *self.shape)
+                self.arrays.append(array)
+        except DlcError as exc:
+            if self.on_bad != "skip":
+                raise
+            self.skipped.append(str(exc))
+            return None
+        self.paths.append(path)
+        return size
+
+    def finish(self, where: str):
+        """The images: a float32 N×C×H×W array, or a LazyImages."""
+        import logging
+
+        if self.skipped:
+            logging.getLogger("dlc").warning("%s: skipped %d unreadable image(s) (data.on_bad_image: skip), e.g. %s",
+                                             where, len(self.skipped), self.skipped[0])
+        if self.lazy:
+            return LazyImages(self.paths, self.shape, self.cache_mb, self.on_bad)
+        return np.stack(self.arrays) if self.arrays else np.empty((0, *self.shape), np.float32)
+
+
+def _image_folder(root: Path, c: int, h: int, w: int, cfg: dict[str, Any] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not root.is_dir():
         raise DlcError(f"data.root: '{root}' is not a directory (expected one sub-folder of images per class)")
     classes = class_folders(root)
     if len(classes) < 2:
         raise DlcError(f"data.root: '{root}' needs at least two class sub-folders, found {classes or 'none'}")
-    images, labels = [], []
-    for k, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
-            images.append(read_image(path, c, h, w)[0])
-            labels.append(k)
-    if not images:
+    files = [(k, p) for k, name in enumerate(classes)
+             for p in sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
+    images = ImageCollector(cfg or {}, (c, h, w), len(files))
+    labels = [k for k, path in files if images.add(path) is not None]
+    if not labels:
         raise DlcError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{root}'")
-    return np.stack(images), np.asarray(labels, np.int64), classes
+    return images.finish(f"data.root '{root}'"), np.asarray(labels, np.int64), classes
 
 
 def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_outputs: int,
@@ -198,16 +262,17 @@ def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_out
     else:
         root = image_folder_root(cfg, base_dir)
         if (root / "train").is_dir() and (root / "val").is_dir():
-            tr = _image_folder(root / "train", c, h, w)
-            va = _image_folder(root / "val", c, h, w)
+            tr = _image_folder(root / "train", c, h, w, cfg)
+            va = _image_folder(root / "val", c, h, w, cfg)
             if tr[2] != va[2]:
                 raise DlcError(f"data.root: train/ and val/ under '{root}' have different classes")
             return Dataset(tr[0], tr[1], tr[2]), Dataset(va[0], va[1], va[2])
-        images, labels, classes = _image_folder(root, c, h, w)
-    images = match_channels(resize(images, h, w), c, f"dataset '{kind}'")
+        images, labels, classes = _image_folder(root, c, h, w, cfg)
+    if not isinstance(images, LazyImages):  # (files are read at the input's size and channels already)
+        images = match_channels(resize(images, h, w), c, f"dataset '{kind}'")
     if len(classes) > num_outputs:
         raise DlcError(f"dataset '{kind}' has {len(classes)} classes but the model's output has only "
                        f"{num_outputs} values; set the last layer's 'out' to {len(classes)}")
+    data = Dataset(images, labels, classes)
     train_idx, val_idx = split(images, labels, cfg.get("val_fraction", 0.2), seed)
-    return (Dataset(images[train_idx], labels[train_idx], classes),
-            Dataset(images[val_idx], labels[val_idx], classes))
+    return data.subset(train_idx), data.subset(val_idx)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import Diagnostic, DlcError
 from .augment import AugmentConfig, augment
-from .datasets import IMAGE_SUFFIXES, match_channels, read_image
+from .datasets import IMAGE_SUFFIXES, ImageCollector
+from .lazy import read_subset, subset
 from .loader import BatchLoader
 from .synthetic import SHAPES, _mask
 
@@ -45,7 +46,7 @@ class DetectionDataset:
         idx = np.arange(len(self))[idx] if not isinstance(idx, np.ndarray) or idx.dtype == bool else idx
         idx = [int(i) for i in np.atleast_1d(idx)]
         return DetectionDataset(
-            self.images[idx], [self.boxes[i] for i in idx], [self.labels[i] for i in idx], list(self.classes),
+            subset(self.images, idx), [self.boxes[i] for i in idx], [self.labels[i] for i in idx], list(self.classes),
             [self.image_ids[i] for i in idx], None if self.iscrowd is None else [self.iscrowd[i] for i in idx])
 
     def crowd(self, i: int) -> np.ndarray:
@@ -201,7 +202,8 @@ def _number_list(value: Any, n: int) -> bool:
 
 
 def _load_coco(images_dir: Path, ann_file: Path, input_shape: tuple[int, int, int],
-               categories: list[tuple[int, str]] | None = None) -> tuple[DetectionDataset, list[tuple[int, str]]]:
+               categories: list[tuple[int, str]] | None = None, cfg: dict | None = None
+               ) -> tuple[DetectionDataset, list[tuple[int, str]]]:
     c, h, w = input_shape
     f = str(ann_file)
     if not ann_file.is_file():
@@ -254,11 +256,14 @@ def _load_coco(images_dir: Path, ann_file: Path, input_shape: tuple[int, int, in
             raise DlcError(Diagnostic(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got "
                                       f"{a.get('bbox')!r}", file=f))
         per_image[a["image_id"]].append((a["bbox"], cat_index[a["category_id"]], bool(a.get("iscrowd", 0))))
-    images, boxes, labels, crowds, ids = [], [], [], [], []
+    images = ImageCollector(cfg or {}, input_shape, len(entries))
+    boxes, labels, crowds, ids = [], [], [], []
     dropped = resized = 0
     for image_id, im in entries.items():
         path = _safe_child(images_dir, im.get("file_name"), f"{f}: image id {image_id}")
-        array, size = read_image(path, c, h, w)
+        size = images.add(path)
+        if size is None:  # unreadable, and data.on_bad_image: skip
+            continue
         # boxes are in the frame of the listed width/height; a file resized since then still lines up
         w0, h0 = size
         if isinstance(im.get("width"), int) and isinstance(im.get("height"), int) and im["width"] > 0 < im["height"]:
@@ -270,20 +275,18 @@ def _load_coco(images_dir: Path, ann_file: Path, input_shape: tuple[int, int, in
         xyxy, keep = _clip_boxes(xyxy, w0, h0)
         dropped += int((~keep).sum())
         scale = np.array([w / w0, h / h0, w / w0, h / h0])
-        images.append(array)
         boxes.append((xyxy[keep] * scale).astype(np.float32))
         labels.append(np.asarray([r[1] for r in rows], np.int64)[keep])
         crowds.append(np.asarray([r[2] for r in rows], bool)[keep])
         ids.append(image_id)
-    if not images:
-        raise DlcError(Diagnostic("no images listed", file=f))
+    if not ids:
+        raise DlcError(Diagnostic("no images listed" if not entries else "no readable images", file=f))
     if dropped:
         log.warning("%s: dropped %d boxes that are empty once clipped to their image", f, dropped)
     if resized:
         log.warning("%s: %d images differ in size from their width/height entries; boxes were scaled from the "
                     "listed size", f, resized)
-    stacked = match_channels(np.stack(images), c, f)
-    return DetectionDataset(stacked, boxes, labels, [name for _, name in cats], ids, crowds), cats
+    return DetectionDataset(images.finish(f), boxes, labels, [name for _, name in cats], ids, crowds), cats
 
 
 def read_names_file(path: Path) -> list[str]:
@@ -305,8 +308,8 @@ def _yolo_classes(cfg: dict, base_dir: Path) -> list[str]:
     return classes
 
 
-def _load_yolo(images_dir: Path, labels_dir: Path, classes: list[str], input_shape: tuple[int, int, int]
-               ) -> DetectionDataset:
+def _load_yolo(images_dir: Path, labels_dir: Path, classes: list[str], input_shape: tuple[int, int, int],
+               cfg: dict | None = None) -> DetectionDataset:
     c, h, w = input_shape
     if not images_dir.is_dir():
         raise DlcError(f"data.root: images folder '{images_dir}' not found")
@@ -315,10 +318,14 @@ def _load_yolo(images_dir: Path, labels_dir: Path, classes: list[str], input_sha
         raise DlcError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in '{images_dir}'")
     if not labels_dir.is_dir():
         raise DlcError(f"data.root: labels folder '{labels_dir}' not found (one .txt of boxes per image)")
-    images, boxes, labels = [], [], []
+    images = ImageCollector(cfg or {}, input_shape, len(files))
+    boxes, labels, ids = [], [], []
     dropped = 0
-    for path in files:
-        array, (w0, h0) = read_image(path, c, h, w)
+    for number, path in enumerate(files, 1):
+        size = images.add(path)
+        if size is None:  # unreadable, and data.on_bad_image: skip
+            continue
+        w0, h0 = size
         label_file = labels_dir / (path.stem + ".txt")
         rows: list[list[float]] = []
         if label_file.is_file():  # no label file: an image without objects, as in YOLO
@@ -347,13 +354,14 @@ def _load_yolo(images_dir: Path, labels_dir: Path, classes: list[str], input_sha
         cxcy, wh = arr[:, 1:3] * [w0, h0], arr[:, 3:5] * [w0, h0]
         xyxy, keep = _clip_boxes(np.concatenate([cxcy - wh / 2, cxcy + wh / 2], 1), w0, h0)
         dropped += int((~keep).sum())
-        images.append(array)
         boxes.append((xyxy[keep] * [w / w0, h / h0, w / w0, h / h0]).astype(np.float32))
         labels.append(arr[keep, 0].astype(np.int64))
+        ids.append(number)
     if dropped:
         log.warning("%s: dropped %d boxes that are empty once clipped to their image", labels_dir, dropped)
-    stacked = match_channels(np.stack(images), c, str(images_dir))
-    return DetectionDataset(stacked, boxes, labels, list(classes), list(range(1, len(files) + 1)))
+    if not ids:
+        raise DlcError(f"data.root: no readable images in '{images_dir}'")
+    return DetectionDataset(images.finish(str(images_dir)), boxes, labels, list(classes), ids)
 
 
 def _random_split(data: DetectionDataset, val_fraction: float, seed: int, what: str
@@ -384,11 +392,11 @@ def load_detection_dataset(cfg: dict, input_shape: tuple[int, int, int], base_di
             if not cfg.get(key):
                 raise DlcError(f"dataset coco needs '{key}' (the images folder and the instances JSON file)")
         train, cats = _load_coco(_resolve(base_dir, cfg["images"]),
-                                 _resolve(base_dir, cfg["annotations"]), input_shape)
+                                 _resolve(base_dir, cfg["annotations"]), input_shape, cfg=cfg)
         if cfg.get("val_annotations"):
             val_images = cfg.get("val_images") or cfg["images"]
             val, _ = _load_coco(_resolve(base_dir, val_images),
-                                _resolve(base_dir, cfg["val_annotations"]), input_shape, cats)
+                                _resolve(base_dir, cfg["val_annotations"]), input_shape, cats, cfg)
             return train, val
         return _random_split(train, val_fraction, seed, kind)
     if kind == "yolo":
@@ -398,9 +406,9 @@ def load_detection_dataset(cfg: dict, input_shape: tuple[int, int, int], base_di
         classes = _yolo_classes(cfg, base_dir)
         if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
             # the Ultralytics layout: images/{train,val} beside labels/{train,val}
-            return (_load_yolo(root / "images" / "train", root / "labels" / "train", classes, input_shape),
-                    _load_yolo(root / "images" / "val", root / "labels" / "val", classes, input_shape))
-        data = _load_yolo(root / "images", root / "labels", classes, input_shape)
+            return (_load_yolo(root / "images" / "train", root / "labels" / "train", classes, input_shape, cfg),
+                    _load_yolo(root / "images" / "val", root / "labels" / "val", classes, input_shape, cfg))
+        data = _load_yolo(root / "images", root / "labels", classes, input_shape, cfg)
         return _random_split(data, val_fraction, seed, kind)
     raise DlcError(f"dataset {kind!r} is not a detection dataset (synthetic_detection, coco, yolo)")
 
@@ -488,7 +496,7 @@ class DetectionLoader(BatchLoader):
     def make_batch(self, epoch: int, index: int, order: np.ndarray
                    ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
-        x = self.data.images[idx]
+        x, idx = read_subset(self.data.images, idx)
         boxes = [self.targets[i][0] for i in idx]
         labels = [self.targets[i][1] for i in idx]
         if self.augment_cfg.active:

@@ -14,6 +14,16 @@ import numpy as np
 
 from .augment import AugmentConfig, augment, pca_basis
 from .datasets import Dataset
+from .lazy import LazyImages, read_subset
+
+PCA_SAMPLE = 2000  # images a lazily read set estimates its colour covariance from
+
+
+def _pca_sample(images):
+    """The whole array in memory; an even sample of a lazily read set (decoding all of it would defeat it)."""
+    if not isinstance(images, LazyImages) or len(images) <= PCA_SAMPLE:
+        return np.asarray(images)
+    return images[np.linspace(0, len(images) - 1, PCA_SAMPLE).astype(np.int64)]
 
 
 class BatchLoader:
@@ -29,7 +39,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last and len(data) > batch_size
         self.prefetch = max(prefetch, 1)
-        self.pca = pca_basis(data.images) if self.augment_cfg.pca_color > 0 else None
+        self.pca = pca_basis(_pca_sample(data.images)) if self.augment_cfg.pca_color > 0 else None
         self.rank, self.ranks = 0, 1
 
     def shard(self, rank: int, ranks: int) -> None:
@@ -58,7 +68,7 @@ class BatchLoader:
 
     def make_batch(self, epoch: int, index: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
-        x = self.data.images[idx]
+        x, idx = read_subset(self.data.images, idx)  # lazy sets read the files here (unreadable ones may drop)
         if self.augment_cfg.active:
             x = augment(x, self.augment_cfg, self.batch_rng(epoch, index), self.pca)
         x = (x - self.mean) * self.inv_std

@@ -21,13 +21,19 @@ import numpy as np
 
 from ..errors import Diagnostic, DlcError
 from .augment import AugmentConfig, augment
-from .datasets import IMAGE_SUFFIXES, SEGMENTATION_DATASETS, _check_regular_file, match_channels, read_image
+from .datasets import (
+    IMAGE_SUFFIXES,
+    SEGMENTATION_DATASETS,
+    ImageCollector,
+    _check_regular_file,
+)
 from .detection import _random_split as random_split
 from .detection import (
     _render_shapes,  # the scenes are the detection set's; only the labels differ
     _resolve,
     read_names_file,
 )
+from .lazy import read_subset, subset
 from .loader import BatchLoader
 from .synthetic import SHAPES
 
@@ -49,7 +55,7 @@ class SegmentationDataset:
 
     def subset(self, idx) -> SegmentationDataset:
         idx = [int(i) for i in np.atleast_1d(idx)]
-        return SegmentationDataset(self.images[idx], self.masks[idx], list(self.classes), self.ignore_index,
+        return SegmentationDataset(subset(self.images, idx), self.masks[idx], list(self.classes), self.ignore_index,
                                    None if self.sizes is None else [self.sizes[i] for i in idx],
                                    None if self.names is None else [self.names[i] for i in idx])
 
@@ -149,7 +155,7 @@ def _files_by_stem(folder: Path, suffixes, what: str) -> dict[str, Path]:
 
 
 def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_shape: tuple[int, int, int],
-                 ignore_index: int, palette: np.ndarray | None) -> SegmentationDataset:
+                 ignore_index: int, palette: np.ndarray | None, cfg: dict | None = None) -> SegmentationDataset:
     c, h, w = input_shape
     for folder, what in ((images_dir, "images"), (masks_dir, "masks")):
         if not folder.is_dir():
@@ -159,13 +165,16 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
     if not images_by_stem:
         raise DlcError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in '{images_dir}'")
     masks_by_stem = _files_by_stem(masks_dir, MASK_SUFFIXES, "masks")
-    images, masks, sizes, names = [], [], [], []
+    images = ImageCollector(cfg or {}, input_shape, len(images_by_stem))
+    masks, sizes, names = [], [], []
     for stem, path in images_by_stem.items():
         mask_path = masks_by_stem.get(stem)
         if mask_path is None:
             raise DlcError(Diagnostic(f"image has no mask: expected {masks_dir / (stem + '.png')}", file=str(path),
                                       hint="add the mask, or remove the image"))
-        array, size = read_image(path, c, h, w)
+        size = images.add(path)
+        if size is None:  # unreadable, and data.on_bad_image: skip (its mask goes too)
+            continue
         mask = read_mask(mask_path, palette)
         if (mask.shape[1], mask.shape[0]) != size:
             raise DlcError(Diagnostic(f"mask is {mask.shape[1]}×{mask.shape[0]} but its image {path.name} is "
@@ -177,7 +186,6 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
             raise DlcError(Diagnostic(f"pixel ({x}, {y}) has class {mask[y, x]}, not in 0..{len(classes) - 1} "
                                       f"({len(classes)} classes) nor the ignore index {ignore_index}",
                                       file=str(mask_path), hint="fix the mask, or add the class to data.classes"))
-        images.append(array)
         masks.append(resize_mask(mask, h, w).astype(np.uint8))
         sizes.append(size)
         names.append(stem)
@@ -185,8 +193,10 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
     if extra:
         raise DlcError(Diagnostic(f"{len(extra)} mask(s) without an image, e.g. {masks_by_stem[extra[0]].name}",
                                   file=str(masks_dir), hint="add the images, or remove the masks"))
-    return SegmentationDataset(match_channels(np.stack(images), c, str(images_dir)), np.stack(masks),
-                               list(classes), ignore_index, sizes, names)
+    if not masks:
+        raise DlcError(f"data.root: no readable images in '{images_dir}'")
+    return SegmentationDataset(images.finish(str(images_dir)), np.stack(masks), list(classes), ignore_index, sizes,
+                               names)
 
 
 def segmentation_classes(cfg: dict, base_dir: Path) -> list[str] | None:
@@ -246,10 +256,10 @@ def load_segmentation_dataset(cfg: dict, input_shape: tuple[int, int, int], base
     palette = _palette(cfg, len(classes))
     if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
         return (_load_folder(root / "images" / "train", root / "masks" / "train", classes, input_shape,
-                             ignore_index, palette),
+                             ignore_index, palette, cfg),
                 _load_folder(root / "images" / "val", root / "masks" / "val", classes, input_shape,
-                             ignore_index, palette))
-    data = _load_folder(root / "images", root / "masks", classes, input_shape, ignore_index, palette)
+                             ignore_index, palette, cfg))
+    data = _load_folder(root / "images", root / "masks", classes, input_shape, ignore_index, palette, cfg)
     return _random_split(data, val_fraction, seed, kind)
 
 
@@ -300,7 +310,8 @@ class SegmentationLoader(BatchLoader):
 
     def make_batch(self, epoch: int, index: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = order[index * self.batch_size:(index + 1) * self.batch_size]
-        x, masks = self.data.images[idx], self.data.masks[idx]
+        x, idx = read_subset(self.data.images, idx)
+        masks = self.data.masks[idx]
         if self.augment_cfg.active:
             rng = self.batch_rng(epoch, index)
             x, masks = augment_segmentation(x, masks, self.augment_cfg, rng, self.data.ignore_index, self.pca)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..data.augment import AugmentConfig
 from ..data.datasets import DATASETS
+from ..data.lazy import LOAD_MODES, ON_BAD
 from ..errors import Diagnostic, did_you_mean
 from ..yaml_loader import LDict
 from .schedule import POLICIES
@@ -256,6 +257,11 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
     if not isinstance(crop, int) or crop < 0 or crop > 4096:
         c.error(f"'data.augment.crop' is the padding of a random crop in pixels (e.g. 4), got {crop!r}", "augment")
     prefetch = c.number("prefetch", 2, 1, 64, integer=True)
+    if "load" in section:
+        c.choice("load", "auto", LOAD_MODES)
+    if "on_bad_image" in section:
+        c.choice("on_bad_image", "error", ON_BAD)
+    c.number("cache_mb", 256, 0, 1 << 20)
     return DataConfig(dict(section), augment, prefetch), c.diags
 
 

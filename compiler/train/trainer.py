@@ -37,6 +37,7 @@ from .. import __version__
 from ..atomic import write_json
 from ..data import BatchLoader, load_dataset
 from ..data.datasets import SEGMENTATION_DATASETS
+from ..data.lazy import LazyImages, without_unreadable
 from ..errors import DlcError
 from ..frontend import LoadedModel
 from ..ops import REGISTRY
@@ -217,6 +218,7 @@ class Trainer:
         self.num_outputs = shape[0]
         self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
                                                     Path(spec.file).parent)
+        self.val_set = without_unreadable(self.val_set)
         inp = spec.input
         self.train_loader = BatchLoader(self.train_set, c.batch_size, inp.mean, inp.std, c.seed, spec.data.augment,
                                         prefetch=spec.data.prefetch)
@@ -237,6 +239,7 @@ class Trainer:
                            "class_weights, ...)")
         self.train_set, self.val_set = load_detection_dataset(spec.data.raw, spec.input.shape,
                                                               Path(spec.file).parent)
+        self.val_set = without_unreadable(self.val_set)
         if len(self.train_set.classes) != node.attrs["classes"]:
             raise DlcError(f"{spec.file}: detect layer '{node.name}' has classes: {node.attrs['classes']} but the "
                            f"data has {len(self.train_set.classes)} ({', '.join(self.train_set.classes)}); make "
@@ -267,6 +270,7 @@ class Trainer:
         self.num_outputs = self.graph.shapes[out][0]
         self.train_set, self.val_set = load_segmentation_dataset(spec.data.raw, spec.input.shape,
                                                                  Path(spec.file).parent, self.num_outputs)
+        self.val_set = without_unreadable(self.val_set)
         n = len(self.train_set.classes)
         if n != self.num_outputs:
             raise DlcError(f"{spec.file}: the model's output '{out}' has {self.num_outputs} channels but the data has "
@@ -503,6 +507,19 @@ class Trainer:
             a[...] = flat[offset:offset + a.size].reshape(a.shape)
             offset += a.size
 
+    def _count_unreadable(self, record: dict[str, Any]) -> None:
+        """data.on_bad_image: skip: the training images left out so far (every rank's), in the epoch's record and
+        one line, so a long run never loses images silently."""
+        images = self.train_set.images
+        if not isinstance(images, LazyImages) or images.on_bad != "skip":
+            return
+        bad = images.bad_files()
+        total = int(self.world.allreduce_sum(np.array([len(bad)]), "count of unreadable images")[0])
+        record["unreadable_images"] = total
+        if total:
+            first = f" (e.g. {bad[0]})" if bad else ""
+            self._say(f"note: {total} unreadable training image(s) skipped so far{first}")
+
     def _transfer_summary(self) -> dict[str, Any] | None:
         """What init_from moved (train/transfer.py's report) and which layers stayed frozen."""
         if self.transfer_report is None:
@@ -582,7 +599,10 @@ class Trainer:
                     i, g = state["iteration"], state["global_iteration"]
                     lr = self.schedule(g)
                     rng = np.random.default_rng([c.seed, epoch, i, 2] + ([w.rank] if w.distributed else []))
-                    if self.det is not None:
+                    empty = len(y) == 0  # every image of the batch was unreadable (on_bad_image: skip)
+                    if empty:
+                        loss, finite, seeds = 0.0, True, None
+                    elif self.det is not None:
                         values = self.executor.forward(x, train=True, rng=rng, outputs=self.heads)
                         maps = [values[h] for h in self.heads]
                         loss, dmaps = self.detection_loss(maps, y)
@@ -597,9 +617,10 @@ class Trainer:
                     if bad and not w.distributed:
                         raise _NonFinite(f"the loss became {loss} at epoch {epoch + 1}, iteration {i + 1} "
                                          f"(global {g + 1})")
-                    grads = self.executor.backward(seeds) if not bad else {}
+                    grads = self.executor.backward(seeds) if not bad and not empty else {}
                     flat = {f"{n}.{t}": gr for n, d in grads.items() for t, gr in d.items()}
-                    correct = int((np.argmax(logits, axis=1) == y).sum()) if self.task == "classification" else 0
+                    correct = (int((np.argmax(logits, axis=1) == y).sum())
+                               if self.task == "classification" and not empty else 0)
                     seen, stop = len(y), self._interrupted
                     if w.distributed:  # the gradients, loss and flags of the whole global batch
                         flat, loss, correct, bad, stop = self._allreduce(flat, loss, correct, bad, stop)
@@ -607,7 +628,8 @@ class Trainer:
                         if bad:
                             raise _NonFinite(f"the loss became NaN or inf on at least one of the {w.size} ranks at "
                                              f"epoch {epoch + 1}, iteration {i + 1} (global {g + 1})")
-                    self.solver.step(flat, lr)
+                    if not empty or w.distributed:  # (a rank's empty batch still joins the average, as zeros)
+                        self.solver.step(flat, lr)
                     for cb in self.callbacks:
                         if hasattr(cb, "on_step"):
                             cb.on_step(self, state["global_iteration"])
@@ -634,6 +656,7 @@ class Trainer:
                 record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["seen"], 1)}
                 if self.task == "classification":
                     record["train_accuracy"] = partial["correct"] / max(partial["seen"], 1)
+                self._count_unreadable(record)
                 record.update({**self.evaluate(), "lr": self.schedule(max(state["global_iteration"] - 1, 0)),
                                "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9),
                                "seconds": partial["seconds"]})
@@ -694,6 +717,14 @@ class Trainer:
         }
         if self.det is not None:
             report.update(task="detection", anchors=self.det.attrs["anchors"], anchor_fit=self.anchor_fit)
+        if self.world.distributed:  # what data parallelism cost: the gradient allreduce, waiting included
+            w, buf = self.world, self._grad_buffer
+            report["distributed"] = {
+                "ranks": w.size, "global_batch": w.size * self.cfg.batch_size, "sync_bn": self.cfg.sync_bn,
+                "scale_lr": self.cfg.scale_lr, "allreduce_calls": w.allreduce_calls,
+                "allreduce_seconds": w.allreduce_seconds,
+                "allreduce_ms_per_step": 1e3 * w.allreduce_seconds / max(w.allreduce_calls, 1),
+                "bytes_per_step": 4 * (buf.flat.size if buf is not None else 0)}
         if self.task == "segmentation":
             report.update(task="segmentation", ignore_index=self.train_set.ignore_index,
                           class_weights=None if self.class_weights is None else self.class_weights.tolist())
