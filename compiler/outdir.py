@@ -148,7 +148,7 @@ def claim_output_folder(folder: str | Path, command: str, console=None) -> Itera
     lock = _acquire(folder, command, say)
     _held[key] = 1
     try:
-        removed = remove_stale_temps(folder) + remove_stale_temps(folder / "snapshots")
+        removed = [p for sub in (folder, folder / "snapshots", folder / "data_store") for p in remove_stale_temps(sub)]
         if removed:
             say(f"note: removed {len(removed)} temporary file(s) an interrupted write left in {folder}: "
                 + ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))

@@ -332,3 +332,26 @@ def test_compile_under_mpirun_writes_one_model_from_rank_0(tmp_path):
 def test_help_says_how_to_enable_mpi():
     r = _dlc("train", "--help")
     assert "mpirun -n K dlc train" in r.stdout and ".[mpi]" in r.stdout
+
+
+@needs_mpi
+def test_an_error_on_one_rank_mid_epoch_names_the_rank_and_stops_every_rank(tmp_path):
+    """A corrupt image is read by the one rank whose shard holds it: that rank's error must stop the job."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    bad = tmp_path / "imgs" / "b" / "5.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    model = tmp_path / "m.yaml"
+    model.write_text(NO_BN.replace("data: {dataset: synthetic, samples: 120, num_classes: 3, seed: 1}",
+                                   "data: {dataset: imagefolder, root: imgs, load: lazy, val_fraction: 0.1, seed: 2}")
+                     .replace("EPOCHS", "3").replace("batch_size: 16", "batch_size: 4"))
+    started = time.monotonic()
+    r = _mpirun(2, "train", str(model), "-o", str(tmp_path / "o"), timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and time.monotonic() - started < 60
+    assert "of 2: " in out and "5.png" in out and "cannot read image" in out

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-from helpers import errors_of
 from PIL import Image
 
 from dlc.compiler.data import BatchLoader
@@ -20,6 +19,8 @@ from dlc.compiler.errors import DlcError
 from dlc.compiler.frontend import load_model
 from dlc.compiler.train.checkpoint import read_checkpoint
 from dlc.compiler.train.trainer import Trainer
+
+from helpers import errors_of
 
 
 def _folder(root, per_class=12, classes=("a", "b", "c"), size=(11, 9), seed=0):
@@ -176,3 +177,26 @@ def test_load_settings_are_checked():
                for e in errors_of(base.replace("DATA", "imagefolder, root: x, on_bad_image: ignore")))
     assert any("'data.load' is only read by dataset imagefolder / coco / yolo / segmentation" in e
                for e in errors_of(base.replace("DATA", "synthetic, load: lazy")))
+
+
+def test_memmap_store_is_built_once_and_read_by_memory_map(tmp_path):
+    _folder(tmp_path / "imgs")
+    _truncate(tmp_path / "imgs" / "c" / "004.png")
+    model = _model(tmp_path, "load: memmap, on_bad_image: skip")
+    first = Trainer(load_model(model), tmp_path / "out", progress=False)
+    folder = tmp_path / "out" / "data_store"
+    store = next(p for p in folder.glob("images-*.npy") if not p.name.endswith(".bad.npy"))
+    assert store.with_name(store.name[:-4] + ".bad.npy").is_file()
+    stamp = store.stat().st_mtime_ns
+    images = first.train_set.images
+    assert isinstance(images.store, np.memmap) and int(images.bad_mask.sum()) == 1  # the whole set's one bad file
+    lazy_train, _ = load_dataset({"dataset": "imagefolder", "root": "imgs", "seed": 1, "load": "lazy",
+                                  "on_bad_image": "skip"}, (3, 8, 8), 3, tmp_path)
+    stored, kept = images.read(np.arange(len(images)))
+    decoded, kept_lazy = lazy_train.images.read(np.arange(len(images)))
+    np.testing.assert_array_equal(kept, kept_lazy)
+    np.testing.assert_array_equal(stored, decoded)  # the same pixels as decoding the files
+    assert first.run().stopped == "completed"
+    again = Trainer(load_model(model), tmp_path / "out", progress=False)  # reused, not rebuilt
+    assert store.stat().st_mtime_ns == stamp and isinstance(again.train_set.images.store, np.memmap)
+    assert not list(folder.glob(".*.tmp"))

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import Diagnostic, DlcError
-from .lazy import AUTO_LAZY_BYTES, LazyImages, subset
+from .lazy import AUTO_LAZY_BYTES, LazyImages, build_store, subset
 from .synthetic import make_shapes
 
 CLASSIFICATION_DATASETS = ("synthetic", "digits", "imagefolder")
@@ -190,7 +190,10 @@ class ImageCollector:
     def __init__(self, cfg: dict[str, Any], shape: tuple[int, int, int], count: int):
         self.shape = tuple(int(v) for v in shape)
         mode = cfg.get("load", "auto")
-        self.lazy = mode == "lazy" or (mode == "auto" and count * 4 * int(np.prod(self.shape)) > AUTO_LAZY_BYTES)
+        self.lazy = mode in ("lazy", "memmap") or (
+            mode == "auto" and count * 4 * int(np.prod(self.shape)) > AUTO_LAZY_BYTES)
+        # memmap: the trainer passes its output folder (elsewhere, e.g. dlc eval, such a set is read lazily)
+        self.store_dir = cfg.get("_store_dir") if mode == "memmap" else None
         self.on_bad = cfg.get("on_bad_image", "error")
         self.cache_mb = float(cfg.get("cache_mb", 256))
         self.paths: list[Path] = []
@@ -220,6 +223,8 @@ class ImageCollector:
         if self.skipped:
             logging.getLogger("dlc").warning("%s: skipped %d unreadable image(s) (data.on_bad_image: skip), e.g. %s",
                                              where, len(self.skipped), self.skipped[0])
+        if self.store_dir is not None:
+            return build_store(self.paths, self.shape, Path(self.store_dir), self.on_bad)
         if self.lazy:
             return LazyImages(self.paths, self.shape, self.cache_mb, self.on_bad)
         return np.stack(self.arrays) if self.arrays else np.empty((0, *self.shape), np.float32)

@@ -7,12 +7,19 @@ does the reading, so decoding overlaps training. Decoded images are kept as uint
 cache of `cache_mb` megabytes, shared by the subsets of one set; memory therefore does not grow with the data
 set. Under MPI each rank reads only its own shard of every epoch.
 
+`data.load: memmap` converts the set once into a uint8 N×C×H×W .npy in the output folder (`StoredImages`, read by
+memory map): later runs decode nothing, and the operating system's page cache holds the pixels.
+
 A file that cannot be read is an error naming it (`on_bad_image: error`, the default), or with `skip` it is left
 out of its batch, remembered, and counted: `bad` holds every such file with the reason, for the epoch report.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +28,7 @@ import numpy as np
 
 from ..errors import DlcError
 
-LOAD_MODES = ("auto", "memory", "lazy")
+LOAD_MODES = ("auto", "memory", "lazy", "memmap")
 ON_BAD = ("error", "skip")
 AUTO_LAZY_BYTES = 1 << 30  # `load: auto` reads lazily once the decoded float32 set would pass 1 GiB
 
@@ -153,3 +160,79 @@ def without_unreadable(data):
     kept = np.concatenate([images.read(np.arange(a, min(a + 256, len(images))))[1]
                            for a in range(0, len(images), 256)] or [np.empty(0, np.int64)])
     return data if len(kept) == len(images) else data.subset(kept)
+
+
+class StoredImages(LazyImages):
+    """A set converted once into a uint8 store (`build_store`), read by memory map."""
+
+    def __init__(self, store: np.ndarray, bad: np.ndarray, paths: list[Path], shape, on_bad: str,
+                 index: np.ndarray | None = None, shared: _Shared | None = None):
+        if shared is None:
+            shared = _Shared(0)
+            shared.bad = {int(i): "cannot read image (found when the store was built)" for i in np.flatnonzero(bad)}
+        super().__init__(paths, shape, 0, on_bad, index, shared)
+        self.store, self.bad_mask = store, bad
+
+    def take(self, idx) -> StoredImages:
+        return StoredImages(self.store, self.bad_mask, self.paths, self.image_shape, self.on_bad,
+                            self.index[np.asarray(idx)], self.shared)
+
+    def _image(self, i: int) -> np.ndarray | None:
+        return None if self.bad_mask[i] else np.asarray(self.store[i])
+
+
+def _store_key(paths: list[Path], shape) -> str:
+    """What the store's contents depend on: the input shape and every file's path, size and modification time."""
+    h = hashlib.sha256(repr(tuple(shape)).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def build_store(paths: list[Path], shape, folder: Path, on_bad: str = "error") -> StoredImages:
+    """The store of these files at `shape`, in `folder`: reused when one with the same key is there, else written
+    once (decoding each file, holding one image at a time) to a temporary file and renamed into place, so a
+    killed conversion leaves nothing half-written that a later run would trust. Ranks that share the folder may
+    build it at the same time: each writes its own temporary file, and the contents are identical."""
+    from .datasets import read_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _store_key(paths, shape)
+    images_path, bad_path = folder / f"images-{key}.npy", folder / f"images-{key}.bad.npy"
+    if not (images_path.is_file() and bad_path.is_file()):
+        logging.getLogger("dlc").info("data.load memmap: converting %d images once into %s", len(paths), images_path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{images_path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape))
+            bad = np.zeros(len(paths), bool)
+            for i, path in enumerate(paths):
+                try:
+                    store[i] = np.rint(read_image(path, *shape)[0] * 255.0).astype(np.uint8)
+                except DlcError:
+                    if on_bad != "skip":
+                        raise
+                    bad[i] = True
+            store.flush()
+            del store
+            import io
+
+            from ..atomic import write_bytes
+
+            buf = io.BytesIO()
+            np.save(buf, bad, allow_pickle=False)
+            write_bytes(bad_path, buf.getvalue())
+            os.replace(tmp, images_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    try:
+        store = np.load(images_path, mmap_mode="r", allow_pickle=False)
+        bad = np.load(bad_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DlcError(f"{images_path}: the image store cannot be read ({exc}); delete it and it is built again"
+                       ) from None
+    if store.shape != (len(paths), *shape) or store.dtype != np.uint8 or bad.shape != (len(paths),):
+        raise DlcError(f"{images_path}: the image store does not fit this data set; delete it and it is built again")
+    return StoredImages(store, bad.astype(bool), paths, shape, on_bad)

@@ -188,6 +188,10 @@ class Trainer:
             raise DlcError(f"{spec.file}: early_stopping.monitor is {es.monitor}, which a "
                            f"{MODEL_NOUN[self.task]} does not report; use one of {', '.join(allowed)}")
 
+    def _data_cfg(self) -> dict[str, Any]:
+        """The data: section, plus where `load: memmap` keeps its store (the output folder)."""
+        return {**self.spec.data.raw, "_store_dir": str(self.out_dir / "data_store")}
+
     def _shard(self) -> None:
         """Data parallel: each rank reads its part of every global batch of ranks × batch_size samples."""
         w, c = self.world, self.cfg
@@ -216,7 +220,7 @@ class Trainer:
                            "trains with cross_entropy or focal")
         self.logits = _logits_of(self.graph, out)
         self.num_outputs = shape[0]
-        self.train_set, self.val_set = load_dataset(spec.data.raw, spec.input.shape, self.num_outputs,
+        self.train_set, self.val_set = load_dataset(self._data_cfg(), spec.input.shape, self.num_outputs,
                                                     Path(spec.file).parent)
         self.val_set = without_unreadable(self.val_set)
         inp = spec.input
@@ -237,7 +241,7 @@ class Trainer:
             raise DlcError(f"{spec.file}: train.loss and train.class_weights are for classifiers; a detector's "
                            f"loss settings live on its detect layer '{node.name}' (box_loss, obj_loss, "
                            "class_weights, ...)")
-        self.train_set, self.val_set = load_detection_dataset(spec.data.raw, spec.input.shape,
+        self.train_set, self.val_set = load_detection_dataset(self._data_cfg(), spec.input.shape,
                                                               Path(spec.file).parent)
         self.val_set = without_unreadable(self.val_set)
         if len(self.train_set.classes) != node.attrs["classes"]:
@@ -268,7 +272,7 @@ class Trainer:
         out = self.graph.outputs[0]
         self.logits = _logits_of(self.graph, out)
         self.num_outputs = self.graph.shapes[out][0]
-        self.train_set, self.val_set = load_segmentation_dataset(spec.data.raw, spec.input.shape,
+        self.train_set, self.val_set = load_segmentation_dataset(self._data_cfg(), spec.input.shape,
                                                                  Path(spec.file).parent, self.num_outputs)
         self.val_set = without_unreadable(self.val_set)
         n = len(self.train_set.classes)
