@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import Diagnostic, DlcError
-from .lazy import AUTO_LAZY_BYTES, LazyImages, build_store, subset
+from .lazy import AUTO_LAZY_BYTES, DEFAULT_CACHE_MB, LazyImages, build_store, subset
 from .synthetic import make_shapes
 
 CLASSIFICATION_DATASETS = ("synthetic", "digits", "imagefolder")
@@ -195,7 +195,7 @@ class ImageCollector:
         # memmap: the trainer passes its output folder (elsewhere, e.g. dlc eval, such a set is read lazily)
         self.store_dir = cfg.get("_store_dir") if mode == "memmap" else None
         self.on_bad = cfg.get("on_bad_image", "error")
-        self.cache_mb = float(cfg.get("cache_mb", 256))
+        self.cache_mb = float(cfg.get("cache_mb", DEFAULT_CACHE_MB))
         self.paths: list[Path] = []
         self.arrays: list[np.ndarray] = []
         self.skipped: list[str] = []

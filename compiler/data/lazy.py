@@ -31,6 +31,9 @@ from ..errors import DlcError
 LOAD_MODES = ("auto", "memory", "lazy", "memmap")
 ON_BAD = ("error", "skip")
 AUTO_LAZY_BYTES = 1 << 30  # `load: auto` reads lazily once the decoded float32 set would pass 1 GiB
+# A small cache: a set read lazily is larger than memory, so in a shuffled order few images are read twice
+# before they would be evicted; the operating system caches the files themselves.
+DEFAULT_CACHE_MB = 16
 
 
 class _Shared:
@@ -45,7 +48,7 @@ class _Shared:
 
 
 class LazyImages:
-    def __init__(self, paths: list[Path], shape: tuple[int, int, int], cache_mb: float = 512,
+    def __init__(self, paths: list[Path], shape: tuple[int, int, int], cache_mb: float = DEFAULT_CACHE_MB,
                  on_bad: str = "error", index: np.ndarray | None = None, shared: _Shared | None = None):
         self.paths = paths
         self.image_shape = tuple(shape)
