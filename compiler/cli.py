@@ -180,6 +180,8 @@ def compile_cmd(
     retrain: bool = typer.Option(False, "--retrain",
                                  help="Train again even when DIR/checkpoint.safetensors is up to date with the YAML."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ranks: int = typer.Option(1, "--ranks", min=1, help="Train data-parallel on this many processes of this machine "
+                              "(runs mpirun for you)."),
 ) -> None:
     """Validate, build and export a model to ONNX; check it with onnx's checker and onnxruntime.
 
@@ -189,9 +191,10 @@ def compile_cmd(
     metadata: model name, input size and normalization, classes, dlc version, the YAML's sha256) and
     DIR/report.json, replaced atomically.
 
-    Under `mpirun -n K`, the training runs data-parallel on K ranks (see `dlc train --help`); pruning, export
-    and verification then run on rank 0.
+    Under `mpirun -n K` (or with `--ranks K` on one machine), the training runs data-parallel on K ranks (see
+    `dlc train --help`); pruning, export and verification then run on rank 0.
     """
+    _launch_ranks(ranks)
     from .pipeline import compile_model
     from .train.distributed import World
 
@@ -244,6 +247,21 @@ def compile_cmd(
     out.print(f"  report      {result.report_path}")
 
 
+def _launch_ranks(ranks: int) -> None:
+    """--ranks K (K > 1, not already under a launcher): become `mpirun -n K dlc <same arguments>`."""
+    if ranks <= 1 or _UNDER_MPI:
+        return
+    from .train.launcher import mpirun_command, without_ranks_option
+
+    try:
+        command, env = mpirun_command(ranks, without_ranks_option(sys.argv[1:]))
+    except DlcError as exc:
+        _fail(exc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env)  # mpirun takes this process's place (and its Ctrl-C)
+
+
 def _claim(output: Path, command: str, world):
     """Rank 0 alone holds the output folder (it alone writes there)."""
     import contextlib
@@ -270,6 +288,8 @@ def train(
                                 help="Folder for checkpoint.safetensors, metrics.json, curves.png, snapshots/."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the folder's checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
+    ranks: int = typer.Option(1, "--ranks", min=1, help="Train data-parallel on this many processes of this machine "
+                              "(runs mpirun for you; see below)."),
 ) -> None:
     """Train a model on the CPU with dlc's native kernels.
 
@@ -281,8 +301,10 @@ def train(
     MPI (install it with `pip install -e ".[mpi]"`). train.batch_size is per rank; base_lr is for the global
     batch of K × batch_size (`train.scale_lr: true` multiplies it by K); `train.sync_bn: true` normalises
     batch norm over the global batch. Rank 0 writes every file; `--resume` works with any K. DLC_MPI_TIMEOUT
-    (seconds, default 300) bounds the wait for a rank that died or hangs.
+    (seconds, default 300) bounds the wait for a rank that died or hangs. On one machine, `--ranks K` runs
+    mpirun for you with the settings it needs (each rank its share of the cores, root allowed).
     """
+    _launch_ranks(ranks)
     from .frontend import load_model
     from .prune.pipeline import training_callbacks
     from .train.distributed import World

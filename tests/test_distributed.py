@@ -355,3 +355,74 @@ def test_an_error_on_one_rank_mid_epoch_names_the_rank_and_stops_every_rank(tmp_
     out = r.stdout + r.stderr
     assert r.returncode != 0 and time.monotonic() - started < 60
     assert "of 2: " in out and "5.png" in out and "cannot read image" in out
+
+
+@needs_mpi
+def test_ranks_option_runs_mpirun_itself(tmp_path):
+    model = _yaml(tmp_path, "m.yaml", NO_BN, 8, epochs=1)
+    r = _dlc("train", str(model), "-o", str(tmp_path / "o"), "--ranks", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = read_checkpoint(tmp_path / "o" / "checkpoint.safetensors")[3]
+    assert (info["ranks"], info["global_batch"]) == (2, 16)
+
+
+def test_ranks_option_is_taken_out_of_the_ranks_command_line():
+    assert launcher.without_ranks_option(["train", "m.yaml", "--ranks", "2", "-o", "x", "--ranks=3"]) == [
+        "train", "m.yaml", "-o", "x"]
+
+
+SEG = """model:
+  name: micro_unet
+  input: {name: image, shape: [3, 16, 16], mean: 0.3, std: 0.3}
+  layers:
+    - {name: enc1, type: conv, out: 4, kernel: 3, pad: 1, bias: false}
+    - {name: bn1, type: batchnorm}
+    - {name: relu1, type: relu}
+    - {name: pool1, type: maxpool, kernel: 2, stride: 2}
+    - {name: up, type: conv_transpose, out: 4, kernel: 2, stride: 2}
+    - {name: cat, type: concat, inputs: [up, relu1]}
+    - {name: head, type: conv, out: 3, kernel: 1}
+data: {dataset: synthetic_segmentation, samples: 80, num_classes: 3, val_fraction: 0.2}
+train: {solver: adam, base_lr: 0.01, batch_size: 16, epochs: 2, seed: 0, sync_bn: true}
+"""
+
+DET = """model:
+  name: micro_detector
+  input: {name: image, shape: [3, 32, 32], mean: 0.3, std: 0.3}
+  layers:
+    - {name: conv1, type: conv, out: 8, kernel: 3, stride: 2, pad: 1}
+    - {name: relu1, type: relu}
+    - {name: conv2, type: conv, out: 8, kernel: 3, stride: 2, pad: 1}
+    - {name: relu2, type: relu}
+    - {name: head4, type: conv, out: 14, kernel: 1}
+    - {name: detect, type: detect, inputs: [head4], classes: 2, anchors: auto, anchors_per_scale: 2}
+data: {dataset: synthetic_detection, samples: 80, num_classes: 2, val_fraction: 0.2}
+train: {solver: adam, base_lr: 0.01, batch_size: 16, epochs: 2, seed: 0}
+"""
+
+
+@needs_mpi
+def test_segmentation_under_two_ranks_matches_one_process(tmp_path):
+    """Every rank's masks have the same number of pixels (no ignored ones here), so the per-rank mean losses
+    average to the global one, and with sync_bn the weights match."""
+    one = _yaml(tmp_path, "one.yaml", SEG, 16)
+    two = _yaml(tmp_path, "two.yaml", SEG, 8)
+    assert _dlc("train", str(one), "-o", str(tmp_path / "o1")).returncode == 0
+    r = _mpirun(2, "train", str(two), "-o", str(tmp_path / "o2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_same(_weights(tmp_path / "o1")[0], _weights(tmp_path / "o2")[0], 1e-5)
+    h = json.loads((tmp_path / "o2" / "metrics.json").read_text())["epochs"]
+    assert len(h) == 2 and 0 < h[-1]["val_miou"] <= 1
+
+
+@needs_mpi
+def test_a_detector_trains_under_two_ranks_with_rank_0s_anchors(tmp_path):
+    one = _yaml(tmp_path, "one.yaml", DET, 16)
+    two = _yaml(tmp_path, "two.yaml", DET, 8)
+    assert _dlc("train", str(one), "-o", str(tmp_path / "o1")).returncode == 0
+    r = _mpirun(2, "train", str(two), "-o", str(tmp_path / "o2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    i1, i2 = _weights(tmp_path / "o1")[2], _weights(tmp_path / "o2")[2]
+    assert i1["anchors"] == i2["anchors"] and i2["ranks"] == 2  # k-means on the same training boxes
+    h = json.loads((tmp_path / "o2" / "metrics.json").read_text())["epochs"]
+    assert len(h) == 2 and np.isfinite(h[-1]["train_loss"]) and "val_map" in h[-1]
