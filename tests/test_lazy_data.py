@@ -14,7 +14,7 @@ from dlc.compiler.data import BatchLoader
 from dlc.compiler.data.datasets import load_dataset
 from dlc.compiler.data.detection import load_detection_dataset
 from dlc.compiler.data.lazy import LazyImages
-from dlc.compiler.data.segmentation import load_segmentation_dataset
+from dlc.compiler.data.segmentation import LazyMasks, load_segmentation_dataset
 from dlc.compiler.errors import DlcError
 from dlc.compiler.frontend import load_model
 from dlc.compiler.train.checkpoint import read_checkpoint
@@ -166,6 +166,16 @@ def test_yolo_and_segmentation_sets_read_lazily_alike(tmp_path):
         for a, b in zip(mem, lazy):
             assert isinstance(b.images, LazyImages)
             np.testing.assert_array_equal(a.images, b.images[:])
+            if cfg is s:  # the masks are read with their batch as well
+                assert isinstance(b.masks, LazyMasks)
+                np.testing.assert_array_equal(a.masks, np.asarray(b.masks))
+                np.testing.assert_array_equal(a.pixel_counts(), b.pixel_counts())
+                assert a.pixel_counts().min() > 0
+    # a mask with a class the data does not have is found when its batch is read, and named
+    Image.fromarray(np.full((12, 10), 7, np.uint8)).save(tmp_path / "s" / "masks" / "3.png")
+    train, val = load_segmentation_dataset({**s, "load": "lazy"}, (3, 8, 8), tmp_path, 2)
+    with pytest.raises(DlcError, match=r"3\.png.*has class 7, not in 0\.\.1"):
+        np.asarray(train.masks), np.asarray(val.masks)
 
 
 def test_load_settings_are_checked():

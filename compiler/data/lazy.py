@@ -150,8 +150,8 @@ def read_subset(images, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def subset(images, idx):
-    """images[idx] for an array; the subset that reads nothing for a LazyImages."""
-    return images.take(idx) if isinstance(images, LazyImages) else images[idx]
+    """images[idx] for an array; the subset that reads nothing for a lazily read set (anything with take())."""
+    return images[idx] if isinstance(images, np.ndarray) else images.take(idx)
 
 
 def without_unreadable(data):

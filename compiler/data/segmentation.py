@@ -55,14 +55,85 @@ class SegmentationDataset:
 
     def subset(self, idx) -> SegmentationDataset:
         idx = [int(i) for i in np.atleast_1d(idx)]
-        return SegmentationDataset(subset(self.images, idx), self.masks[idx], list(self.classes), self.ignore_index,
+        return SegmentationDataset(subset(self.images, idx), subset(self.masks, idx), list(self.classes), self.ignore_index,
                                    None if self.sizes is None else [self.sizes[i] for i in idx],
                                    None if self.names is None else [self.names[i] for i in idx])
 
     def pixel_counts(self) -> np.ndarray:
-        """Pixels of each class over the set (ignored pixels left out): the basis of `class_weights: balanced`."""
-        valid = self.masks[self.masks != self.ignore_index]
-        return np.bincount(valid.ravel(), minlength=len(self.classes))[:len(self.classes)].astype(np.int64)
+        """Pixels of each class over the set (ignored pixels left out): the basis of `class_weights: balanced`.
+        A lazily read set is counted 256 masks at a time."""
+        n = len(self.classes)
+        counts = np.zeros(n, np.int64)
+        for a in range(0, len(self.masks), 256):
+            chunk = self.masks[a:a + 256]
+            valid = chunk[chunk != self.ignore_index]
+            counts += np.bincount(valid.ravel(), minlength=n)[:n]
+        return counts
+
+
+class LazyMasks:
+    """The masks of a lazily read segmentation set (data.load: lazy or memmap): each mask file is read, checked
+    (class range, palette) and resized when its batch needs it, like its image. Masks are labels, so a bad one
+    is always an error naming the file, whatever data.on_bad_image says."""
+
+    def __init__(self, paths: list[Path], shape: tuple[int, int], classes: int, ignore_index: int,
+                 palette: np.ndarray | None, index: np.ndarray | None = None):
+        self.paths, self.hw, self.classes, self.ignore_index, self.palette = paths, shape, classes, ignore_index, palette
+        self.index = np.arange(len(paths)) if index is None else np.asarray(index, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.hw)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def take(self, idx) -> LazyMasks:
+        return LazyMasks(self.paths, self.hw, self.classes, self.ignore_index, self.palette,
+                         self.index[np.asarray(idx)])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._mask(int(self.index[key]))
+        positions = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, np.int64)
+        if not len(positions):
+            return np.empty((0, *self.hw), np.uint8)
+        return np.stack([self._mask(int(self.index[p])) for p in positions.ravel()])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+    def _mask(self, i: int) -> np.ndarray:
+        path = self.paths[i]
+        mask = read_mask(path, self.palette)
+        _check_classes(mask, path, self.classes, self.ignore_index)
+        return resize_mask(mask, *self.hw).astype(np.uint8)
+
+
+def _check_classes(mask: np.ndarray, path: Path, classes: int, ignore_index: int) -> None:
+    bad = (mask >= classes) & (mask != ignore_index)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        raise DlcError(Diagnostic(f"pixel ({x}, {y}) has class {mask[y, x]}, not in 0..{classes - 1} "
+                                  f"({classes} classes) nor the ignore index {ignore_index}",
+                                  file=str(path), hint="fix the mask, or add the class to data.classes"))
+
+
+def _mask_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a mask file from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    _check_regular_file(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DlcError(Diagnostic(f"cannot read mask: {exc}", file=str(path),
+                                  hint="remove or replace the file")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,18 +246,17 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
         size = images.add(path)
         if size is None:  # unreadable, and data.on_bad_image: skip (its mask goes too)
             continue
-        mask = read_mask(mask_path, palette)
-        if (mask.shape[1], mask.shape[0]) != size:
-            raise DlcError(Diagnostic(f"mask is {mask.shape[1]}×{mask.shape[0]} but its image {path.name} is "
+        mask = None if images.lazy else read_mask(mask_path, palette)  # lazy: read with its batch
+        mask_size = _mask_size(mask_path) if mask is None else (mask.shape[1], mask.shape[0])
+        if mask_size != size:
+            raise DlcError(Diagnostic(f"mask is {mask_size[0]}×{mask_size[1]} but its image {path.name} is "
                                       f"{size[0]}×{size[1]}", file=str(mask_path),
                                       hint="a mask must have its image's size, pixel for pixel"))
-        bad = (mask >= len(classes)) & (mask != ignore_index)
-        if bad.any():
-            y, x = np.argwhere(bad)[0]
-            raise DlcError(Diagnostic(f"pixel ({x}, {y}) has class {mask[y, x]}, not in 0..{len(classes) - 1} "
-                                      f"({len(classes)} classes) nor the ignore index {ignore_index}",
-                                      file=str(mask_path), hint="fix the mask, or add the class to data.classes"))
-        masks.append(resize_mask(mask, h, w).astype(np.uint8))
+        if mask is None:
+            masks.append(mask_path)
+        else:
+            _check_classes(mask, mask_path, len(classes), ignore_index)
+            masks.append(resize_mask(mask, h, w).astype(np.uint8))
         sizes.append(size)
         names.append(stem)
     extra = sorted(set(masks_by_stem) - set(images_by_stem))
@@ -195,8 +265,8 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
                                   file=str(masks_dir), hint="add the images, or remove the masks"))
     if not masks:
         raise DlcError(f"data.root: no readable images in '{images_dir}'")
-    return SegmentationDataset(images.finish(str(images_dir)), np.stack(masks), list(classes), ignore_index, sizes,
-                               names)
+    stacked = LazyMasks(masks, (h, w), len(classes), ignore_index, palette) if images.lazy else np.stack(masks)
+    return SegmentationDataset(images.finish(str(images_dir)), stacked, list(classes), ignore_index, sizes, names)
 
 
 def segmentation_classes(cfg: dict, base_dir: Path) -> list[str] | None:
