@@ -485,8 +485,8 @@ cdef void _forward_team(const float* x, const float* w, const float* bias, float
 cdef inline void _backward_image(const float* xn, const float* w, const float* dyn, float* dxn, float* col,
                                  float* dcol, float* dwT, double* dbacc, const Geom* g,
                                  Py_ssize_t bh) noexcept nogil:
-    """Image n, band by band: dwT[g] += col[g] @ dyn[g].T; dxn = col2im(w[g].T @ dyn[g]) (if dxn);
-    dbacc[o] += sum(dyn[o]) (if dbacc)."""
+    """Image n, band by band: dwT[g] += col[g] @ dyn[g].T (if dwT; without it, no im2col either);
+    dxn = col2im(w[g].T @ dyn[g]) (if dxn); dbacc[o] += sum(dyn[o]) (if dbacc)."""
     cdef Py_ssize_t P = g.OH * g.OW, HW = g.H * g.W, KK = g.KH * g.KW
     cdef Py_ssize_t oh0, oh1, L, gi, c, lda, gstride, o, p
     cdef const float* a
@@ -509,13 +509,16 @@ cdef inline void _backward_image(const float* xn, const float* w, const float* d
             lda = P
             gstride = g.Cg * P
         else:
-            _im2col_band(xn, col, g, oh0, oh1)
+            if dwT != NULL:
+                _im2col_band(xn, col, g, oh0, oh1)
             a = col
             lda = L
             gstride = g.Kg * L
         for gi in range(g.G):
             dyg = dyn + gi * g.Og * P + oh0 * g.OW
-            _gemm(NO_TRANS, TRANS, g.Kg, g.Og, L, a + gi * gstride, lda, dyg, P, 1.0, dwT + gi * g.Kg * g.Og, g.Og)
+            if dwT != NULL:
+                _gemm(NO_TRANS, TRANS, g.Kg, g.Og, L, a + gi * gstride, lda, dyg, P, 1.0, dwT + gi * g.Kg * g.Og,
+                      g.Og)
             if dxn == NULL:
                 continue
             if g.pointwise:
@@ -541,10 +544,11 @@ cdef void _backward_team(const float* x, const float* w, const float* dy, float*
     cdef Py_ssize_t n, tid, wsize = g.G * g.Kg * g.Og
     for n in prange(g.N, schedule="static", num_threads=threads):
         tid = threadid()
-        _backward_image(x + n * g.C * g.H * g.W, w, dy + n * g.O * g.OH * g.OW,
+        _backward_image(NULL if x == NULL else x + n * g.C * g.H * g.W, w, dy + n * g.O * g.OH * g.OW,
                         NULL if dx == NULL else dx + n * g.C * g.H * g.W,
                         col + tid * ldcol, NULL if dcol == NULL else dcol + tid * ldcol,
-                        dwT + tid * wsize, NULL if dbacc == NULL else dbacc + tid * g.O, &g, bh)
+                        NULL if dwT == NULL else dwT + tid * wsize, NULL if dbacc == NULL else dbacc + tid * g.O,
+                        &g, bh)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -893,6 +897,83 @@ def conv2d_forward(x, w, b, stride, pads, dilation, groups, out_hw):
         with nogil:
             _unfold_rows(yTp, nb, g.O, P, bp, yp + n0 * g.O * P)
     return y
+
+
+class _Shape:
+    """Stands for an input array where only its shape matters (the geometry check reads .ndim and .shape)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(v) for v in shape)
+        self.ndim = len(self.shape)
+
+
+def conv2d_backward_input(dy, w, x_shape, stride, pads, dilation, groups):
+    """dx alone, (N, C, H, W) = x_shape, for y = conv(x, w) and the upstream gradient dy: no weight gradient
+    and no im2col of an input. This is conv_transpose's forward, which used to compute (and drop) both."""
+    w = _f32(w)
+    dy = _f32(dy)
+    cdef Geom g = _geometry(_Shape(x_shape), w, stride, pads, dilation, groups, None)
+    columns = _column_table(&g)  # col2im reads it through g.cols: keep it alive for the call
+    cdef Py_ssize_t P = g.OH * g.OW, img = g.C * g.H * g.W, K = g.Kg, G = g.G, Og = g.Og, Cg = g.Cg
+    cdef Py_ssize_t n0, nb, gi
+    if dy.shape != (g.N, g.O, g.OH, g.OW):
+        raise ValueError(f"conv: dy must have shape {(g.N, g.O, g.OH, g.OW)}, got {dy.shape}")
+    dx = np.empty(tuple(x_shape), dtype=np.float32)
+    if dx.size == 0:
+        return dx
+    if dy.size == 0:
+        dx[...] = 0.0
+        return dx
+    cdef const float* wp = _fptr(w)
+    cdef const float* dyp = _fptr(dy)
+    cdef float* dxp = _fptr(dx)
+    cdef float* dcolp
+    cdef float* dyTp
+    cdef float* colp
+    cdef int threads
+    cdef Py_ssize_t bh, ldcol
+    if _is_depthwise(&g):
+        with nogil:
+            _dw_backward_input(dyp, wp, dxp, g)
+        return dx
+    if _team_blas():  # one image per task inside the OpenMP team, as the training backward runs
+        threads = _team_threads()
+        bh = _band_rows(&g, _SMALL_GEMM_BACKWARD)
+        ldcol = 0 if g.pointwise else g.C * g.KH * g.KW * bh * g.OW
+        col = _workspace("col", max(1, threads * ldcol))
+        dcol = _workspace("dcol", max(1, threads * ldcol))
+        colp = _fptr(col)
+        dcolp = NULL if g.pointwise else _fptr(dcol)
+        _blas_single_enter()
+        try:
+            with nogil:
+                _backward_team(NULL, wp, dyp, dxp, colp, dcolp, ldcol, NULL, NULL, g, bh, threads)
+        finally:
+            _blas_single_exit()
+        return dx
+    w2 = w.reshape(g.O, K)
+    if g.pointwise:
+        dy3 = dy.reshape(g.N, g.O, P)
+        dx3 = dx.reshape(g.N, g.C, P)
+        for gi in range(G):
+            np.matmul(w2[gi * Og:(gi + 1) * Og].T, dy3[:, gi * Og:(gi + 1) * Og], out=dx3[:, gi * Cg:(gi + 1) * Cg])
+        return dx
+    nb = _chunk_images(&g)
+    dcol = _workspace("dcol", G * K * nb * P)
+    dyT = _workspace("rows", g.O * nb * P)
+    dcolp = _fptr(dcol)
+    dyTp = _fptr(dyT)
+    for n0 in range(0, g.N, nb):
+        nb = min(nb, g.N - n0)
+        dyTv = dyT[:g.O * nb * P].reshape(g.O, nb * P)
+        dcolv = dcol[:G * K * nb * P].reshape(G * K, nb * P)
+        with nogil:
+            _fold_rows(dyp + n0 * g.O * P, nb, g.O, P, dyTp)
+        for gi in range(G):
+            np.matmul(w2[gi * Og:(gi + 1) * Og].T, dyTv[gi * Og:(gi + 1) * Og], out=dcolv[gi * K:(gi + 1) * K])
+        with nogil:
+            _col2im_chunk(dcolp, nb, dxp + n0 * img, g)
+    return dx
 
 
 def conv2d_backward(x, w, dy, stride, pads, dilation, groups, need_dx=True, need_db=True):

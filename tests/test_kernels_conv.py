@@ -150,6 +150,19 @@ def test_matches_reference(name, path):
         check_against_reference(CASES[name], seed=1)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ids)
+def test_input_gradient_alone_matches_reference(name, path):
+    """conv2d_backward_input (conv_transpose's forward): dx without the weight gradient, from the shape alone."""
+    case = CASES[name]
+    x, w, b, dy = case.arrays(seed=3)
+    _, (dx_ref, _, _) = reference(case, x, w, b, dy)
+    with kernel_path(path):
+        dx = native.conv2d_backward_input(dy, w, x.shape, *case.geometry())
+    assert dx.dtype == np.float32 and dx.shape == x.shape and dx.flags.c_contiguous
+    assert_close(dx, dx_ref)
+
+
 @pytest.mark.parametrize("path", ["team", "numpy"])
 @pytest.mark.parametrize("name", ["3x3 pad 1", "depthwise", "1x1 fast path", "groups 2"])
 def test_backward_flags(name, path):
