@@ -899,6 +899,15 @@ def conv2d_forward(x, w, b, stride, pads, dilation, groups, out_hw):
     return y
 
 
+def _pointwise_input_grad(w2, dy, dx, Py_ssize_t G):
+    """dx = w.T @ dy per group for a 1×1 stride-1 unpadded conv (the numpy path): w2 is w as (O, C/G)."""
+    cdef Py_ssize_t N = dy.shape[0], O = dy.shape[1], C = dx.shape[1], Og = O // G, Cg = C // G, gi
+    dy3 = dy.reshape(N, O, -1)
+    dx3 = dx.reshape(N, C, -1)
+    for gi in range(G):
+        np.matmul(w2[gi * Og:(gi + 1) * Og].T, dy3[:, gi * Og:(gi + 1) * Og], out=dx3[:, gi * Cg:(gi + 1) * Cg])
+
+
 class _Shape:
     """Stands for an input array where only its shape matters (the geometry check reads .ndim and .shape)."""
 
@@ -953,10 +962,7 @@ def conv2d_backward_input(dy, w, x_shape, stride, pads, dilation, groups):
         return dx
     w2 = w.reshape(g.O, K)
     if g.pointwise:
-        dy3 = dy.reshape(g.N, g.O, P)
-        dx3 = dx.reshape(g.N, g.C, P)
-        for gi in range(G):
-            np.matmul(w2[gi * Og:(gi + 1) * Og].T, dy3[:, gi * Og:(gi + 1) * Og], out=dx3[:, gi * Cg:(gi + 1) * Cg])
+        _pointwise_input_grad(w2, dy, dx, g.G)
         return dx
     nb = _chunk_images(&g)
     dcol = _workspace("dcol", G * K * nb * P)
@@ -1053,10 +1059,7 @@ def conv2d_backward(x, w, dy, stride, pads, dilation, groups, need_dx=True, need
 
     w2 = w.reshape(g.O, K)
     if g.pointwise and dxp != NULL:
-        dy3 = dy.reshape(g.N, g.O, P)
-        dx3 = dx.reshape(g.N, g.C, P)
-        for gi in range(G):
-            np.matmul(w2[gi * Og:(gi + 1) * Og].T, dy3[:, gi * Og:(gi + 1) * Og], out=dx3[:, gi * Cg:(gi + 1) * Cg])
+        _pointwise_input_grad(w2, dy, dx, g.G)
 
     nb = _chunk_images(&g)
     col = _workspace("col", G * K * nb * P)
