@@ -167,8 +167,9 @@ def image_folder_root(cfg: dict[str, Any], base_dir: Path) -> Path:
     return root if root.is_absolute() else base_dir / root
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels; a DlcError naming an unreadable file."""
+def image_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; a DlcError naming an unreadable file
+    (`what`: the word the message uses, e.g. mask)."""
     from PIL import Image, UnidentifiedImageError
 
     _check_regular_file(path)
@@ -176,9 +177,9 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except FileNotFoundError:
-        raise DlcError(Diagnostic("image file not found", file=str(path), hint="check the path")) from None
+        raise DlcError(Diagnostic(f"{what} file not found", file=str(path), hint="check the path")) from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DlcError(Diagnostic(f"cannot read image: {exc}", file=str(path),
+        raise DlcError(Diagnostic(f"cannot read {what}: {exc}", file=str(path),
                                   hint="remove or replace the file")) from None
 
 

@@ -26,6 +26,7 @@ from .datasets import (
     SEGMENTATION_DATASETS,
     ImageCollector,
     _check_regular_file,
+    image_size,
 )
 from .detection import _random_split as random_split
 from .detection import (
@@ -122,18 +123,6 @@ def _check_classes(mask: np.ndarray, path: Path, classes: int, ignore_index: int
                                   f"({classes} classes) nor the ignore index {ignore_index}",
                                   file=str(path), hint="fix the mask, or add the class to data.classes"))
 
-
-def _mask_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a mask file from its header."""
-    from PIL import Image, UnidentifiedImageError
-
-    _check_regular_file(path)
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DlcError(Diagnostic(f"cannot read mask: {exc}", file=str(path),
-                                  hint="remove or replace the file")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +236,7 @@ def _load_folder(images_dir: Path, masks_dir: Path, classes: list[str], input_sh
         if size is None:  # unreadable, and data.on_bad_image: skip (its mask goes too)
             continue
         mask = None if images.lazy else read_mask(mask_path, palette)  # lazy: read with its batch
-        mask_size = _mask_size(mask_path) if mask is None else (mask.shape[1], mask.shape[0])
+        mask_size = image_size(mask_path, "mask") if mask is None else (mask.shape[1], mask.shape[0])
         if mask_size != size:
             raise DlcError(Diagnostic(f"mask is {mask_size[0]}×{mask_size[1]} but its image {path.name} is "
                                       f"{size[0]}×{size[1]}", file=str(mask_path),
