@@ -6,8 +6,10 @@ dlc's output and each peer's output, with latency ratios peer / dlc (> 1: dlc's 
 `optimize` on a ~1,700-node graph.
 
     python benchmarks/optimize_vs_peers.py [--batch 8] [--runs 30] [--json]
+    python benchmarks/optimize_vs_peers.py --large [--json]   # optimize time and memory on 100-575 MB files
 
-Peers are optional: pip install onnxsim onnxoptimizer; PyTorch twins need torch (pip install torch==2.13.0).
+onnx-simplifier runs with its defaults; onnxoptimizer with its defaults (fuse and eliminate passes) followed by
+constant folding, which its batch-norm fusion needs to finish. Peers are optional: pip install onnxsim onnxoptimizer; PyTorch twins need torch (pip install torch==2.13.0).
 """
 
 from __future__ import annotations
@@ -57,6 +59,39 @@ def torch_export(graph, torch) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate every node whose inputs are all initializers (onnx's reference evaluator), keeping its outputs
+    as initializers; what a constant-folding pass after onnxoptimizer does."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    opset = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    kept = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.domain in ("", "ai.onnx") and all(i in consts for i in inputs) and node.op_type != "RandomNormal":
+            sub = helper.make_model(helper.make_graph(
+                [node], "fold", [], [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                     for o in node.output],
+                [numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(inputs)]), opset_imports=opset)
+            values = ReferenceEvaluator(sub).run(None, {})
+            for name, value in zip(node.output, values):
+                consts[name] = np.asarray(value)
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return model
+
+
 def peers() -> dict:
     out = {}
     try:
@@ -68,8 +103,9 @@ def peers() -> dict:
     try:
         import onnxoptimizer
 
-        out["onnxoptimizer"] = lambda m: onnxoptimizer.optimize(
-            m, onnxoptimizer.get_fuse_and_elimination_passes())
+        # Its default passes (fuse and eliminate), which leave batch-norm folding as arithmetic on
+        # initializers; onnxoptimizer's own docs pair it with a constant folder, so fold after it.
+        out["onnxoptimizer"] = lambda m: fold_constants(onnxoptimizer.optimize(m))
     except ImportError:
         pass
     return out
@@ -89,13 +125,96 @@ def big_graph_seconds() -> tuple[int, float]:
     return len(model.graph.node), time.perf_counter() - t0
 
 
+WORKER = r"""
+import json, sys, time
+def rss(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
+tool, src, dst, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import onnx, onnxruntime  # both sides: imports are not what is measured
+if tool == "dlc":
+    from dlc.compiler import cli, metadata, onnx_io, passes
+else:
+    import onnxsim
+idle = rss("VmRSS:")
+t0 = time.perf_counter()
+if tool == "dlc":
+    nodes, reports, proof, seconds = cli._optimize_file(cli.Path(src), cli.Path(dst), None, check, 1e-3, 1e-4)
+else:
+    seconds = {}
+    model = onnx.load(src)
+    seconds["load"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    model, ok = onnxsim.simplify(model, check_n=check)
+    seconds["simplify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    onnx.save(model, dst)
+    seconds["write"] = time.perf_counter() - t
+    nodes = (None, len(model.graph.node))
+print(json.dumps({"seconds": seconds, "total": time.perf_counter() - t0, "nodes": nodes[1],
+                  "peak_mb": rss("VmHWM:") - idle}))
+"""
+
+
+def large_rows(folder: Path) -> list[dict]:
+    """dlc optimize against onnx-simplifier on generated VGG-19- and ResNet-50-sized files: each tool in its own
+    process, without and with verification on 3 random inputs (dlc --check 3, onnxsim check_n=3); time by
+    phase and peak memory above the process's idle RSS, against the file's size."""
+    import subprocess
+
+    from large_models import LARGE_MODELS
+
+    tools = ["dlc"] + (["onnxsim"] if "onnxsim" in peers() else [])
+    rows = []
+    for name, build in LARGE_MODELS.items():
+        src = folder / f"{name}.onnx"
+        src.write_bytes(build().SerializeToString())
+        size_mb = src.stat().st_size / 2**20
+        for check in (0, 3):
+            for tool in tools:
+                done = subprocess.run([sys.executable, "-c", WORKER, tool, str(src), str(folder / f"out-{tool}.onnx"),
+                                       str(check)], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"{tool} failed on {name}: {done.stderr.strip()[-400:]}", file=sys.stderr)
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({"model": name, "file_mb": size_mb, "tool": tool, "check": check, **r,
+                             "peak_x_file": r["peak_mb"] / size_mb})
+    return rows
+
+
+def print_large(rows: list[dict]) -> None:
+    print(f"{'model':10} {'file MB':>8} {'tool':8} {'check':>5} {'total s':>8} {'peak MB':>8} {'peak/file':>9}  phases")
+    for r in rows:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
+        print(f"{r['model']:10} {r['file_mb']:>8.0f} {r['tool']:8} {r['check']:>5} {r['total']:>8.2f} "
+              f"{r['peak_mb']:>8.0f} {r['peak_x_file']:>9.2f}  {phases}")
+    by = {(r["model"], r["tool"], r["check"]): r for r in rows}
+    for (model, tool, check), r in by.items():
+        peer = by.get((model, "onnxsim", check))
+        if tool == "dlc" and peer:
+            print(f"{model}, check {check}: dlc / onnxsim time {r['total'] / peer['total']:.2f}, "
+                  f"peak memory {r['peak_mb'] / peer['peak_mb']:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--models", default="resnet20,mobilenet_small,vgg_small,inception_small")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--large", action="store_true", help="only the large-model comparison: optimize time and "
+                        "peak memory of dlc against onnx-simplifier on VGG-19- and ResNet-50-sized files")
     args = parser.parse_args()
+    if args.large:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = large_rows(Path(tmp))
+        if args.json:
+            print(json.dumps({"large": rows}, indent=2))
+        else:
+            print_large(rows)
+        return 0
 
     from dlc.compiler.export_onnx import to_onnx
     from dlc.compiler.frontend import load_model

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,20 @@ def _umask() -> int:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_chunks(path, [data])
+
+
+def write_chunks(path: str | Path, chunks: Iterable[bytes]) -> Path:
+    """write_bytes for data made piece by piece (a large ONNX file, one tensor at a time): only one piece is in
+    memory at once, and the target is replaced only once every piece is on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -389,11 +389,7 @@ def optimize(
     the result: by default it runs both models on random inputs through onnxruntime (its own optimizations
     off) and fails loudly if any output differs beyond the tolerance."""
 
-    from .atomic import write_bytes
-    from .metadata import finalize_metadata
-    from .onnx_io import load_onnx
-    from .passes import DEFAULT_PASSES, PASSES, verify
-    from .passes import optimize as run_passes
+    from .passes import DEFAULT_PASSES, PASSES
 
     if list_passes:
         out.print("passes: " + ", ".join(sorted(PASSES)))
@@ -408,24 +404,13 @@ def optimize(
                            "(it runs the YAML's optimize: passes) or optimize the model.onnx it writes")
         if output is None:
             raise DlcError("dlc optimize: give the output file: -o OUT.onnx")
-        original = load_onnx(model)
         names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
-        optimized, reports = run_passes(original, names)
-        finalize_metadata(optimized, passes=reports, file=str(model))  # a dlc file's pass log stays true
-        problem = _checker_problem(optimized)
-        if problem is not None:
-            before = _checker_problem(original)
-            if before is not None:
-                raise DlcError(f"{model}: fails onnx's checker already, before any pass ({before}); re-export "
-                               "it, then optimize; not written")
-            raise DlcError(f"the optimized model fails onnx's checker ({problem}); not written")
-        proof = verify(original, optimized, check, rtol, atol) if check else None
-        write_bytes(output, optimized.SerializeToString())
+        nodes, reports, proof, seconds = _optimize_file(model, output, names, check, rtol, atol)
     except DlcError as exc:
         _fail(exc)
-    result = {"input": str(model), "output": str(output), "nodes_before": len(original.graph.node),
-              "nodes_after": len(optimized.graph.node), "passes": [r.to_dict() for r in reports],
-              "verification": proof.to_dict() if proof else None}
+    result = {"input": str(model), "output": str(output), "nodes_before": nodes[0], "nodes_after": nodes[1],
+              "passes": [r.to_dict() for r in reports], "verification": proof.to_dict() if proof else None,
+              "seconds": seconds}
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -433,11 +418,65 @@ def optimize(
         out.print(r.line(), highlight=False)
     out.print(f"[bold green]optimized[/] {model} -> {output}: {result['nodes_before']} -> {result['nodes_after']} "
               "nodes")
+    out.print("  seconds     " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()), highlight=False)
     if proof:
         out.print(f"  verified    {proof.runs} random inputs, max abs diff {proof.max_abs_diff:.3g} "
-                  f"(rtol {rtol:g}, atol {atol:g})")
+                  f"(rtol {rtol:g} of each output's scale, atol {atol:g})")
     else:
         out.print("  [yellow]not verified[/] (--check 0)")
+
+
+def _optimize_file(model: Path, output: Path, names: list[str] | None, check: int, rtol: float, atol: float):
+    """Load, run the passes, check, write and verify, timing each step; returns the node counts before and after,
+    the pass reports, the verification and the seconds. Never holds a large model's
+    weights more than twice: the input's ModelProto is dropped once the passes have read it, the result is
+    written to a temporary file beside `output`, and verification reads both models from their files, one
+    session at a time. The temporary file replaces `output` only once it has passed."""
+    import os
+    import tempfile
+    from time import perf_counter
+
+    from .metadata import finalize_metadata
+    from .onnx_io import load_onnx, save_onnx, weightless
+    from .passes import optimize as run_passes
+    from .passes import verify
+
+    seconds: dict[str, float] = {}
+    t0 = perf_counter()
+    loaded = [load_onnx(model)]
+    seconds["load"] = perf_counter() - t0
+    t0 = perf_counter()
+    optimized, reports = run_passes(loaded.pop(), names)  # the list held the only reference: freed inside
+    finalize_metadata(optimized, passes=reports, file=str(model))  # a dlc file's pass log stays true
+    seconds["passes"] = perf_counter() - t0
+    t0 = perf_counter()
+    # The checker reads the graph and shape-like values; the weights' bytes it would only copy (weightless)
+    problem = _checker_problem(weightless(optimized))
+    if problem is not None:
+        before = _checker_problem(weightless(load_onnx(model)))
+        if before is not None:
+            raise DlcError(f"{model}: fails onnx's checker already, before any pass ({before}); re-export "
+                           "it, then optimize; not written")
+        raise DlcError(f"the optimized model fails onnx's checker ({problem}); not written")
+    seconds["check"] = perf_counter() - t0
+    t0 = perf_counter()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    nodes = (reports[0].nodes_before if reports else len(optimized.graph.node), len(optimized.graph.node))
+    try:
+        save_onnx(optimized, tmp)
+        del optimized  # verification reads the file; its weights need not be held twice
+        seconds["write"] = perf_counter() - t0
+        proof = None
+        if check:
+            t0 = perf_counter()
+            proof = verify(model, tmp, check, rtol, atol)
+            seconds["verify"] = perf_counter() - t0
+        os.replace(tmp, output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return nodes, reports, proof, seconds
 
 
 def _checker_problem(model) -> str | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, external_data_helper, numpy_helper
 
 from . import limits
@@ -222,3 +223,78 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node:
         raise DlcError(Diagnostic("the ONNX model has no nodes", file=str(path)))
     return model
+
+
+# --- writing large models piece by piece --------------------------------------------------------------------------
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer (onnx.proto field numbers)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload_size: int) -> bytes:
+    return _varint(field << 3 | 2) + _varint(payload_size)
+
+
+def copy_without(message, skip: tuple[str, ...] = ()):
+    """A new message of the same type holding `message`'s fields except those named in `skip` (a field path
+    like "graph.initializer" skips one field of a sub-message). No copy of what is skipped is ever made: for a
+    ModelProto, `copy_without(model, ("graph.initializer",))` costs its nodes, not its weights."""
+    out = type(message)()
+    for field, value in message.ListFields():
+        if field.name in skip:
+            continue
+        inner = tuple(s.split(".", 1)[1] for s in skip if s.startswith(field.name + "."))
+        if inner:
+            getattr(out, field.name).CopyFrom(copy_without(value, inner))
+        elif isinstance(value, Message):
+            getattr(out, field.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # a repeated field
+            getattr(out, field.name).extend(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def serialized_chunks(model: onnx.ModelProto):
+    """The model's protobuf encoding in pieces: the model without its initializers, then one more `graph`
+    field per initializer, holding just that tensor. Protobuf parsers merge repeated occurrences of a message
+    field (the encoding's rule, which onnx and onnxruntime both follow), so the file reads back as the same
+    model, initializers in order, while writing it never holds more than one tensor's bytes beside the model
+    (SerializeToString of a 550 MB VGG holds all 550 MB twice more)."""
+    yield copy_without(model, ("graph.initializer",)).SerializeToString()
+    for tensor in model.graph.initializer:
+        data = tensor.SerializeToString()
+        inner = _length_delimited(_INITIALIZER_FIELD, len(data))
+        yield _length_delimited(_GRAPH_FIELD, len(inner) + len(data)) + inner
+        yield data
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write the model atomically, one initializer at a time (see serialized_chunks)."""
+    from .atomic import write_chunks
+
+    return write_chunks(path, serialized_chunks(model))
+
+
+def weightless(model: onnx.ModelProto, limit: int = 1024) -> onnx.ModelProto:
+    """The model with every floating-point initializer above `limit` elements turned into a graph input of its
+    type and shape: what onnx's checker and shape inference need of a large model (they read the values of
+    small, shape-like tensors only), at the cost of its graph rather than a serialisation of its weights."""
+    light = copy_without(model, ("graph.initializer",))
+    named_inputs = {i.name for i in light.graph.input}
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in floats and math.prod(tensor.dims) > limit:
+            if tensor.name not in named_inputs:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                            list(tensor.dims)))
+        else:
+            light.graph.initializer.append(tensor)
+    return light

@@ -113,3 +113,120 @@ def test_an_input_that_fails_the_checker_is_blamed_not_the_passes(tmp_path):
     assert result.exit_code == 2
     assert "bad.onnx: fails onnx's checker already, before any pass" in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- large models: streamed writes, weightless checks, verification relative to each output's scale ---------
+def _wide_model(seed=0, scale=1.0):
+    """Conv + BN + Gemm with weights well above the weightless() limit and a shape-like int64 initializer."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w", rng.standard_normal((32, 8, 3, 3)) * scale), ("s", rng.uniform(0.5, 1.5, 32)),
+        ("b", rng.normal(0, 0.2, 32)), ("m", rng.normal(0, 0.5, 32)), ("v", rng.uniform(0.5, 2, 32)),
+        ("fc", rng.standard_normal((10, 32 * 6 * 6)) * scale), ("fcb", rng.standard_normal(10)))]
+    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "target"))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Reshape", ["r", "target"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_save_onnx_streams_initializers_and_reads_back_the_same_model(tmp_path):
+    from dlc.compiler.onnx_io import save_onnx, serialized_chunks
+
+    model = _wide_model()
+    model.metadata_props.add(key="k", value="v")  # a field after the graph's: order of the pieces is no matter
+    chunks = list(serialized_chunks(model))
+    assert len(chunks) == 1 + 2 * len(model.graph.initializer)
+    assert [len(c) for c in chunks[2::2]] == [len(t.SerializeToString()) for t in model.graph.initializer]
+    assert max(len(c) for c in chunks[1::2]) < 16  # each tensor behind its few framing bytes
+    save_onnx(model, tmp_path / "m.onnx")
+    back = onnx.load(tmp_path / "m.onnx")
+    assert back.SerializeToString() == model.SerializeToString()
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run(tmp_path / "m.onnx", x), ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
+
+
+def test_weightless_model_checks_and_infers_shapes_like_the_full_one():
+    from dlc.compiler.onnx_io import weightless
+
+    model = _wide_model()
+    light = weightless(model)
+    assert {t.name for t in light.graph.initializer} == {"s", "b", "m", "v", "fcb", "target"}  # small or int
+    assert {"w", "fc"} <= {i.name for i in light.graph.input}
+    onnx.checker.check_model(light, full_check=True)
+    shapes = {}
+    for m in (model, light):
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        shapes[id(m)] = {v.name: str(v.type) for v in inferred.graph.value_info}
+    assert shapes[id(model)] == shapes[id(light)] and "f" in shapes[id(light)]
+    broken = _wide_model()
+    broken.graph.node[4].input[1] = "nowhere"
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(weightless(broken), full_check=True)
+
+
+def test_optimize_graph_does_not_view_into_the_input_model():
+    from dlc.compiler.passes import OnnxGraph
+
+    model = _wide_model()
+    g = OnnxGraph(model)
+    model.graph.input[0].name = "renamed"
+    model.graph.output[0].name = "renamed_too"
+    model.graph.ClearField("initializer")
+    assert g.inputs[0].name == "x" and g.outputs[0].name == "y" and "fc" in g.inits
+    assert not g.model.graph.node and not g.model.graph.initializer  # only the model's other fields are kept
+
+
+def test_verification_is_relative_to_each_outputs_scale():
+    from dlc.compiler.passes.verify import compare
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(1000) * 500).astype(np.float32)
+    x[7] = 1e-3  # a near-zero logit among ones in the hundreds
+    rounding = x + (rng.standard_normal(1000) * 500 * 2e-6).astype(np.float32)  # float32 sums reordered
+    assert compare(x, rounding, 1e-3, 1e-4)[2]
+    assert not np.allclose(rounding, x, rtol=1e-3, atol=1e-4)  # what an elementwise rtol would have said
+    wrong = x.copy()
+    wrong[11] += 0.01 * 500  # one element off by 1 % of the scale: a real error
+    assert not compare(x, wrong, 1e-3, 1e-4)[2]
+    nan = x.copy()
+    nan[3] = np.nan
+    assert not compare(x, nan, 1e-3, 1e-4)[2] and compare(nan, nan.copy(), 1e-3, 1e-4)[2]
+
+
+def test_optimize_a_large_magnitude_model_verifies_and_reports_phases(tmp_path):
+    src = tmp_path / "big.onnx"
+    onnx.save(_wide_model(scale=40.0), src)  # outputs in the thousands
+    out = tmp_path / "o.onnx"
+    result = runner.invoke(app, ["optimize", str(src), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["seconds"]) == {"load", "passes", "check", "write", "verify"}
+    assert report["nodes_after"] == 4 and report["verification"]["max_rel_diff"] < 1e-5
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    ref = _run(src, x)
+    assert np.abs(ref).max() > 1000
+    np.testing.assert_allclose(_run(out, x), ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "o.onnx"]
+
+
+def test_optimize_writes_nothing_when_verification_fails(tmp_path, monkeypatch, resnet):
+    from dlc.compiler.passes import PASSES
+
+    def corrupt(g):  # a wrong "pass": doubles the first conv's weights
+        conv = next(n for n in g.nodes if n.op_type == "Conv")
+        g.inits[conv.input[1]] = g.inits[conv.input[1]] * 2
+        return 1
+
+    monkeypatch.setitem(PASSES, "corrupt", corrupt)
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"earlier result")
+    result = runner.invoke(app, ["optimize", str(resnet), "-o", str(out), "--passes", "corrupt"])
+    assert result.exit_code == 2 and "differs from the original" in result.stderr
+    assert out.read_bytes() == b"earlier result" and [p.name for p in tmp_path.iterdir()] == ["o.onnx"]

@@ -49,7 +49,7 @@ def _subgraph_names(nodes: list[onnx.NodeProto]) -> set[str]:
 
 def _value_infos(g: OnnxGraph) -> dict[str, tuple[int, Dims | None]]:
     """name -> (elem_type, dims) from ONNX shape inference; a dim is None where it is symbolic or unknown."""
-    model = g.to_model()
+    model = g.shape_model()
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # a graph shape inference cannot follow: use what the graph declares

@@ -66,7 +66,7 @@ def channel_vector(c: np.ndarray, rank: int, channels: int) -> np.ndarray | None
 def known_ranks(g: OnnxGraph) -> dict[str, int]:
     """Ranks of the graph's values that ONNX shape inference can tell (empty if it fails)."""
     try:
-        model = onnx.shape_inference.infer_shapes(g.to_model())
+        model = onnx.shape_inference.infer_shapes(g.shape_model())
     except Exception:  # noqa: BLE001 — unknown ops or bad shapes: we simply know nothing
         return {}
     ranks = {k: v.ndim for k, v in g.inits.items()}

@@ -9,17 +9,23 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_io import tensor_array
+from ..onnx_io import copy_without, tensor_array
+
+SHAPE_VALUE_LIMIT = 1024  # elements: larger float initializers are passed to shape inference as shapes only
 
 
 class OnnxGraph:
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
+        # Everything of the model but its graph (a few fields), so the caller's ModelProto, weights and all, can
+        # be freed once the graph is read: `dlc optimize` on a 550 MB file must not hold the weights three times.
+        self.model = copy_without(model, ("graph",))
         g = model.graph
+        self.model.graph.name, self.model.graph.doc_string = g.name, g.doc_string
         self.nodes: list[onnx.NodeProto] = [copy_node(n) for n in g.node]
         self.inits: dict[str, np.ndarray] = {t.name: tensor_array(t, "the model") for t in g.initializer}
-        self.inputs = [i for i in g.input if i.name not in self.inits]
-        self.outputs = list(g.output)
+        # copies, not views: a view into the model would keep its whole arena, weights and all, alive
+        self.inputs = [_copy(i) for i in g.input if i.name not in self.inits]
+        self.outputs = [_copy(o) for o in g.output]
         self._names = itertools.count()
         self._taken: set[str] | None = None
 
@@ -110,19 +116,47 @@ class OnnxGraph:
             order += [k for k in range(len(self.nodes)) if k not in seen]
         self.nodes = [self.nodes[k] for k in order]
 
-    def to_model(self) -> onnx.ModelProto:
+    def shape_model(self) -> onnx.ModelProto:
+        """The graph for ONNX shape inference, without its weights' bytes: float initializers above
+        SHAPE_VALUE_LIMIT elements become graph inputs of their type and shape (shape inference reads only the
+        values of shape-like tensors, which are small or integer), so inferring shapes on a 550 MB VGG costs
+        what it costs on its graph, not a serialisation of every weight."""
         used = {i for n in self.nodes for i in n.input} | self.output_names | _subgraph_reads(self.nodes)
-        # np.ascontiguousarray makes 0-d arrays 1-d: reshape keeps scalars scalars
-        inits = [numpy_helper.from_array(np.ascontiguousarray(v).reshape(np.shape(v)), k)
-                 for k, v in self.inits.items() if k in used]
-        inputs = list(self.inputs)
-        if self.model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        inits, weights = [], []
+        for k, v in self.inits.items():
+            if k not in used:
+                continue
+            if v.size > SHAPE_VALUE_LIMIT and v.dtype.kind in "fc":
+                weights.append(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
+            else:
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(v).reshape(np.shape(v)), k))
+        inputs = list(self.inputs) + weights
+        if self.model.ir_version < 4:
             inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
-        graph = helper.make_graph(self.nodes, self.model.graph.name, inputs, self.outputs, initializer=inits,
-                                  doc_string=self.model.graph.doc_string)
-        model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                  ir_version=self.model.ir_version, producer_name=self.model.producer_name,
-                                  producer_version=self.model.producer_version, doc_string=self.model.doc_string)
+        graph = helper.make_graph(self.nodes, self.model.graph.name, inputs, self.outputs, initializer=inits)
+        # IR 4 at least, so that weights may be inputs without initializers
+        return helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                 ir_version=max(self.model.ir_version, 4))
+
+    def to_model(self) -> onnx.ModelProto:
+        """The graph as a new ModelProto. Built in place, field by field: helper.make_graph and make_model
+        would copy every initializer twice more (a 550 MB VGG spent 3 s in those copies)."""
+        used = {i for n in self.nodes for i in n.input} | self.output_names | _subgraph_reads(self.nodes)
+        model = onnx.ModelProto()
+        model.ir_version = self.model.ir_version
+        model.producer_name, model.producer_version = self.model.producer_name, self.model.producer_version
+        model.doc_string = self.model.doc_string
+        model.opset_import.extend(self.model.opset_import)
+        graph = model.graph
+        graph.name, graph.doc_string = self.model.graph.name, self.model.graph.doc_string
+        graph.node.extend(self.nodes)
+        graph.input.extend(self.inputs)
+        graph.output.extend(self.outputs)
+        for k, v in self.inits.items():
+            if k in used:
+                _fill_tensor(graph.initializer.add(), k, v)
+        if self.model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in graph.initializer)
         for prop in self.model.metadata_props:
             model.metadata_props.append(prop)
         return model
@@ -182,10 +216,32 @@ def _subgraph_reads(nodes: list[onnx.NodeProto]) -> set[str]:
     return {name for n in nodes for name in outer_reads(n)}
 
 
+_PLAIN_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                                        np.uint8, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64,
+                                        np.complex128)}
+
+
+def _fill_tensor(tensor: onnx.TensorProto, name: str, value: np.ndarray) -> None:
+    """numpy_helper.from_array into a tensor already in its place (no copy of a finished TensorProto); types
+    with their own encoding (strings, packed 4-bit, 8-bit floats) go through numpy_helper itself."""
+    value = np.asarray(value)
+    if value.dtype not in _PLAIN_DTYPES:  # isnative is part of dtype equality: big-endian arrays go this way too
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).reshape(np.shape(value)), name))
+        return
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()
+
+
+def _copy(message):
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
 def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    n = onnx.NodeProto()
-    n.CopyFrom(node)
-    return n
+    return _copy(node)
 
 
 def constant_value(node: onnx.NodeProto) -> np.ndarray | None:

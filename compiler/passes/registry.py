@@ -57,6 +57,7 @@ def optimize(model: onnx.ModelProto, passes: list[str] | None = None) -> tuple[o
     names = DEFAULT_PASSES if passes is None else passes
     check_names(names)
     g = OnnxGraph(model)
+    del model  # where the caller holds no other reference, the input's weights are freed here (see OnnxGraph)
     reports = []
     for name in names:
         before_nodes, before_params = len(g.nodes), g.param_count()
