@@ -146,8 +146,11 @@ def worker_dlc(name: str, batch: int, steps: int) -> dict:
         solver.step({f"{n}.{t}": g for n, gs in grads.items() for t, g in gs.items()}, 0.01)
 
     ms = time_steps(step, steps)
+    import dlc._C as native
+
     return {"ms": ms, "peak_mb": (peak_kb() - idle) / 1024, "gflops": training_flops(graph) * batch / (ms * 1e-3) / 1e9,
-            "openmp": openmp_runtimes(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "openmp": openmp_runtimes(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "isa": native.ISA,
+            "isa_runnable": native.runnable_builds()}
 
 
 def worker_torch(name: str, batch: int, steps: int, threads: int) -> dict:
@@ -182,8 +185,10 @@ def worker_torch(name: str, batch: int, steps: int, threads: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_worker(side: str, name: str, args) -> dict | None:
+def run_worker(side: str, name: str, args, isa: str | None = None) -> dict | None:
     env = dict(os.environ)
+    if isa:
+        env["DLC_ISA"] = isa
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
     if "OMP_WAIT_POLICY" in os.environ:
@@ -205,6 +210,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--models", default="lenet5,resnet20,unet_small")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-isa", action="store_true", help="skip the dlc step time per kernel build (baseline, "
+                        "avx2, avx512: each build this CPU runs, DLC_ISA=...)")
     parser.add_argument("--worker", choices=("dlc", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -218,9 +225,12 @@ def main() -> int:
     for name in args.models.split(","):
         d = run_worker("dlc", name, args)
         t = run_worker("torch", name, args)
-        dlc_env = {"omp_wait_policy": d["omp_wait_policy"], "openmp": d["openmp"]}
+        dlc_env = {"omp_wait_policy": d["omp_wait_policy"], "openmp": d["openmp"], "isa": d["isa"]}
         row = {"model": name, "batch": args.batch, "threads": args.threads, "dlc_ms": d["ms"],
-               "dlc_peak_mb": d["peak_mb"], "dlc_gflops": d["gflops"]}
+               "dlc_peak_mb": d["peak_mb"], "dlc_gflops": d["gflops"], "dlc_isa": d["isa"]}
+        if not args.no_isa:  # what dispatch buys: the same step on each build
+            row["dlc_ms_by_isa"] = {isa: d["ms"] if isa == d["isa"] else run_worker("dlc", name, args, isa)["ms"]
+                                    for isa in d["isa_runnable"]}
         if t is not None:
             torch_env = {k: t[k] for k in ("version", "threads", "omp_wait_policy", "openmp")}
             row.update(torch_ms=t["ms"], torch_peak_mb=t["peak_mb"], ratio_dlc_over_torch=d["ms"] / t["ms"],
@@ -240,7 +250,16 @@ def main() -> int:
         print(f"{r['model']:10} {r['batch']:>5} {r['dlc_ms']:>8.2f} {r['torch_ms'] if have else float('nan'):>9.2f} "
               f"{r.get('ratio_dlc_over_torch', float('nan')):>10.2f} {r['dlc_peak_mb']:>7.1f} "
               f"{r.get('torch_peak_mb', float('nan')):>9.1f} {r['dlc_gflops']:>12.1f}")
-    print(f"\nthreads: {args.threads}; dlc: OMP_WAIT_POLICY={dlc_env['omp_wait_policy']}, {', '.join(dlc_env['openmp'])}")
+    if any("dlc_ms_by_isa" in r for r in results):
+        print("\ndlc step ms per kernel build (DLC_ISA):")
+        for r in results:
+            by = r.get("dlc_ms_by_isa", {})
+            base = by.get("baseline")
+            print(f"  {r['model']:10} " + "  ".join(
+                f"{isa} {ms:.2f}" + (f" ({base / ms:.2f}x)" if base and isa != "baseline" else "")
+                for isa, ms in by.items()))
+    print(f"\nthreads: {args.threads}; dlc: kernels {dlc_env['isa']}, OMP_WAIT_POLICY={dlc_env['omp_wait_policy']}, "
+          f"{', '.join(dlc_env['openmp'])}")
     if torch_env:
         print(f"torch {torch_env['version']}: {torch_env['threads']} threads, OMP_WAIT_POLICY="
               f"{torch_env['omp_wait_policy'] or '(unset: its default)'}, {', '.join(torch_env['openmp'])}")

@@ -345,7 +345,8 @@ def time(
     iterations: int = typer.Option(10, min=1, help="Timed iterations (after 2 warm-up ones)."),
     as_json: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
 ) -> None:
-    """Forward and backward milliseconds per layer on dlc's CPU backend (like `caffe time`)."""
+    """Forward and backward milliseconds per layer on dlc's CPU backend (like `caffe time`), and which build of
+    the kernels runs them (baseline, avx2 or avx512: the best this CPU runs, or DLC_ISA's choice)."""
     from .analysis import fmt_shape
     from .frontend import load_model
     from .train.profile import profile
@@ -359,7 +360,8 @@ def time(
     if as_json:
         out.print_json(json.dumps(result))
         return
-    table = Table(title=f"{loaded.spec.name}: batch {batch}, median of {iterations} iterations",
+    table = Table(title=f"{loaded.spec.name}: batch {batch}, median of {iterations} iterations; conv kernels: "
+                  f"{result['isa']} (this CPU runs {', '.join(result['isa_runnable'])}; DLC_ISA=... picks one)",
                   title_justify="left")
     for col in ("layer", "type", "output", "forward ms", "backward ms", "GFLOP/s"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")

@@ -240,5 +240,8 @@ def test_cli_train_and_time(tmp_path):
     assert [r["name"] for r in timing["layers"]][:2] == ["c1", "bn1"]
     assert all(r["forward_ms"] > 0 and r["backward_ms"] >= 0 for r in timing["layers"])
     assert timing["layers"][0]["gflops"] > 0
+    import dlc._C as native
+
+    assert timing["isa"] == native.ISA == native.runnable_builds()[0]  # the best build this CPU runs
     result = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2

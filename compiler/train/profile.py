@@ -40,6 +40,9 @@ def profile(graph: Graph, batch: int, iterations: int = 10, warmup: int = 2) -> 
                        "gflops": flops / ((f + b) * 1e-3) / 1e9 if macs and f + b > 0 else 0.0})
     fwd_total = sum(r["forward_ms"] for r in layers)
     bwd_total = sum(r["backward_ms"] for r in layers)
-    return {"model": graph.name, "batch": batch, "iterations": iterations, "layers": layers,
+    import dlc._C as native
+
+    return {"model": graph.name, "batch": batch, "iterations": iterations, "isa": native.ISA,
+            "isa_runnable": native.runnable_builds(), "layers": layers,
             "forward_ms": fwd_total, "backward_ms": bwd_total,
             "gflops": total_flops / ((fwd_total + bwd_total) * 1e-3) / 1e9 if fwd_total + bwd_total else 0.0}
