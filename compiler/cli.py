@@ -367,6 +367,10 @@ def time(
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for row in result["layers"]:
         gflops = f"{row['gflops']:.1f}" if row["gflops"] else ""
+        if row.get("fused_into"):
+            table.add_row(row["name"], row["type"], fmt_shape(tuple(row["output_shape"])),
+                          f"in {row['fused_into']}", f"in {row['fused_into']}", "")
+            continue
         table.add_row(row["name"], row["type"], fmt_shape(tuple(row["output_shape"])), f"{row['forward_ms']:.3f}",
                       f"{row['backward_ms']:.3f}", gflops)
     table.add_section()

@@ -18,8 +18,12 @@ def _per_channel(v, x: np.ndarray) -> np.ndarray:
     return np.asarray(v).reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
-def batchnorm_forward_train_ref(x, gamma, beta, eps):
-    """y, mean, invstd: batch statistics per channel (biased variance), y = x * scale + shift."""
+def _relu(y):
+    return np.where(y < 0, np.zeros_like(y), y)  # NaN passes, as relu_forward
+
+
+def batchnorm_forward_train_ref(x, gamma, beta, eps, relu=False):
+    """y, mean, invstd: batch statistics per channel (biased variance), y = x * scale + shift (then ReLU)."""
     x = np.asarray(x)
     axes = _axes(x)
     x64 = x.astype(np.float64)
@@ -29,20 +33,24 @@ def batchnorm_forward_train_ref(x, gamma, beta, eps):
     scale = np.asarray(gamma, dtype=np.float64) * invstd
     shift = np.asarray(beta, dtype=np.float64) - mean * scale
     y = x * _per_channel(scale.astype(x.dtype), x) + _per_channel(shift.astype(x.dtype), x)
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+    return (_relu(y) if relu else y), mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
-def batchnorm_forward_eval_ref(x, gamma, beta, running_mean, running_var, eps):
+def batchnorm_forward_eval_ref(x, gamma, beta, running_mean, running_var, eps, relu=False):
     """y = x * scale + shift with scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale."""
     x = np.asarray(x)
     scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
     shift = np.asarray(beta, dtype=np.float64) - np.asarray(running_mean, dtype=np.float64) * scale
-    return x * _per_channel(scale.astype(x.dtype), x) + _per_channel(shift.astype(x.dtype), x)
+    y = x * _per_channel(scale.astype(x.dtype), x) + _per_channel(shift.astype(x.dtype), x)
+    return _relu(y) if relu else y
 
 
-def batchnorm_backward_ref(dy, x, gamma, mean, invstd):
-    """dx, dgamma, dbeta of training-mode batch norm, through the batch statistics."""
+def batchnorm_backward_ref(dy, x, gamma, mean, invstd, y=None):
+    """dx, dgamma, dbeta of training-mode batch norm, through the batch statistics; with `y` (a fused ReLU's
+    output) dy is masked by y > 0 first."""
     dy, x = np.asarray(dy), np.asarray(x)
+    if y is not None:
+        dy = np.where(np.asarray(y) > 0, dy, np.zeros_like(dy))
     axes = _axes(x)
     m = x.size // x.shape[1]
     mean, invstd = np.asarray(mean, dtype=x.dtype), np.asarray(invstd, dtype=x.dtype)

@@ -238,7 +238,10 @@ def test_cli_train_and_time(tmp_path):
     result = runner.invoke(app, ["time", str(tiny(tmp_path, 1)), "--batch", "8", "--iterations", "2", "--json"])
     timing = json.loads(result.stdout)
     assert [r["name"] for r in timing["layers"]][:2] == ["c1", "bn1"]
-    assert all(r["forward_ms"] > 0 and r["backward_ms"] >= 0 for r in timing["layers"])
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] >= 0 for r in timing["layers"] if not r["fused_into"])
+    fused = {r["name"]: r["fused_into"] for r in timing["layers"] if r["fused_into"]}
+    assert fused and all(timing["layers"][[x["name"] for x in timing["layers"]].index(bn)]["type"] == "batchnorm"
+                         for bn in fused.values())
     assert timing["layers"][0]["gflops"] > 0
     import dlc._C as native
 

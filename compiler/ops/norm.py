@@ -58,14 +58,34 @@ class BatchNorm(OpDef):
         else:
             y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps)
             count = x.size // x.shape[1]
+        self._update_running(node, mean, invstd, count, eps)
+        return y, (x, mean, invstd)
+
+    def forward_relu(self, node, inputs, ctx):
+        """This batch norm and the ReLU that alone reads it, in one pass (the executor fuses the pair where that
+        is exact: not frozen, not synced over ranks); the output is the ReLU's, and backward() then takes the
+        ReLU's upstream gradient."""
+        x, p, eps = inputs[0], node.params, node.attrs["eps"]
+        if not ctx.train:
+            return _k.batchnorm_forward_eval(x, p["scale"], p["bias"], p["mean"], p["var"], eps, relu=True), None
+        y, mean, invstd = _k.batchnorm_forward_train(x, p["scale"], p["bias"], eps, relu=True)
+        self._update_running(node, mean, invstd, x.size // x.shape[1], eps)
+        return y, (x, mean, invstd, y)
+
+    @staticmethod
+    def _update_running(node, mean, invstd, count: int, eps: float) -> None:
         # Running statistics: the batch variance made unbiased, blended in with weight `momentum` (PyTorch's).
+        p = node.params
         var = (1.0 / np.square(invstd.astype(np.float64)) - eps) * count / max(count - 1, 1)
         m = node.attrs["momentum"]
         p["mean"][...] = (1 - m) * p["mean"] + m * mean
         p["var"][...] = (1 - m) * p["var"] + m * var.astype(np.float32)
-        return y, (x, mean, invstd)
 
     def backward(self, node, saved, dy, ctx):
+        if len(saved) == 4:  # fused with its ReLU: dy is the ReLU's, masked inside the kernel
+            x, mean, invstd, y = saved
+            dx, dscale, dbias = _k.batchnorm_backward(dy, x, node.params["scale"], mean, invstd, y)
+            return [dx], {"scale": dscale, "bias": dbias}
         if isinstance(saved[0], str):  # ("frozen", scale / sqrt(var + eps))
             k = saved[1].astype(np.float32).reshape((1, -1) + (1,) * (dy.ndim - 2))
             return [dy * k], {}

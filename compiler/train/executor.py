@@ -3,6 +3,10 @@
 In eval mode each intermediate value is dropped as soon as its last reader has run, so memory stays at the
 width of the graph rather than its depth. In training mode each node keeps only what its backward needs
 (`saved`), not every activation.
+
+A batch norm whose output only a ReLU reads runs fused with it (BatchNorm.forward_relu: one pass over the
+tensor each way instead of two, the same numbers), except where batch norm is frozen or synced over ranks, or
+where a caller asks for the batch norm's own output. `dlc time` then books the pair's time under the batch norm.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 from ..graph import Graph, Node
 from ..ops import REGISTRY, OpDef
 from ..ops.base import RunContext
+
+_FUSED = ("fused with the batch norm before it",)  # the tape entry of a ReLU that ran inside its batch norm
 
 
 class Executor:
@@ -29,12 +35,34 @@ class Executor:
                 last_use[v] = i
         self._free_after = [[v for v in n.inputs if last_use[v] == i and v not in graph.outputs]
                             for i, n in enumerate(self.nodes)]
+        self._relu_after = self._fusable_relus(graph)
         self._tape: list[Any] | None = None
         self._ctx = RunContext()
         self.frozen: frozenset[str] = frozenset()
         self.no_backward: frozenset[str] = frozenset()
         self.skip_forward: frozenset[str] = frozenset()  # layers whose outputs come in the feeds (cached)
         self.sync_bn = None  # a distributed World: training batch norm normalises over every rank's batch
+
+    def _fusable_relus(self, graph: Graph) -> dict[int, int]:
+        """{position of a batch norm: position of the ReLU that is its output's only reader}."""
+        readers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for v in node.inputs:
+                readers.setdefault(v, []).append(i)
+        pairs = {}
+        for i, node in enumerate(self.nodes):
+            out = node.outputs[0]
+            if node.op != "batchnorm" or out in graph.outputs or len(readers.get(out, [])) != 1:
+                continue
+            j = readers[out][0]
+            if self.nodes[j].op == "relu" and j > i:
+                pairs[i] = j
+        return pairs
+
+    def _fuse(self, i: int, wanted) -> bool:
+        node, relu = self.nodes[i], self.nodes[self._relu_after[i]]
+        return (node.name not in self._ctx.frozen and self._ctx.sync_bn is None and node.outputs[0] not in wanted
+                and node.name not in self.skip_forward and relu.name not in self.skip_forward)
 
     def set_frozen(self, frozen: set[str], no_backward: set[str]) -> None:
         """Layers that do not train (`frozen`: batch norm there normalises with its running statistics, in
@@ -53,18 +81,24 @@ class Executor:
         self._ctx = RunContext(train=train, rng=rng if rng is not None else np.random.default_rng(0),
                                frozen=self.frozen, sync_bn=self.sync_bn if train else None)
         tape = [] if train else None
+        fused: set[int] = set()  # ReLUs already run with their batch norm
         for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
-            if node.name in self.skip_forward:  # a cached frozen trunk: its outputs the head reads are fed
+            if node.name in self.skip_forward or i in fused:  # a cached frozen trunk (its outputs are fed)
                 if tape is not None:
-                    tape.append(None)
+                    tape.append(_FUSED if i in fused else None)
                 continue
+            run, out = op.forward, node.outputs[0]
+            if i in self._relu_after and self._fuse(i, wanted):
+                j = self._relu_after[i]
+                fused.add(j)
+                run, out = op.forward_relu, self.nodes[j].outputs[0]
             if timings is not None:
                 start = time.perf_counter()
-                y, saved = op.forward(node, [values[v] for v in node.inputs], self._ctx)
+                y, saved = run(node, [values[v] for v in node.inputs], self._ctx)
                 timings[node.name] = timings.get(node.name, 0.0) + time.perf_counter() - start
             else:
-                y, saved = op.forward(node, [values[v] for v in node.inputs], self._ctx)
-            values[node.outputs[0]] = y
+                y, saved = run(node, [values[v] for v in node.inputs], self._ctx)
+            values[out] = y
             if tape is not None:
                 tape.append(saved)
             for v in self._free_after[i]:
@@ -85,6 +119,10 @@ class Executor:
         ctx = self._ctx
         for node, op, saved in zip(reversed(self.nodes), reversed(self.ops), reversed(self._tape)):
             dy = grads.pop(node.outputs[0], None)
+            if saved is _FUSED:  # the ReLU of a fused pair: its batch norm's backward masks dy itself
+                if dy is not None:
+                    grads[node.inputs[0]] = dy
+                continue
             if dy is None or (node.name in self.no_backward and not input_grads):
                 continue  # nothing downstream of this node reaches the loss, or nothing up to it trains
             ctx.need_input_grad = [input_grads or v not in self.inputs for v in node.inputs]

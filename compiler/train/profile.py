@@ -1,5 +1,7 @@
 """`dlc time`: forward and backward time per layer on the CPU backend, with achieved GFLOP/s for layers
-that multiply (2 FLOPs per MAC forward; backward counts both the input and the weight gradient: 4 per MAC)."""
+that multiply (2 FLOPs per MAC forward; backward counts both the input and the weight gradient: 4 per MAC).
+A ReLU that runs inside its batch norm (see Executor) has no time of its own: `fused_into` names the batch norm
+whose row holds both."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def profile(graph: Graph, batch: int, iterations: int = 10, warmup: int = 2) -> 
             bwd_runs.append(bwd)
     layers = []
     total_flops = 0.0
+    fused = {ex.nodes[j].name: ex.nodes[i].name for i, j in ex._relu_after.items()}
     for node in graph.nodes():
         op = REGISTRY[node.op]
         f = float(np.median([r.get(node.name, 0.0) for r in fwd_runs])) * 1e3
@@ -36,7 +39,7 @@ def profile(graph: Graph, batch: int, iterations: int = 10, warmup: int = 2) -> 
         flops = 6.0 * macs
         total_flops += flops
         layers.append({"name": node.name, "type": node.op, "output_shape": list(graph.shapes[node.outputs[0]]),
-                       "forward_ms": f, "backward_ms": b,
+                       "forward_ms": f, "backward_ms": b, "fused_into": fused.get(node.name),
                        "gflops": flops / ((f + b) * 1e-3) / 1e9 if macs and f + b > 0 else 0.0})
     fwd_total = sum(r["forward_ms"] for r in layers)
     bwd_total = sum(r["backward_ms"] for r in layers)
