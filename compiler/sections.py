@@ -21,6 +21,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "data": {
         "dataset": "str", "root": "str", "val_fraction": "float", "num_classes": "int",
         "samples": "int", "seed": "int", "augment": _AUGMENT, "prefetch": "int", "classes": "any",
+        "difficulty": "str",  # synthetic: easy (one large clear shape) or hard (small, low contrast, clutter)
         # detection sets: coco (images folder + instances JSON), synthetic_detection (max_objects)
         "images": "str", "annotations": "str", "val_images": "str", "val_annotations": "str",
         "max_objects": "int",

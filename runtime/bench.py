@@ -419,13 +419,14 @@ def bench_table(result: BenchResult):
         return table
     acc = Table(title=f"accuracy on the validation split of {result.data} (Δ vs the first model)",
                 title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("model", "metric", "score %", "Δ pts", "F1 (macro)", "correct / total", "normalisation"):
+    for col in ("model", "metric", "score %", "Δ pts", "val loss", "F1 (macro)", "correct / total", "normalisation"):
         acc.add_column(col, justify="left" if col in ("model", "metric", "normalisation") else "right")
     labels = list(dict.fromkeys(r.model for r in result.rows))
     first = result.evaluations[0]["accuracy"]
     for label, e in zip(labels, result.evaluations):
         metric = "top-1" if e["metric"] == "accuracy" else e["metric"]
-        acc.add_row(label, metric, f"{100 * e['accuracy']:.2f}", f"{100 * (e['accuracy'] - first):+.2f}",
+        loss = f"{e['loss']:.4f}" if e.get("loss") is not None else ""
+        acc.add_row(label, metric, f"{100 * e['accuracy']:.2f}", f"{100 * (e['accuracy'] - first):+.2f}", loss,
                     f"{e['macro_f1']:.3f}", f"{e['correct']:,} / {e['total']:,}", e["normalization"])
     return Group(table, acc)
 

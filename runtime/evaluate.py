@@ -49,6 +49,7 @@ class Evaluation:
     std: list[float]
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] | None = None  # segmentation: every figure of runtime.segmentation_metrics
+    loss: float | None = None  # classification: mean cross-entropy of the logits (it moves before accuracy does)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,13 +162,15 @@ class Evaluator:
         m = np.asarray(mean, np.float32)[None, :, None, None]
         inv = 1.0 / np.asarray(std, np.float32)[None, :, None, None]
         preds = np.empty(len(val), np.int64)
+        nll = 0.0
         for start in range(0, len(val), self.batch_size):
             x = (val.images[start:start + self.batch_size] - m) * inv
             logits = next(iter(session.run(x.astype(np.float32)).values()))
             preds[start:start + len(x)] = logits.argmax(axis=1)
+            nll += cross_entropy_sum(logits, labels[start:start + len(x)])
         correct = int((preds == labels).sum())
         return Evaluation("classification", "accuracy", correct / len(labels), macro_f1(labels, preds, num_outputs),
-                          correct, len(labels), source, mean, std, notes)
+                          correct, len(labels), source, mean, std, notes, loss=nll / len(labels))
 
 
 def _model_labels(val, model_classes: list | None, num_outputs: int, where: str | None) -> np.ndarray:
@@ -183,6 +186,16 @@ def _model_labels(val, model_classes: list | None, num_outputs: int, where: str 
                        f"{[str(c) for c in model_classes][:10]}; is --data the data the model was trained on?")
     lookup = np.array([index[str(c)] for c in val.classes], np.int64)
     return lookup[val.labels]
+
+
+def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Sum over the rows of -log softmax(logits)[label], in float64 (log-sum-exp shifted by the row maximum).
+    A model whose last layer is already a softmax gives the loss of those probabilities taken as logits:
+    dlc's classifiers end in logits."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).sum())
 
 
 def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:

@@ -223,7 +223,16 @@ def test_data_accuracy_matches_direct_run(digits):
         assert ev["total"] == len(val) == 359
         assert ev["correct"] == int((preds == val.labels).sum())
         assert ev["macro_f1"] == pytest.approx(f1_score(val.labels, preds, average="macro"))
+        import onnxruntime as ort
+        from sklearn.metrics import log_loss
+
+        sess = ort.InferenceSession(str(digits[path]), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {"x": ((val.images - MEAN) / STD).astype(np.float32)})[0].astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        assert ev["loss"] == pytest.approx(log_loss(val.labels, probs, labels=range(10)), rel=1e-6)
     good, bad, bare = result.evaluations
+    assert bad["loss"] > good["loss"] + 0.5
     assert good["accuracy"] > 0.85 and bad["accuracy"] < 0.2  # the rotated classifier names the wrong digit
     assert good["normalization"] == "onnx metadata" and bare["normalization"] == "yaml model.input"
     assert bare["correct"] == good["correct"]

@@ -20,6 +20,49 @@ def test_synthetic_is_deterministic_and_balanced():
     assert np.bincount(a[1]).tolist() == [20] * 6
 
 
+def test_synthetic_hard_is_deterministic_smaller_fainter_and_cluttered():
+    easy = make_shapes(300, 10, (3, 32, 32), seed=3)
+    hard = make_shapes(300, 10, (3, 32, 32), seed=3, difficulty="hard")
+    np.testing.assert_array_equal(make_shapes(300, 10, (3, 32, 32), seed=3, difficulty="easy")[0], easy[0])
+    np.testing.assert_array_equal(make_shapes(300, 10, (3, 32, 32), seed=3, difficulty="hard")[0], hard[0])
+    np.testing.assert_array_equal(hard[1], easy[1])  # the same labels, drawn the same way
+    assert hard[0].dtype == np.float32 and hard[0].min() >= 0 and hard[0].max() <= 1
+
+    def separation(images):
+        # how far the brightest and darkest tenth of each image lie apart, over its noise: the shape's contrast
+        flat = images.reshape(len(images), -1)
+        hi, lo = np.quantile(flat, 0.95, axis=1), np.quantile(flat, 0.05, axis=1)
+        return float(np.median(hi - lo))
+
+    assert separation(hard[0]) < separation(easy[0])
+    # a nearest-class-mean classifier on raw pixels: above chance on easy (0.17), at chance on hard (0.10)
+    def centroid_accuracy(images, labels):
+        x = images.reshape(len(images), -1)
+        means = np.stack([x[:200][labels[:200] == k].mean(axis=0) for k in range(10)])
+        d = ((x[200:, None, :] - means[None]) ** 2).sum(axis=2)
+        return float((d.argmin(axis=1) == labels[200:]).mean())
+
+    assert centroid_accuracy(*hard[:2]) < centroid_accuracy(*easy[:2])
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        make_shapes(10, 3, (3, 8, 8), difficulty="medium")
+
+
+def test_difficulty_is_checked_and_read_by_the_synthetic_set_only():
+    from helpers import errors_of
+
+    base = "model:\n  name: t\n  input: {shape: [3, 8, 8]}\n  layers:\n    - {name: f, type: flatten}\n" \
+           "    - {name: fc, type: linear, out: 3}\ndata: {dataset: DATA}\n"
+    assert any("'data.difficulty' must be one of easy, hard, got 'hardest'" in e
+               for e in errors_of(base.replace("DATA", "synthetic, difficulty: hardest")))
+    assert any("'data.difficulty' is only read by dataset synthetic, not 'digits'" in e
+               for e in errors_of(base.replace("DATA", "digits, difficulty: hard")))
+    train, _ = load_dataset({"dataset": "synthetic", "samples": 40, "difficulty": "hard"}, (3, 16, 16), 3, ".")
+    np.testing.assert_array_equal(train.images, load_dataset({"dataset": "synthetic", "samples": 40,
+                                                              "difficulty": "hard"}, (3, 16, 16), 3, ".")[0].images)
+    assert not np.array_equal(train.images, load_dataset({"dataset": "synthetic", "samples": 40}, (3, 16, 16),
+                                                         3, ".")[0].images)
+
+
 def test_resize_keeps_constant_images_and_mean():
     x = np.full((2, 1, 8, 8), 0.25, np.float32)
     np.testing.assert_allclose(resize(x, 28, 28), 0.25, rtol=1e-6)

@@ -41,6 +41,7 @@ FILE_DATASETS = ("imagefolder", "coco", "yolo", "segmentation")  # read from ima
 DATASET_KEYS = {"root": ("imagefolder", "yolo", "segmentation"),
                 "samples": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
                 "num_classes": ("synthetic", "synthetic_detection", "synthetic_segmentation"),
+                "difficulty": ("synthetic",),
                 "ignore_index": SEGMENTATION_DATASETS, "palette": ("segmentation",),
                 **{key: FILE_DATASETS for key in ("load", "cache_mb", "on_bad_image")}}
 
@@ -262,7 +263,8 @@ def load_dataset(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_out
                        "classifier")
     if kind == "synthetic":
         num_classes = cfg.get("num_classes", num_outputs)
-        images, labels, classes = make_shapes(cfg.get("samples", 2000), num_classes, input_shape, seed)
+        images, labels, classes = make_shapes(cfg.get("samples", 2000), num_classes, input_shape, seed,
+                                              difficulty=cfg.get("difficulty", "easy"))
     elif kind == "digits":
         images, labels, classes = _digits()
     else:

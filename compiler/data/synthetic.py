@@ -42,17 +42,31 @@ def _mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(kind)
 
 
+DIFFICULTIES = ("easy", "hard")
+
+
 def make_shapes(samples: int, num_classes: int, shape: tuple[int, int, int], seed: int = 0,
-                noise: float = 0.06) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Return (images float32 N×C×H×W in [0, 1], labels int64, class names)."""
+                noise: float | None = None, difficulty: str = "easy") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return (images float32 N×C×H×W in [0, 1], labels int64, class names).
+
+    `difficulty: easy` (the default) draws one large, high-contrast shape (radius 22–38 % of the side) over a
+    flat background with a little noise: ResNet-20 scores 100 % on it, so it cannot tell a good model from a
+    slightly worse one. `hard` draws it small (radius 11–19 %), at low contrast (the shape lighter or darker
+    than the background, per channel), over a lit gradient with stronger noise and four small clutter blobs of
+    random colour, some of which touch the shape: the accuracy it gives moves when a model gets worse (ResNet-20
+    lands near 90 %, see the README)."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"the synthetic set has 2 to {len(SHAPES)} classes, asked for {num_classes}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    hard = difficulty == "hard"
+    noise = (0.10 if hard else 0.06) if noise is None else noise
     c, h, w = shape
     rng = np.random.default_rng([seed, 7919])
     labels = np.arange(samples) % num_classes
     rng.shuffle(labels)
     side = min(h, w)
-    radius = rng.uniform(0.22, 0.38, samples) * side
+    radius = rng.uniform(*((0.11, 0.19) if hard else (0.22, 0.38)), samples) * side
     cy = rng.uniform(radius, h - radius)
     cx = rng.uniform(radius, w - radius)
     yy = np.arange(h, dtype=np.float32)[None, :, None] + 0.5
@@ -64,7 +78,20 @@ def make_shapes(samples: int, num_classes: int, shape: tuple[int, int, int], see
         idx = labels == k
         mask[idx] = _mask(SHAPES[k], u[idx], v[idx])
     background = rng.uniform(0.0, 0.45, (samples, c, 1, 1))
-    foreground = np.clip(background + rng.uniform(0.35, 0.55, (samples, c, 1, 1)), 0, 1)
-    images = np.where(mask[:, None], foreground, background)
+    if not hard:
+        foreground = np.clip(background + rng.uniform(0.35, 0.55, (samples, c, 1, 1)), 0, 1)
+        images = np.where(mask[:, None], foreground, background)
+    else:
+        background = background + 0.25  # room for darker shapes
+        contrast = rng.uniform(0.12, 0.30, (samples, c, 1, 1)) * rng.choice([-1.0, 1.0], (samples, c, 1, 1))
+        tilt = rng.normal(0, 0.25, (samples, 1, 2))  # lighting: a linear gradient across the image
+        gradient = (tilt[:, :, :1, None] * (yy / h - 0.5) + tilt[:, :, 1:, None] * (xx / w - 0.5))
+        lit = background + gradient
+        images = np.where(mask[:, None], lit + contrast, lit)
+        for _ in range(4):  # clutter: small blobs of random colour anywhere, over or beside the shape
+            br = rng.uniform(0.04, 0.09, samples) * side
+            by, bx = rng.uniform(0, h, samples), rng.uniform(0, w, samples)
+            blob = ((yy - by[:, None, None]) ** 2 + (xx - bx[:, None, None]) ** 2) <= (br ** 2)[:, None, None]
+            images = np.where(blob[:, None], rng.uniform(0.1, 0.9, (samples, c, 1, 1)), images)
     images = images + rng.normal(0, noise, images.shape)
     return np.clip(images, 0, 1).astype(np.float32), labels.astype(np.int64), list(SHAPES[:num_classes])

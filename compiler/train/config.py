@@ -14,6 +14,7 @@ from typing import Any
 from ..data.augment import AugmentConfig
 from ..data.datasets import DATASETS
 from ..data.lazy import DEFAULT_CACHE_MB, LOAD_MODES, ON_BAD
+from ..data.synthetic import DIFFICULTIES
 from ..errors import Diagnostic, did_you_mean
 from ..yaml_loader import LDict
 from .schedule import POLICIES
@@ -261,6 +262,8 @@ def parse_data(section: LDict, file: str) -> tuple[DataConfig | None, list[Diagn
         c.choice("load", "auto", LOAD_MODES)
     if "on_bad_image" in section:
         c.choice("on_bad_image", "error", ON_BAD)
+    if "difficulty" in section:
+        c.choice("difficulty", "easy", DIFFICULTIES)
     c.number("cache_mb", DEFAULT_CACHE_MB, 0, 1 << 20)
     return DataConfig(dict(section), augment, prefetch), c.diags
 
