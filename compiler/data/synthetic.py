@@ -60,13 +60,13 @@ def make_shapes(samples: int, num_classes: int, shape: tuple[int, int, int], see
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     hard = difficulty == "hard"
-    noise = (0.10 if hard else 0.06) if noise is None else noise
+    noise = (0.08 if hard else 0.06) if noise is None else noise
     c, h, w = shape
     rng = np.random.default_rng([seed, 7919])
     labels = np.arange(samples) % num_classes
     rng.shuffle(labels)
     side = min(h, w)
-    radius = rng.uniform(*((0.11, 0.19) if hard else (0.22, 0.38)), samples) * side
+    radius = rng.uniform(*((0.17, 0.27) if hard else (0.22, 0.38)), samples) * side
     cy = rng.uniform(radius, h - radius)
     cx = rng.uniform(radius, w - radius)
     yy = np.arange(h, dtype=np.float32)[None, :, None] + 0.5
@@ -83,13 +83,13 @@ def make_shapes(samples: int, num_classes: int, shape: tuple[int, int, int], see
         images = np.where(mask[:, None], foreground, background)
     else:
         background = background + 0.25  # room for darker shapes
-        contrast = rng.uniform(0.12, 0.30, (samples, c, 1, 1)) * rng.choice([-1.0, 1.0], (samples, c, 1, 1))
+        contrast = rng.uniform(0.18, 0.40, (samples, c, 1, 1)) * rng.choice([-1.0, 1.0], (samples, c, 1, 1))
         tilt = rng.normal(0, 0.25, (samples, 1, 2))  # lighting: a linear gradient across the image
         gradient = (tilt[:, :, :1, None] * (yy / h - 0.5) + tilt[:, :, 1:, None] * (xx / w - 0.5))
         lit = background + gradient
         images = np.where(mask[:, None], lit + contrast, lit)
-        for _ in range(4):  # clutter: small blobs of random colour anywhere, over or beside the shape
-            br = rng.uniform(0.04, 0.09, samples) * side
+        for _ in range(3):  # clutter: small blobs of random colour anywhere, over or beside the shape
+            br = rng.uniform(0.03, 0.07, samples) * side
             by, bx = rng.uniform(0, h, samples), rng.uniform(0, w, samples)
             blob = ((yy - by[:, None, None]) ** 2 + (xx - bx[:, None, None]) ** 2) <= (br ** 2)[:, None, None]
             images = np.where(blob[:, None], rng.uniform(0.1, 0.9, (samples, c, 1, 1)), images)
