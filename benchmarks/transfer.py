@@ -4,7 +4,7 @@ everything) against the same network from scratch, on the same budget. Also: sec
 `cache_features` on the frozen ResNet-20 trunk.
 
     python benchmarks/transfer.py [--json] [--out build/transfer] [--pretrain-epochs 8] [--epochs 15]
-                                  [--per-class 5] [--batch 10]
+                                  [--per-class 5] [--batch 10] [--difficulty hard|easy]
 
 Writes OUT/curves.png (validation accuracy per epoch of the three fine-tuning runs) and prints a table with the
 ratios; `--json` prints the same as JSON.
@@ -70,24 +70,28 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (each run)")
     parser.add_argument("--per-class", type=int, default=5, help="training images per new class")
     parser.add_argument("--batch", type=int, default=10, help="fine-tuning batch size (each run)")
+    parser.add_argument("--difficulty", choices=("hard", "easy"), default="hard",
+                        help="the synthetic shapes' difficulty (default hard; on easy, 20 images per class "
+                        "already take every run to 100 %%)")
     args = parser.parse_args()
 
     from dlc.compiler.data.synthetic import make_shapes
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels, names = make_shapes(12 * 400, 12, (3, 32, 32), seed=3)
-    new = f"data/new{args.per_class}"
-    if not (out / "data" / "pretrain").exists():
-        write_folder(out / "data" / "pretrain" / "train", images, labels, names, PRETRAIN_CLASSES, 250)
-        write_folder(out / "data" / "pretrain" / "val", images, labels, names, PRETRAIN_CLASSES, 50, skip=250)
+    images, labels, names = make_shapes(12 * 400, 12, (3, 32, 32), seed=3, difficulty=args.difficulty)
+    data = f"data-{args.difficulty}"
+    new = f"{data}/new{args.per_class}"
+    if not (out / data / "pretrain").exists():
+        write_folder(out / data / "pretrain" / "train", images, labels, names, PRETRAIN_CLASSES, 250)
+        write_folder(out / data / "pretrain" / "val", images, labels, names, PRETRAIN_CLASSES, 50, skip=250)
     if not (out / new).exists():
         write_folder(out / new / "train", images, labels, names, NEW_CLASSES, args.per_class)
         write_folder(out / new / "val", images, labels, names, NEW_CLASSES, 100, skip=250)
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     # 1. pretraining on the first six shapes
-    (out / "pretrain.yaml").write_text(yaml(6, "data/pretrain", f"  base_lr: 0.1\n  lr_policy: cosine\n"
+    (out / "pretrain.yaml").write_text(yaml(6, f"{data}/pretrain", f"  base_lr: 0.1\n  lr_policy: cosine\n"
                                             f"  epochs: {args.pretrain_epochs}\n  warmup: {{epochs: 1}}\n"))
     say(f"pretraining ResNet-20 on {', '.join(names[k] for k in PRETRAIN_CLASSES)} ...")
     pre, _, _ = run(out / "pretrain.yaml", out / "pretrained")
@@ -120,7 +124,7 @@ def main() -> int:
     for cached in (False, True):
         train = ("  init_from: pretrained/checkpoint.safetensors\n  transfer: head\n  base_lr: 0.05\n  epochs: 2\n"
                  + ("  cache_features: true\n" if cached else ""))
-        (out / f"speed_{cached}.yaml").write_text(yaml(6, "data/pretrain", train))
+        (out / f"speed_{cached}.yaml").write_text(yaml(6, f"{data}/pretrain", train))
         result, setup, _ = run(out / f"speed_{cached}.yaml", out / f"speed_{cached}")
         speed["cached" if cached else "uncached"] = {
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])), "setup_seconds": setup,
@@ -130,6 +134,7 @@ def main() -> int:
     summary = {"pretrain": {"classes": [names[k] for k in PRETRAIN_CLASSES], "val_accuracy": pre.final["val_accuracy"],
                             "epochs": len(pre.history), "seconds": pre.seconds},
                "new_classes": [names[k] for k in NEW_CLASSES], "train_images_per_class": args.per_class,
+               "difficulty": args.difficulty,
                "fine_tune_epochs": args.epochs, "fine_tune_batch": args.batch,
                "fine_tune": runs, "head_only_epoch_speed": speed,
                "transfer_over_scratch": {k: runs[k]["final_val_accuracy"] / max(runs["scratch"]["final_val_accuracy"],
