@@ -706,7 +706,9 @@ def prune(
                                 help="Structured: fraction of channels removed per group; unstructured: sparsity."),
     scope: str = typer.Option(None, help="layer (every group / layer loses the ratio) or global (the least important "
                               "channels or weights across all layers go)."),
-    round_to: int = typer.Option(None, "--round-to", min=1, help="Keep a multiple of this many channels (e.g. 8)."),
+    round_to: str = typer.Option(None, "--round-to", help="Keep a multiple of this many channels (e.g. 8), or "
+                                 "auto: the channel block of onnxruntime's CPU kernels on this machine (16 with "
+                                 "AVX-512, 8 with AVX2, else 1)."),
     skip: str = typer.Option("", help="Comma-separated layer names or patterns left whole."),
     weights: Path = typer.Option(None, help="Checkpoint with the YAML model's weights (e.g. from dlc train)."),
     steps: int = typer.Option(None, min=1, help="Prune in this many steps, fine-tuning after each."),

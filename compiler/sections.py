@@ -46,7 +46,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",
-        "exclude": "list", "round_to": "int", "steps": "int", "fine_tune": "any", "schedule": "str",
+        "exclude": "list", "round_to": "any", "steps": "int", "fine_tune": "any", "schedule": "str",
         "bn_l1": "float",
     },
     "optimize": {"passes": "list", "check": "int", "rtol": "float", "atol": "float"},

@@ -105,3 +105,42 @@ def test_prune_bad_input(tmp_path):
     result = runner.invoke(app, ["prune", yaml, "-o", str(tmp_path / "p.onnx"), "--data",
                                  str(tmp_path / "nodata.yaml")])
     assert result.exit_code == 2 and "--data needs a YAML file with a 'data:' section" in result.stderr
+
+
+def test_round_to_auto_keeps_multiples_of_onnxruntimes_channel_block(tmp_path, monkeypatch):
+    import onnx
+
+    from dlc.compiler.prune import config
+
+    text = (ROOT / "examples/resnet20.yaml").read_text()
+    (tmp_path / "r.yaml").write_text(text[:text.index("\ndata:")] + "\n")
+    for features, block in (({"AVX512F": True, "AVX2": True}, 16), ({"AVX2": True}, 8), ({}, 1)):
+        monkeypatch.setattr("dlc._C.cpu_features", lambda f=features: f)
+        assert config.auto_round_to() == block
+    monkeypatch.setattr("dlc._C.cpu_features", lambda: {"AVX512F": True})
+    result = runner.invoke(app, ["prune", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.6",
+                                 "--round-to", "auto", "--allow-untrained", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["round_to"] == 16 and report["config"]["round_to_auto"] is True
+    pruned = onnx.load(tmp_path / "p.onnx").graph
+    inits = {t.name: t.dims[0] for t in pruned.initializer}
+    outs = [inits[n.input[1]] for n in pruned.node if n.op_type == "Conv"]
+    assert outs and all(o % 16 == 0 for o in outs) and min(outs) == 16  # 16 * 0.4 = 6.4 -> 16, not 7
+    assert sorted(set(outs)) == [16, 32]  # 32 * 0.4 -> 16, 64 * 0.4 = 25.6 -> 32
+    result = runner.invoke(app, ["prune", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "q.onnx"),
+                                 "--round-to", "eight", "--allow-untrained"])
+    assert result.exit_code == 2 and "--round-to is a channel multiple (an integer >= 1) or auto" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text + "prune: {round_to: sixteen}\n")
+    from helpers import errors_of
+
+    assert any("'prune.round_to' is a channel multiple (an integer >= 1) or auto" in e for e in errors_of(bad.read_text()))
+    good = load_model_text_ok(text + "prune: {round_to: auto}\n")
+    assert good.prune.round_to == 16 and good.prune.round_to_auto
+
+
+def load_model_text_ok(text):
+    from dlc.compiler.frontend import load_model_text
+
+    return load_model_text(text, "m.yaml")

@@ -20,6 +20,21 @@ SCOPES = ("layer", "global")
 SCHEDULES = ("oneshot", "gmp")
 
 
+def auto_round_to() -> int:
+    """The channel block of onnxruntime's CPU convolutions on this machine: its NCHWc layout (MLAS) works in
+    blocks of 16 channels with AVX-512F and 8 with AVX/AVX2, padding a layer's channels up to the next block, so
+    a width between two multiples costs what the upper one does. 1 (no rounding) elsewhere (e.g. ARM64, where
+    onnxruntime does not use NCHWc). This is the machine dlc runs on: prune on (a CPU like) the target."""
+    import dlc._C as native
+
+    features = native.cpu_features()
+    if features.get("AVX512F"):
+        return 16
+    if features.get("AVX2") or features.get("AVX"):
+        return 8
+    return 1
+
+
 @dataclass
 class PruneConfig:
     method: str = "structured"
@@ -29,6 +44,7 @@ class PruneConfig:
     layers: dict[str, float] = field(default_factory=dict)  # name or pattern -> own amount (0 keeps it whole)
     exclude: list[str] = field(default_factory=list)
     round_to: int = 1
+    round_to_auto: bool = False  # round_to came from `auto` (auto_round_to)
     steps: int = 1
     schedule: str = "oneshot"
     bn_l1: float = 0.0
@@ -43,6 +59,7 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "importance": self.importance, "amount": self.amount, "scope": self.scope,
                 "layers": dict(self.layers), "exclude": list(self.exclude), "round_to": self.round_to,
+                "round_to_auto": self.round_to_auto,
                 "steps": self.steps, "schedule": self.schedule, "bn_l1": self.bn_l1,
                 "fine_tune_epochs": self.fine_tune_epochs}
 
@@ -141,6 +158,13 @@ def parse_prune(section: LDict, file: str, layer_names: list[str], train: dict |
                 error(f"'prune.exclude' lists layer names, got {item!r}", "exclude")
             elif known(item, "prune.exclude", "exclude"):
                 c.exclude.append(item)
+    round_to = section.get("round_to", 1)
+    if round_to == "auto":
+        c.round_to = auto_round_to()
+        c.round_to_auto = True
+    elif isinstance(round_to, bool) or not isinstance(round_to, int):
+        error(f"'prune.round_to' is a channel multiple (an integer >= 1) or auto (what onnxruntime's CPU kernels "
+              f"block channels by here: {auto_round_to()}), got {round_to!r}", "round_to")
     for key, lo in (("round_to", 1), ("steps", 1)):
         v = section.get(key, 1)
         if isinstance(v, int) and not isinstance(v, bool) and v < lo:

@@ -382,7 +382,7 @@ def load_for_pruning(model: Path, weights: Path | None = None, data: Path | None
 
 
 def cli_config(loaded, train: dict | None, method: str | None = None, importance: str | None = None,
-               ratio: float | None = None, scope: str | None = None, round_to: int | None = None,
+               ratio: float | None = None, scope: str | None = None, round_to: int | str | None = None,
                skip: list[str] | None = None, steps: int | None = None, epochs: int | None = None,
                lr: float | None = None) -> PruneConfig:
     """The YAML's prune: settings (if any) with the command line's flags on top; fine-tune epochs: the flag,
@@ -413,7 +413,19 @@ def cli_config(loaded, train: dict | None, method: str | None = None, importance
             raise DlcError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
         cfg.scope = scope
     if round_to is not None:
-        cfg.round_to = round_to
+        from .config import auto_round_to
+
+        cfg.round_to_auto = round_to == "auto"
+        if cfg.round_to_auto:
+            cfg.round_to = auto_round_to()
+        else:
+            try:
+                cfg.round_to = int(round_to)
+            except ValueError:
+                raise DlcError(f"--round-to is a channel multiple (an integer >= 1) or auto, got '{round_to}'") \
+                    from None
+            if cfg.round_to < 1:
+                raise DlcError(f"--round-to must be at least 1, got {cfg.round_to}")
     if skip:
         from .structured import matches
 
