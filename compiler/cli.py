@@ -718,6 +718,17 @@ def prune(
                              help="Fine-tuning learning rate."),
     data: Path = typer.Option(None, "--data", help="YAML with a data: (and optional train:) section to fine-tune "
                               "and measure accuracy with (needed for an ONNX model)."),
+    target_speedup: float = typer.Option(None, "--target-speedup", help="Structured: choose each group's width so "
+                                         "the pruned model measures this many times faster than the unpruned one "
+                                         "on onnxruntime (latency tables per layer, measured once and cached; "
+                                         "instead of --ratio)."),
+    batch: int = typer.Option(None, "--batch", min=1, show_default="prune.target.batch, else 1",
+                              help="--target-speedup: the batch size the speed-up is measured at."),
+    device: str = typer.Option(None, "--device", show_default="prune.target.device, else cpu",
+                               help="--target-speedup: onnxruntime provider to measure on: cpu, cuda, tensorrt or "
+                               "auto."),
+    threads: int = typer.Option(None, "--threads", min=1, show_default="onnxruntime's default (one per core)",
+                                help="--target-speedup: onnxruntime intra-op threads to measure with."),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="Instead of pruning: accuracy vs ratio for every "
                                      "prunable group (or layer), one at a time, without fine-tuning."),
     ratios: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="--sensitivity: the ratios to try."),
@@ -732,7 +743,13 @@ def prune(
     residual adds, concat offsets, depthwise convs) pruned alike, so the ONNX file is physically smaller and
     faster. Unstructured pruning zeros the smallest weights: the file compresses better, but dense runtimes such
     as onnxruntime run it no faster. With --steps N, each step removes the same fraction of what is left and
-    is fine-tuned (into OUT's folder, prune/step_k/). With --sensitivity, prints accuracy vs ratio per group."""
+    is fine-tuned (into OUT's folder, prune/step_k/). With --sensitivity, prints accuracy vs ratio per group.
+
+    With --target-speedup S (or prune.target), each group's width is chosen so the pruned model measures S times
+    faster than the unpruned one on onnxruntime at --batch, --device and --threads: per-layer latency tables
+    (measured once, cached in ~/.cache/dlc), a greedy search that narrows where validation loss suffers least per
+    millisecond saved, and whole-model measurements along its path. --round-to auto keeps widths on onnxruntime's
+    channel blocks."""
     from .atomic import write_bytes, write_json
     from .export_onnx import check, to_onnx
     from .metadata import finalize_metadata
@@ -747,7 +764,7 @@ def prune(
             raise DlcError(f"-o must name an .onnx file, got '{output}'")
         loaded, train_section = load_for_pruning(model, weights, data)
         cfg = cli_config(loaded, train_section, method, importance, ratio, scope, round_to, skips, steps,
-                         fine_tune_epochs, lr)
+                         fine_tune_epochs, lr, target_speedup, batch, device, threads)
         if (model.suffix.lower() != ".onnx" and weights is None and "weights" not in loaded.graph.meta
                 and not allow_untrained):
             ckpt = Path("build") / model.stem / "checkpoint.safetensors"
@@ -770,7 +787,8 @@ def prune(
     if as_json:
         out.print_json(json.dumps(report))
         return
-    table = Table(title=f"{cfg.method} pruning of {model} ({cfg.importance}, {cfg.amount:g} in {cfg.steps} "
+    what = (f"to {cfg.target.speedup:g}x at batch {cfg.target.batch}" if result.target else f"{cfg.amount:g}")
+    table = Table(title=f"{cfg.method} pruning of {model} ({cfg.importance}, {what} in {cfg.steps} "
                   f"step{'s' if cfg.steps > 1 else ''})", title_justify="left")
     score = f"val {result.metric}" if result.metric in ("mAP@0.5", "mIoU") else "val acc"
     for col in ("step", "amount", "params", "MACs", "sparsity", f"{score} pruned", f"{score} fine-tuned",
@@ -794,6 +812,17 @@ def prune(
         out.print(f"  {result.metric if result.metric in ('mAP@0.5', 'mIoU') else 'accuracy':<11} "
                   f"{b['val_accuracy']:.4f} -> "
                   f"{a['val_accuracy']:.4f} (validation split)")
+    if result.target:
+        t = result.target
+        threads_text = f", {t['threads']} threads" if t["threads"] else ""
+        out.print(f"  speed       {t['measured_speedup']:.2f}x measured at batch {t['batch']} on {t['device']}"
+                  f"{threads_text} ({t['baseline_ms']:.3f} -> {t['pruned_ms']:.3f} ms, ratio of minima; "
+                  f"{len(t['rounds'])} measurements); target {t['speedup']:g}x", highlight=False)
+        out.print("  widths      " + ", ".join(f"{p} {t['sizes'][p]}->{w}" for p, w in t["widths"].items()),
+                  highlight=False)
+        tab = t["table"]
+        out.print(f"  latencies   {tab['entries']} table entries ({tab['measured']} measured, {tab['cached']} "
+                  f"cached in {tab['cache'] or 'no cache'})", highlight=False)
     if result.sizes:
         s = result.sizes
         out.print(f"  sizes       file {s['dense_bytes'] / 1024:,.1f} -> {s['sparse_bytes'] / 1024:,.1f} KiB; "

@@ -47,7 +47,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "prune": {
         "method": "str", "importance": "str", "amount": "float", "scope": "str", "layers": "any",
         "exclude": "list", "round_to": "any", "steps": "int", "fine_tune": "any", "schedule": "str",
-        "bn_l1": "float",
+        "bn_l1": "float", "target": "any",
     },
     "optimize": {"passes": "list", "check": "int", "rtol": "float", "atol": "float"},
     "export": {

@@ -50,6 +50,7 @@ class PruneConfig:
     bn_l1: float = 0.0
     fine_tune_epochs: int = 0
     fine_tune: Any = None  # train.config.TrainConfig, None when there is nothing to fine-tune with
+    target: Any = None  # speed_target.SpeedTarget: widths chosen to a measured speed-up instead of `amount`
 
     def step_amount(self, amount: float, step: int) -> float:
         """The cumulative amount after `step` of `steps`: each step removes the same fraction of what is left,
@@ -61,7 +62,8 @@ class PruneConfig:
                 "layers": dict(self.layers), "exclude": list(self.exclude), "round_to": self.round_to,
                 "round_to_auto": self.round_to_auto,
                 "steps": self.steps, "schedule": self.schedule, "bn_l1": self.bn_l1,
-                "fine_tune_epochs": self.fine_tune_epochs}
+                "fine_tune_epochs": self.fine_tune_epochs,
+                "target": self.target.to_dict() if self.target is not None else None}
 
 
 def default_fine_tune_epochs(train_epochs: int | None) -> int:
@@ -183,6 +185,8 @@ def parse_prune(section: LDict, file: str, layer_names: list[str], train: dict |
         c.bn_l1 = float(bn_l1)
         if c.bn_l1 and train is None:
             error("'prune.bn_l1' applies during training: it needs a 'train:' section", "bn_l1")
+    if "target" in section:
+        c.target = _parse_target(section, c, error)
     ft = section.get("fine_tune")
     if ft is not None and not isinstance(ft, dict):
         error("'prune.fine_tune' takes train: keys, e.g. {epochs: 4, base_lr: 0.01}", "fine_tune")
@@ -200,3 +204,49 @@ def parse_prune(section: LDict, file: str, layer_names: list[str], train: dict |
         c.fine_tune_epochs = epochs if epochs is not None else default_fine_tune_epochs(
             train_epochs if isinstance(train_epochs, int) else None)
     return c, diags
+
+
+def _parse_target(section: LDict, c: PruneConfig, error):
+    """prune.target: {speedup, batch, device, threads} into a SpeedTarget, or None after reporting problems."""
+    from dlc.runtime.session import DEVICES
+
+    from .speed_target import SpeedTarget
+
+    t = section["target"]
+    if not isinstance(t, dict):
+        error("'prune.target' takes {speedup: 2.0, batch: 1} (and optionally device, threads): the measured "
+              "speed-up on onnxruntime to prune to", "target")
+        return None
+    ok = True
+    for key in t:
+        if key not in ("speedup", "batch", "device", "threads"):
+            error(f"unknown key 'prune.target.{key}'", key, did_you_mean(str(key), ("speedup", "batch", "device",
+                                                                                    "threads")), t)
+            ok = False
+    speedup = t.get("speedup")
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or speedup <= 1.0:
+        error(f"'prune.target.speedup' must be a number > 1 (e.g. 2.0: twice as fast as the unpruned model), got "
+              f"{speedup!r}", "speedup" if "speedup" in t else "target", within=t if "speedup" in t else None)
+        ok = False
+    for key in ("batch", "threads"):
+        v = t.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            error(f"'prune.target.{key}' must be an integer >= 1, got {v!r}", key, within=t)
+            ok = False
+    device = t.get("device", "cpu")
+    if device not in DEVICES:
+        error(f"'prune.target.device' must be one of {', '.join(DEVICES)}, got {device!r}", "device",
+              did_you_mean(str(device), DEVICES), t)
+        ok = False
+    if c.method != "structured":
+        error("'prune.target' needs method structured: zeroed weights (unstructured) do not make onnxruntime "
+              "faster", "target")
+        ok = False
+    for key, why in (("amount", "the search chooses each group's amount"),
+                     ("layers", "the search chooses each layer's amount; list layers to keep whole in exclude")):
+        if key in section:
+            error(f"'prune.{key}' and 'prune.target' do not go together: {why}", key)
+            ok = False
+    if not ok:
+        return None
+    return SpeedTarget(float(speedup), int(t.get("batch", 1)), device, t.get("threads"))

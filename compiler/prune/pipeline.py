@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,31 @@ class ValData:
             logits = ex.forward(self.x[i:i + self.batch_size])[out]
             correct += int((np.argmax(logits, axis=1) == self.y[i:i + self.batch_size]).sum())
         return correct / max(len(self.y), 1)
+
+    def loss(self, graph: Graph, limit: int = 512) -> float:
+        """Mean cross-entropy of the backend's logits on the first `limit` validation images: a continuous
+        measure of damage, where accuracy on a few hundred images moves in steps."""
+        from ..train.executor import Executor
+
+        ex, out = Executor(graph), graph.outputs[0]
+        n = min(limit, len(self.y))
+        total = 0.0
+        for i in range(0, n, self.batch_size):
+            z = ex.forward(self.x[i:min(i + self.batch_size, n)])[out].astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            total -= float(logp[np.arange(len(z)), self.y[i:i + len(z)]].sum())
+        return total / max(n, 1)
+
+
+def damage_fn(val) -> Callable[[Graph], float] | None:
+    """How much worse a pruned graph is, for the speed-target search: validation cross-entropy for a
+    classifier, 1 - mAP@0.5 or 1 - mIoU otherwise; None without validation data."""
+    if val is None:
+        return None
+    if hasattr(val, "loss"):
+        return val.loss
+    return lambda graph: 1.0 - val.accuracy(graph)
 
 
 def _normalised(images: np.ndarray, spec) -> np.ndarray:
@@ -186,6 +212,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     metric: str = "top-1"  # what val_accuracy holds: top-1 accuracy, or mAP@0.5 for detectors
+    target: dict[str, Any] | None = None  # a speed target's search: speed_target.SearchResult.to_dict()
 
     @property
     def before(self) -> dict[str, Any]:
@@ -198,7 +225,8 @@ class PruneResult:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "fine_tuned": self.fine_tuned, "steps": self.rows[1:],
                 "before": self.before, "after": self.after, "groups": self.groups, "sparsity": self.sparsity,
-                "sizes": self.sizes, "notes": self.notes, "checkpoint": self.checkpoint, "metric": self.metric}
+                "sizes": self.sizes, "notes": self.notes, "checkpoint": self.checkpoint, "metric": self.metric,
+                "target": self.target}
 
 
 def _row(graph: Graph, step: int, amount: float, params0: int | None, masks=None) -> dict[str, Any]:
@@ -259,6 +287,10 @@ def run_prune(loaded, cfg: PruneConfig, out_dir: str | Path, progress: bool = Fa
     params0 = summarize(graph).total_params
     rows = [_row(graph, 0, 0.0, params0, {} if unstructured else None)]
     rows[0]["val_accuracy"] = val.accuracy(graph) if val else None
+    group_ratios, target = None, None
+    if cfg.target is not None and not unstructured:
+        group_ratios, target = _search_widths(graph, cfg, val, progress, console)
+        cfg = dataclasses.replace(cfg, amount=target["channels_removed"])
     dense_onnx = None
     if unstructured:
         from ..export_onnx import to_onnx
@@ -286,7 +318,9 @@ def run_prune(loaded, cfg: PruneConfig, out_dir: str | Path, progress: bool = Fa
                 callbacks.append(MaskKeeper(masks))
         else:
             groups = prune_structured(graph, amount, cfg.importance, cfg.round_to, cfg.exclude, seed=k,
-                                      overrides=overrides, original_sizes=sizes0, scope=cfg.scope)
+                                      overrides=overrides, original_sizes=sizes0, scope=cfg.scope,
+                                      group_ratios={p: cfg.step_amount(r, k) for p, r in group_ratios.items()}
+                                      if group_ratios else None)
             for g in groups:  # channels before any step, not before this one
                 g["before"] = sizes0.get(g["producers"][0], g["before"])
         row = _row(graph, k, amount, params0, masks)
@@ -320,7 +354,64 @@ def run_prune(loaded, cfg: PruneConfig, out_dir: str | Path, progress: bool = Fa
         sizes = size_report(dense_onnx, to_onnx(graph).SerializeToString())
         notes.append(report["note"])
     return PruneResult(cfg, rows, groups, sparsity, sizes, fine_tune, notes, checkpoint,
-                       val.metric if val else "top-1")
+                       val.metric if val else "top-1", target)
+
+
+def _search_widths(graph: Graph, cfg: PruneConfig, val, progress: bool, console):
+    """({first producer: ratio}, the search's report) for cfg.target; a target out of reach is an error, before
+    any fine-tuning time is spent."""
+    from .speed_target import search
+
+    def say(message: str) -> None:
+        if progress and console is not None:
+            console.print(f"[dim]speed target[/] {message}", highlight=False)
+
+    t = cfg.target
+    result = search(graph, t, cfg.importance, cfg.round_to, cfg.exclude, say=say, damage=damage_fn(val))
+    if not result.reached:
+        hints = ["ask for a smaller speed-up"]
+        if cfg.round_to > 1:
+            hints.append("a smaller round_to")
+        if t.batch == 1:
+            hints.append("a larger batch (fixed per-run costs weigh most at batch 1)")
+        raise DlcError(f"cannot prune to {t.speedup:g}x at batch {t.batch} on {t.device}: {result.note}; "
+                       + ", or ".join(hints))
+    report = {**t.to_dict(), **result.to_dict()}
+    kept, total = sum(result.widths.values()), sum(result.sizes.values())
+    report["channels_removed"] = 1.0 - kept / total if total else 0.0
+    return result.ratios(), report
+
+
+def _cli_target(cfg: PruneConfig, ratio, speedup, batch, device, threads) -> None:
+    """--target-speedup / --batch / --device / --threads on top of prune.target."""
+    from dlc.runtime.session import DEVICES
+
+    from .speed_target import SpeedTarget
+
+    if speedup is not None:
+        if speedup <= 1.0:
+            raise DlcError(f"--target-speedup must be > 1 (e.g. 2.0: twice as fast as the unpruned model), got "
+                           f"{speedup:g}")
+        if ratio is not None:
+            raise DlcError("--ratio and --target-speedup do not go together: the speed target chooses each "
+                           "group's ratio")
+        base = cfg.target or SpeedTarget(speedup)
+        cfg.target = dataclasses.replace(base, speedup=float(speedup))
+    elif cfg.target is not None and ratio is not None:
+        cfg.target = None  # --ratio on the command line replaces the YAML's prune.target
+    if cfg.target is None:
+        given = [f for f, v in (("--batch", batch), ("--device", device), ("--threads", threads)) if v is not None]
+        if given:
+            raise DlcError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} where the speed target is "
+                           "measured: give --target-speedup too (or prune.target in the YAML)")
+        return
+    if cfg.method != "structured":
+        raise DlcError("a speed target needs --method structured: zeroed weights (unstructured) do not make "
+                       "onnxruntime faster")
+    if device is not None and device not in DEVICES:
+        raise DlcError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+    cfg.target = dataclasses.replace(cfg.target, batch=batch or cfg.target.batch, device=device or cfg.target.device,
+                                     threads=threads or cfg.target.threads)
 
 
 # --- `dlc prune`: a YAML or an ONNX file, data from the YAML or from --data ----------------------------------
@@ -384,7 +475,8 @@ def load_for_pruning(model: Path, weights: Path | None = None, data: Path | None
 def cli_config(loaded, train: dict | None, method: str | None = None, importance: str | None = None,
                ratio: float | None = None, scope: str | None = None, round_to: int | str | None = None,
                skip: list[str] | None = None, steps: int | None = None, epochs: int | None = None,
-               lr: float | None = None) -> PruneConfig:
+               lr: float | None = None, target_speedup: float | None = None, batch: int | None = None,
+               device: str | None = None, threads: int | None = None) -> PruneConfig:
     """The YAML's prune: settings (if any) with the command line's flags on top; fine-tune epochs: the flag,
     else prune.fine_tune.epochs, else max(1, train epochs // 4); no data means no fine-tuning."""
     from ..errors import did_you_mean
@@ -439,6 +531,7 @@ def cli_config(loaded, train: dict | None, method: str | None = None, importance
         cfg.steps = steps
     if cfg.method != "unstructured":
         cfg.schedule = "oneshot"
+    _cli_target(cfg, ratio, target_speedup, batch, device, threads)
     if loaded.spec.data is None:
         cfg.fine_tune, cfg.fine_tune_epochs = None, 0
         return cfg

@@ -388,6 +388,7 @@ def prune(
     overrides: dict[str, float] | None = None,
     original_sizes: dict[str, int] | None = None,
     scope: str = "layer",
+    group_ratios: dict[str, float] | None = None,
 ) -> list[dict]:
     """Prune channels of every prunable group in place; returns one report row per group.
 
@@ -398,8 +399,10 @@ def prune(
     `overrides` maps layer names or fnmatch patterns to their group's own ratio (0 keeps it whole); `skip`
     (names or patterns) leaves a group whole. With `original_sizes` ({first producer: channels}), ratios count
     from those sizes rather than the current ones, so iterative steps land on the same final widths as one shot.
+    `group_ratios` ({first producer: ratio}, e.g. from a speed-target search) sets those groups' ratios exactly,
+    before any pattern in `overrides`.
     """
-    for r in [ratio, *(overrides or {}).values()]:
+    for r in [ratio, *(overrides or {}).values(), *(group_ratios or {}).values()]:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {r}")
     if scope not in ("layer", "global"):
@@ -411,7 +414,9 @@ def prune(
     for grp in groups:
         if not grp.prunable or any(matches(n, skip) for n in grp.producers + grp.members):
             continue
-        r = group_ratio(grp, None, overrides, producers)  # None: no override
+        r = (group_ratios or {}).get(grp.producers[0])
+        if r is None:
+            r = group_ratio(grp, None, overrides, producers)  # None: no override
         if r is None and scope == "layer":
             r = ratio
         rows.append((grp, r, (original_sizes or {}).get(grp.producers[0], grp.size)))
