@@ -8,8 +8,9 @@ Steps, all through the `dlc` command line, in the output folder (default build/p
      unstructured --ratio 0.9` on a copy of the YAML with `prune: {schedule: gmp}`;
   d) `dlc optimize` all three (fold BN, fuse, eliminate): the deployable files. The targets are judged on these;
      the raw exports are benchmarked beside them;
-  e) `dlc bench` (Python API, same harness) on onnxruntime CPU with --threads 2 at batch 1 and 32, with accuracy
-     on the YAML's validation split: the three optimized files, then the three raw ones;
+  e) `dlc bench`'s harness (runtime.bench_isolated: a child process whose sessions share one thread pool, as
+     `dlc bench` times) on onnxruntime CPU with --threads 2 at batch 1 and 32, with accuracy on the YAML's
+     validation split: the three optimized files, then the three raw ones;
   f) context: the structured model beside a hand-made half-width ResNet-20 (every `out` in model.layers halved
      but the last; untrained, timing only) at --threads and at one thread, so the pruned model's speed-up can be
      judged against what the same architecture built by hand gets on this machine now.
@@ -23,6 +24,17 @@ accuracy within 1 point of the baseline; unstructured within 1 point.
         [--unstructured-epochs E] [--schedule gmp|oneshot] [--threads 2] [--min-time S]
 
 --quick: 3 training epochs, 1 fine-tuning epoch each and shorter timing, a smoke run (targets may fail).
+
+Pruning to a measured speed target (issue 15):
+
+    python benchmarks/prune_vs_baseline.py --target-speedup 1.5,2,3 [--target-batches 1,32] [--targets-only]
+
+For each batch and target: `dlc prune --target-speedup T --batch B --threads 2` (+ fine-tuning), and beside it
+uniform pruning of the same measured speed: every group pruned by the same ratio, the smallest ratio on a 0.05
+grid whose untrained copy measures at least as fast as the target's model (one interleaved timing run of the whole
+grid), fine-tuned alike. Then per batch one interleaved timing run of the baseline and all of them (runtime.bench_isolated: one process,
+one shared thread pool, as the search times) and accuracy and loss on the validation split.
+A target that cannot be reached is reported with dlc's reason. --targets-only skips steps b) to f).
 """
 
 from __future__ import annotations
@@ -111,8 +123,13 @@ def main() -> int:
                         help="unstructured sparsity schedule over the fine-tuning (default gmp)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     parser.add_argument("--min-time", type=float, help="seconds of timed runs per model and batch (default 4)")
+    parser.add_argument("--target-speedup", help="comma-separated speed-ups to prune to (e.g. 1.5,2,3)")
+    parser.add_argument("--target-batches", default="1,32", help="batch sizes of the speed targets (default 1,32)")
+    parser.add_argument("--target-round-to", default="1", help="round_to of the speed-target pruning (default 1)")
+    parser.add_argument("--targets-only", action="store_true", help="only the speed-target rows (after training)")
     args = parser.parse_args()
-    from dlc.runtime.bench import bench, bench_table
+    from dlc.runtime.bench import bench_table
+    from dlc.runtime.bench_isolated import bench_isolated
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +155,12 @@ def main() -> int:
     seconds["train"] = time.perf_counter() - t0
     compiled = dlc("compile", args.yaml, "--weights", ckpt, "-o", out / "baseline")
     files = {"baseline": Path(compiled["onnx"]["path"]).resolve()}
+    if args.target_speedup:
+        dlc("optimize", files["baseline"], "-o", out / "baseline.opt.onnx")
+        study = target_study(args, ckpt, out, out / "baseline.opt.onnx", epochs, min_time)
+        if args.targets_only:
+            print_study(study, args)
+            return 0
 
     # b), c) pruning + fine-tuning
     lr = ["--lr", str(args.lr)] if args.lr else []
@@ -173,14 +196,14 @@ def main() -> int:
     results = {}
     for kind, src in (("optimized", optimized), ("raw", files)):
         log(f"e) dlc bench of the {kind} files, {args.threads} threads, batch 1 and 32 ...")
-        results[kind] = bench([src[n] for n in names], [1, 32], device="cpu", min_time_s=min_time, data=args.yaml,
-                              threads=args.threads)
+        results[kind] = bench_isolated([src[n] for n in names], [1, 32], device="cpu", min_time_s=min_time,
+                                       data=args.yaml, threads=args.threads)
     result = results["optimized"]
     log("f) context: structured vs a hand-made half-width model, at 2 threads and 1 thread ...")
     trio = [optimized["baseline"], optimized["structured"], half]
-    context = {f"{args.threads} threads": bench(trio, [1, 32], device="cpu", min_time_s=min_time,
-                                                threads=args.threads),
-               "1 thread": bench(trio, [1], device="cpu", min_time_s=min_time, threads=1)}
+    context = {f"{args.threads} threads": bench_isolated(trio, [1, 32], device="cpu", min_time_s=min_time,
+                                                         threads=args.threads),
+               "1 thread": bench_isolated(trio, [1], device="cpu", min_time_s=min_time, threads=1)}
     context_rows = {k: [{"model": r.model, "batch": r.batch, "min_ratio": r.speedup, "median_ratio": r.median_ratio,
                          "paired_ratio": r.paired_ratio, "min_ms": r.min_ms, "p50_ms": r.p50_ms}
                         for r in c.rows[1:] if r.model != c.rows[0].model] for k, c in context.items()}
@@ -263,7 +286,124 @@ def main() -> int:
     for n in ("structured", "unstructured"):
         if not reports[n].get("fine_tuned"):
             print(f"note  {n}: not fine-tuned ({'; '.join(reports[n].get('notes') or [])})")
+    if args.target_speedup:
+        print_study(study, args)
     return 0
+
+
+def _uniform_file(yaml_path: Path, ckpt: Path, ratio: float, path: Path) -> Path:
+    """The trained model pruned uniformly by `ratio` (untrained after pruning: for timing only), optimized."""
+    from dlc.compiler.export_onnx import to_onnx
+    from dlc.compiler.passes.registry import optimize
+    from dlc.compiler.prune.pipeline import load_for_pruning
+    from dlc.compiler.prune.structured import prune
+
+    loaded, _ = load_for_pruning(yaml_path, ckpt)
+    prune(loaded.graph, ratio, "l1")
+    model, _ = optimize(to_onnx(loaded.graph))
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def target_study(args, ckpt: Path, out: Path, baseline: Path, epochs: int, min_time: float) -> dict:
+    """Speed-target pruning at each batch and target, beside uniform pruning of the same measured speed."""
+    from dlc.runtime.bench_isolated import bench_isolated
+    from dlc.runtime.evaluate import Evaluator
+    from dlc.runtime.session import Session
+
+    targets = [float(t) for t in args.target_speedup.split(",") if t.strip()]
+    batches = [int(b) for b in args.target_batches.split(",") if b.strip()]
+    grid = [round(0.05 * k, 2) for k in range(4, 19)]  # 0.20 ... 0.90
+    study: dict = {"targets": targets, "batches": batches, "fine_tune_epochs": epochs, "rows": [],
+                   "round_to": args.target_round_to, "threads": args.threads}
+    uniform_raw = {r: _uniform_file(args.yaml, ckpt, r, out / f"uniform_raw_{r:.2f}.opt.onnx") for r in grid}
+    for b in batches:
+        made = {}
+        for t in targets:
+            name = f"target_b{b}_{t:g}x"
+            log(f"g) dlc prune --target-speedup {t:g} --batch {b} --threads {args.threads}, {epochs} fine-tuning "
+                "epochs ...")
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "dlc.compiler.cli", "prune", str(args.yaml), "--weights", str(ckpt),
+                   "--target-speedup", str(t), "--batch", str(b), "--threads", str(args.threads), "--round-to",
+                   args.target_round_to, "--fine-tune-epochs", str(epochs), "-o", str(out / f"{name}.onnx"), "--json"]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                log(f"   not reached: {reason}")
+                study["rows"].append({"batch": b, "target": t, "reached": False, "reason": reason})
+                continue
+            report = json.loads(proc.stdout)
+            dlc("optimize", out / f"{name}.onnx", "-o", out / f"{name}.opt.onnx")
+            made[t] = {"file": out / f"{name}.opt.onnx", "report": report, "seconds": time.perf_counter() - t0}
+        if not made:
+            continue
+        log(f"h) uniform ratios {grid[0]}-{grid[-1]} timed beside the target models at batch {b} ...")
+        files = [baseline, *(m["file"] for m in made.values()), *uniform_raw.values()]
+        timing = bench_isolated(files, [b], device="cpu", min_time_s=1.0, threads=args.threads)
+        speed = {row.path: row.speedup for row in timing.rows}
+        uniform = {}
+        for t, m in made.items():
+            need = speed[str(m["file"])]
+            r = next((r for r in grid if speed[str(uniform_raw[r])] >= need), grid[-1])
+            uniform[t] = r
+        for r in sorted(set(uniform.values())):
+            log(f"i) uniform pruning {r:.2f} + {epochs} fine-tuning epochs ...")
+            dlc("prune", args.yaml, "--weights", ckpt, "--ratio", str(r), "--fine-tune-epochs", str(epochs),
+                "-o", out / f"uniform_{r:.2f}.onnx")
+            dlc("optimize", out / f"uniform_{r:.2f}.onnx", "-o", out / f"uniform_{r:.2f}.opt.onnx")
+        log(f"j) timing at batch {b} (one process, shared thread pool, as the search measures) and accuracy ...")
+        names = [baseline, *(m["file"] for m in made.values()),
+                 *(out / f"uniform_{r:.2f}.opt.onnx" for r in sorted(set(uniform.values())))]
+        result = bench_isolated(names, [b], device="cpu", min_time_s=min_time, threads=args.threads)
+        rows = {row.path: row for row in result.rows}
+        evaluator = Evaluator(args.yaml)
+        evals = {str(p): evaluator.evaluate(Session(p, device="cpu")).to_dict() for p in names}
+        base_ev = evals[str(baseline)]
+        for t, m in made.items():
+            u = out / f"uniform_{uniform[t]:.2f}.opt.onnx"
+            tr, ur = rows[str(m["file"])], rows[str(u)]
+            tgt = m["report"]["target"]
+            study["rows"].append({
+                "batch": b, "target": t, "reached": True, "search_speedup": tgt["measured_speedup"],
+                "speedup": tr.speedup, "speedup_interval": tr.speedup_interval, "pass": tr.speedup >= t,
+                "accuracy": evals[str(m["file"])]["accuracy"], "val_loss": evals[str(m["file"])].get("loss"),
+                "params": tr.params, "macs": tr.macs, "widths": tgt["widths"], "measurements": len(tgt["rounds"]),
+                "table": tgt["table"], "seconds": m["seconds"],
+                "uniform_ratio": uniform[t], "uniform_speedup": ur.speedup, "uniform_accuracy": evals[str(u)]["accuracy"],
+                "uniform_val_loss": evals[str(u)].get("loss"), "uniform_macs": ur.macs,
+                "baseline_accuracy": base_ev["accuracy"], "baseline_val_loss": base_ev.get("loss"),
+                "baseline_ms": rows[str(baseline)].min_ms, "target_ms": tr.min_ms})
+    from dlc.compiler.atomic import write_json
+
+    write_json(out / "targets.json", study)
+    return study
+
+
+def print_study(study: dict, args) -> None:
+    if args.json:
+        print(json.dumps(study, indent=2))
+        return
+    print(f"\nPruning to a measured speed target (dlc prune --target-speedup, --threads {study['threads']}, round_to "
+          f"{study['round_to']}, {study['fine_tune_epochs']} fine-tuning epochs) vs uniform pruning of the same "
+          "measured speed; speed-up = ratio of minima over interleaved runs in one process sharing one thread pool "
+          "(runtime.bench_isolated, as the search measures)")
+    print(f"{'batch':>5} {'target':>6} {'speed-up':>9} {'top-1 %':>8} {'loss':>7} {'MACs':>11} | {'uniform':>7} "
+          f"{'speed-up':>9} {'top-1 %':>8} {'loss':>7} {'MACs':>11} | baseline top-1 % / loss")
+    for r in study["rows"]:
+        if not r["reached"]:
+            print(f"{r['batch']:>5} {r['target']:>5g}x  not reached: {r['reason']}")
+            continue
+        print(f"{r['batch']:>5} {r['target']:>5g}x {r['speedup']:>8.2f}x {100 * r['accuracy']:>8.2f} "
+              f"{r['val_loss']:>7.4f} {r['macs']:>11,} | {r['uniform_ratio']:>7.2f} {r['uniform_speedup']:>8.2f}x "
+              f"{100 * r['uniform_accuracy']:>8.2f} {r['uniform_val_loss']:>7.4f} {r['uniform_macs']:>11,} | "
+              f"{100 * r['baseline_accuracy']:.2f} / {r['baseline_val_loss']:.4f}")
+    for r in study["rows"]:
+        if r["reached"]:
+            print(f"{'PASS' if r['pass'] else 'FAIL'}  batch {r['batch']}, target {r['target']:g}x: measured "
+                  f"{r['speedup']:.2f}x (search: {r['search_speedup']:.2f}x in {r['measurements']} measurements)")
+        else:
+            print(f"FAIL  batch {r['batch']}, target {r['target']:g}x: not reached")
 
 
 if __name__ == "__main__":

@@ -1017,9 +1017,14 @@ def bench(
     of minimum latencies, which is steady on shared machines where the ratio of medians (shown beside it) is
     not. Runs above Q3 + 3·IQR are clipped from the percentiles. The speed-up's min-max over 5 blocks of rounds
     is shown too; where minima and medians, or the blocks, disagree by over 25 %, the rounds are doubled (twice at
-    most, within a time budget) and a pair still unstable gets a warning and `unstable: true` in --json."""
-    from dlc.runtime.bench import bench as run_bench
+    most, within a time budget) and a pair still unstable gets a warning and `unstable: true` in --json.
+
+    The models are timed in a child process whose sessions share one onnxruntime thread pool: with a pool per
+    session, the threads of the session that just ran keep spinning on the cores the next one needs, and that
+    inflated the slower model's times (a pruned ResNet-20 measured 1.72x its baseline that way, 1.57x shared and
+    1.60x with each model alone)."""
     from dlc.runtime.bench import bench_table, plot_bench
+    from dlc.runtime.bench_isolated import bench_isolated as run_bench
 
     try:
         try:

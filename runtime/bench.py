@@ -158,6 +158,7 @@ class BenchResult:
     data: str | None = None  # the --data spec file
     evaluations: list[dict] = field(default_factory=list)  # per model, in order: runtime.evaluate.Evaluation
     notes: list[str] = field(default_factory=list)  # e.g. where a model's input normalisation came from
+    thread_pool: str = "own"  # "shared": every session on one process-wide pool (bench_isolated, dlc bench)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +246,7 @@ def bench(
                 )
 
     result = BenchResult(device=device, min_time_s=min_time_s, warmup=warmup, input_shape=first_shape,
+                         thread_pool="shared" if shared_threads else "own",
                          threads=threads, data=None if data is None else str(data))
     providers = [s.provider for s in sessions]
     if len(set(providers)) > 1:

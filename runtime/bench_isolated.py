@@ -16,20 +16,27 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from dlc.compiler.errors import DlcError
+from dlc.compiler import limits
+from dlc.compiler.errors import Diagnostic, DlcError
 
 from .bench import BenchResult, BenchRow
 
 
 def bench_isolated(paths: Sequence[str | Path], batches: Sequence[int] = (1,), device: str = "cpu",
                    min_time_s: float = 2.0, warmup: int = 5, threads: int | None = None,
-                   optimization: str = "all", timeout_s: float | None = None) -> BenchResult:
+                   optimization: str = "all", timeout_s: float | None = None, data: str | Path | None = None,
+                   postprocess: bool = False, trt_fp16: bool = False, trt_cache: str | Path | None = None,
+                   io_binding: bool = False) -> BenchResult:
     """runtime.bench.bench(..., shared_threads=True) in a child process; the same arguments and result."""
     request = {"paths": [str(p) for p in paths], "batches": [int(b) for b in batches], "device": device,
                "min_time_s": float(min_time_s), "warmup": int(warmup), "threads": threads,
-               "optimization": optimization}
+               "optimization": optimization, "data": str(data) if data is not None else None,
+               "postprocess": bool(postprocess), "trt_fp16": bool(trt_fp16),
+               "trt_cache": str(trt_cache) if trt_cache is not None else None, "io_binding": bool(io_binding),
+               "limits": [f"{k}={v}" for k, v in asdict(limits.current()).items()]}  # --limit reaches the child
     proc = subprocess.run([sys.executable, "-m", "dlc.runtime.bench_isolated"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=timeout_s)
     lines = proc.stdout.strip().splitlines()
@@ -38,11 +45,16 @@ def bench_isolated(paths: Sequence[str | Path], batches: Sequence[int] = (1,), d
     except json.JSONDecodeError:
         reply = {}
     if proc.returncode != 0 or "result" not in reply:
-        detail = reply.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if reply.get("error"):
+            raise DlcError([Diagnostic(line) for line in reply["error"].splitlines()])  # dlc's own message (a missing file, a corrupt model), as in-process
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise DlcError(f"timing the models in a separate process failed: {detail}")
-    data = reply["result"]
-    rows = [BenchRow(**r) for r in data.pop("rows")]
-    return BenchResult(**data, rows=rows)
+    for line in proc.stderr.splitlines():  # the child's notes ("dlc: running on the CPU ...") reach the user
+        if line.startswith("dlc: "):
+            print(line, file=sys.stderr)
+    data_out = reply["result"]
+    rows = [BenchRow(**r) for r in data_out.pop("rows")]
+    return BenchResult(**data_out, rows=rows)
 
 
 def _main() -> int:
@@ -50,9 +62,12 @@ def _main() -> int:
 
     request = json.loads(sys.stdin.read())
     try:
+        limits.configure(request.get("limits"))
         result = bench(request["paths"], request["batches"], device=request["device"],
                        min_time_s=request["min_time_s"], warmup=request["warmup"], threads=request["threads"],
-                       optimization=request["optimization"], shared_threads=True)
+                       optimization=request["optimization"], shared_threads=True, data=request.get("data"),
+                       postprocess=request.get("postprocess", False), trt_fp16=request.get("trt_fp16", False),
+                       trt_cache=request.get("trt_cache"), io_binding=request.get("io_binding", False))
     except DlcError as exc:
         print(json.dumps({"error": str(exc)}))
         return 2

@@ -294,6 +294,7 @@ def test_cli_data_table_json_and_accuracy_plot(digits, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["threads"] == 2 and len(data["evaluations"]) == 2
+    assert data["thread_pool"] == "shared"  # timed in a child process whose sessions share one pool
     assert data["rows"][0]["accuracy"] == data["evaluations"][0]["accuracy"] > 0.85
     assert any("less accurate" in w for w in data["warnings"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
