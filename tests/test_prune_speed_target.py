@@ -229,3 +229,48 @@ def test_section_errors():
         assert any(message in e for e in errs), (section, errs)
     loaded = load_model_text(base + "prune: {target: {speedup: 2.5, batch: 8}}\n", "t.yaml")
     assert loaded.prune.target == st.SpeedTarget(2.5, 8, "cpu", None)
+
+
+@pytest.mark.parametrize("example", ["mobilenet_small", "unet_small", "inception_small"])
+def test_search_through_depthwise_concat_and_up_convolutions(example):
+    """Depthwise convs (width tied to their input), concatenated skips and conv_transpose: the table's widths
+    are the ones the pruned graph really has, and the chosen model exports and runs."""
+    from dlc.compiler.export_onnx import to_onnx
+    from dlc.compiler.prune.structured import prune
+
+    graph = load_model(ROOT / f"examples/{example}.yaml").graph
+    table = CostTable()
+    r = st.search(graph, st.SpeedTarget(1.6), round_to=4, timer=cost_timer(slow=1.0), table=table)
+    assert r.reached, r.note
+    g = graph.copy()
+    prune(g, 0.0, skip=(), group_ratios=r.ratios())
+    assert {p: g.node(p).attrs["out"] for p in r.widths} == r.widths
+    an = st._Analysis(graph)
+    searched = {gr.id: gr for gr in an.groups() if gr.prunable}
+    by_producer = {gr.producers[0]: gr.id for gr in searched.values()}
+    widths = {by_producer[p]: w for p, w in r.widths.items()}
+    for layer in st._layers(graph, an, searched):  # the table's input widths are the pruned graph's
+        node = g.node(layer.name)
+        shape = g.shapes[node.inputs[0]]
+        assert layer.cin(widths) == (int(np.prod(shape)) if node.op == "linear" else shape[0]), layer.name
+        assert layer.cout(widths) == node.attrs["out"], layer.name
+    model = to_onnx(g)
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, *graph.shapes[graph.input_names[0]])).astype(np.float32)
+    assert np.isfinite(s.run(None, {s.get_inputs()[0].name: x})[0]).all()
+
+
+def test_real_runtime_path(tmp_path, monkeypatch):
+    """The search on onnxruntime itself: entries measured in the child process and cached, whole models timed
+    in bench_isolated. Timings are not asserted (shared machines); what was measured must be consistent."""
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    graph = _graph()
+    r = st.search(graph, st.SpeedTarget(1.3, batch=8, threads=1), round_to=8, min_time_s=0.05)
+    assert r.table["measured"] == r.table["entries"] > 0 and r.table["cached"] == 0
+    assert (tmp_path / "latency_tables.json").is_file()
+    assert r.rounds and all(row["baseline_ms"] > 0 and row["pruned_ms"] > 0 for row in r.rounds)
+    assert r.measured_speedup == pytest.approx(r.baseline_ms / r.pruned_ms)
+    assert r.measured_speedup in [row["measured_speedup"] for row in r.rounds]
+    assert r.reached == (r.measured_speedup >= 1.3) and (r.note == "") == r.reached
+    again = st.search(graph, st.SpeedTarget(1.3, batch=8, threads=1), round_to=8, min_time_s=0.05)
+    assert again.table["measured"] == 0 and again.table["cached"] == r.table["entries"]
