@@ -387,5 +387,5 @@ def test_timing_runs_on_one_shared_pool_in_its_own_process(small):
     assert [(r.batch, r.runs >= 20) for r in result.rows] == [(1, True), (1, True), (3, True), (3, True)]
     assert result.threads == 2 and result.rows[0].params == count_params(onnx.load(str(path)))
     assert Session(path, device="cpu", threads=3).thread_pool == "own"
-    with pytest.raises(DlcError, match="separate process failed.*not found"):
+    with pytest.raises(DlcError, match=r"missing.onnx: ONNX file not found \(check the path\)"):  # dlc's own words
         bench_isolated([path.with_name("missing.onnx")], [1], min_time_s=0)
