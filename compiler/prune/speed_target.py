@@ -311,7 +311,7 @@ def search(graph: Graph, target: SpeedTarget, importance_method: str = "l1", rou
     speed = base_ms / pruned_ms
     reached = speed >= target.speedup
     note = "" if reached else (
-        f"reached {speed:.2f}x of the {target.speedup:g}x asked for at batch {target.batch}"
+        f"reached {speed:.2f}x of the {target.speedup:g}x asked for"
         + (": every group is at its narrowest allowed width" if best == len(path) - 1 or measured.get(
             len(path) - 1) else f" in {MAX_ROUNDS} measurements")
         + (f" (widths are multiples of round_to {round_to})" if round_to > 1 else ""))
