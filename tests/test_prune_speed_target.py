@@ -274,3 +274,27 @@ def test_real_runtime_path(tmp_path, monkeypatch):
     assert r.reached == (r.measured_speedup >= 1.3) and (r.note == "") == r.reached
     again = st.search(graph, st.SpeedTarget(1.3, batch=8, threads=1), round_to=8, min_time_s=0.05)
     assert again.table["measured"] == 0 and again.table["cached"] == r.table["entries"]
+
+
+def test_validation_loss_of_the_search_is_cross_entropy():
+    """The search's damage for a classifier: mean cross-entropy of the backend's logits on the first `limit`
+    images, against scikit-learn's log_loss."""
+    from sklearn.metrics import log_loss
+
+    from dlc.compiler.prune.pipeline import ValData
+    from dlc.compiler.train.executor import Executor
+
+    graph = _graph()
+    rng = np.random.default_rng(3)
+    for node in graph.nodes():
+        for k, v in node.params.items():
+            if k == "weight":
+                v[...] = rng.standard_normal(v.shape).astype(np.float32) * 0.1
+    x = rng.standard_normal((70, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 70)
+    val = ValData(x, y, batch_size=16)
+    logits = Executor(graph).forward(x[:50])[graph.outputs[0]].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    assert 0.3 < probs.max() < 0.999  # neither uniform nor saturated: a wrong loss would show
+    assert val.loss(graph, limit=50) == pytest.approx(log_loss(y[:50], probs, labels=range(4)), rel=1e-5)

@@ -99,12 +99,12 @@ class ValData:
 
         ex, out = Executor(graph), graph.outputs[0]
         n = min(limit, len(self.y))
+        from dlc.runtime.evaluate import cross_entropy_sum
+
         total = 0.0
         for i in range(0, n, self.batch_size):
-            z = ex.forward(self.x[i:min(i + self.batch_size, n)])[out].astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            total -= float(logp[np.arange(len(z)), self.y[i:i + len(z)]].sum())
+            j = min(i + self.batch_size, n)
+            total += cross_entropy_sum(ex.forward(self.x[i:j])[out], self.y[i:j])
         return total / max(n, 1)
 
 

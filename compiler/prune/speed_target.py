@@ -233,12 +233,13 @@ def search(graph: Graph, target: SpeedTarget, importance_method: str = "l1", rou
         f"({table.seconds:.1f} s)")
 
     # normalised importance, ascending: narrowing a group to w drops its (size - w) lowest scores
+    scores = {g.id: importance(graph, g, importance_method, seed=g.id) for g in groups}
     lowest = {}
     for g in groups:
-        sc = importance(graph, g, importance_method, seed=g.id)
+        sc = scores[g.id]
         norm = sc / sc.mean() if sc.mean() > 0 else np.ones_like(sc)
         lowest[g.id] = np.concatenate([[0.0], np.cumsum(np.sort(norm))])
-    curves = _damage_curves(graph, groups, cands, importance_method, damage, say) if damage else None
+    curves = _damage_curves(graph, groups, cands, scores, damage, say) if damage else None
 
     full = {g.id: g.size for g in groups}
     layer_sum = sum(la.ms(full) for la in layers)
@@ -319,34 +320,27 @@ def search(graph: Graph, target: SpeedTarget, importance_method: str = "l1", rou
                         predicted0 / path[best][1], base_ms, pruned_ms, rounds, table.to_dict(), note)
 
 
-def _damage_curves(graph: Graph, groups, cands, importance_method: str, damage, say) -> dict[int, dict[int, float]]:
+def _damage_curves(graph: Graph, groups, cands, scores: dict[int, np.ndarray], damage,
+                   say) -> dict[int, dict[int, float]]:
     """{group: {width: damage with only that group narrowed to width}}, its lowest-importance channels removed
     (as structured.prune removes them), each on a copy of the graph: the sensitivity analysis behind the
     search's choice of which group to narrow. Damages add up across groups in the search (as sensitivity-based
     pruning assumes)."""
-    from .structured import prune_channels
+    from .structured import kept_channels, prune_channels
 
     base = damage(graph)
     curves: dict[int, dict[int, float]] = {}
     total = sum(len(cands[g.id]) - 1 for g in groups)
     say(f"sensitivity: {total} trials (one group narrowed at a time)")
     for g in groups:
-        order = np.argsort(-importance(graph, g, importance_method, seed=g.id), kind="stable")
         curve = {g.size: base}
         for w in cands[g.id]:
             if w < g.size:
                 trial = graph.copy()
-                keep = order[:w] if g.blocks == 1 else _per_block(order, g, w)
-                prune_channels(trial, g, np.sort(keep))
+                prune_channels(trial, g, kept_channels(scores[g.id], w, g.blocks))
                 curve[w] = damage(trial)
         curves[g.id] = curve
     return curves
-
-
-def _per_block(order: np.ndarray, group, w: int) -> np.ndarray:
-    """The w / blocks most important channels of each block of a grouped conv's output."""
-    width, per = group.size // group.blocks, w // group.blocks
-    return np.concatenate([[i for i in order if b * width <= i < (b + 1) * width][:per] for b in range(group.blocks)])
 
 
 def _greedy_path(groups, cands, widths, predicted, cost) -> list[tuple[dict[int, int], float]]:

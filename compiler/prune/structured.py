@@ -430,18 +430,23 @@ def prune(
     report = []
     for grp, r, base in rows:
         n = counts[grp.id]
-        if n < grp.size and grp.blocks > 1:  # the best n / blocks of each block
-            per, width = n // grp.blocks, grp.size // grp.blocks
-            keeps[grp.id] = np.sort(np.concatenate([
-                b * width + np.argsort(-scores[grp.id][b * width:(b + 1) * width], kind="stable")[:per]
-                for b in range(grp.blocks)]))
-        elif n < grp.size:
-            keeps[grp.id] = np.sort(np.argsort(-scores[grp.id], kind="stable")[:n])
+        if n < grp.size:
+            keeps[grp.id] = kept_channels(scores[grp.id], n, grp.blocks)
         report.append({"producers": list(grp.producers), "before": grp.size, "after": n,
                        "ratio": r if r is not None else 1.0 - n / base})
     if keeps:
         an.apply(keeps)
     return report
+
+
+def kept_channels(scores: np.ndarray, n: int, blocks: int = 1) -> np.ndarray:
+    """The sorted indices of the `n` channels that stay: the most important (ties to the lower index), or for a
+    grouped conv's output (`blocks` > 1) the best n / blocks of each block."""
+    if blocks == 1:
+        return np.sort(np.argsort(-scores, kind="stable")[:n])
+    per, width = n // blocks, len(scores) // blocks
+    return np.sort(np.concatenate([b * width + np.argsort(-scores[b * width:(b + 1) * width], kind="stable")[:per]
+                                   for b in range(blocks)]))
 
 
 def _global_counts(pool: list[tuple[Group, int]], scores: dict[int, np.ndarray], ratio: float, round_to: int,
