@@ -87,6 +87,10 @@ cdef Py_ssize_t _col_bytes = 8 * 1024 * 1024
 # page fault per 4 KiB on every call.
 cdef Py_ssize_t _KEEP_BYTES_MAX = 64 * 1024 * 1024
 cdef bint _use_team_blas = True
+# Winograd F(2x2, 3x3) (winograd.pxi) — 0: never; 1: where it measures faster; 2: wherever it applies.
+cdef int _wino_mode = 1
+# Per-thread transformed input and output of one band of tile rows: within L2.
+cdef Py_ssize_t _wino_bytes = 1024 * 1024
 
 # ---------------------------------------------------------------------------------------------------------
 # numpy's bundled OpenBLAS, called from C
@@ -192,14 +196,26 @@ cdef void _blas_single_exit():
         _blas_set_threads(_blas_saved_threads)
 
 
-def set_options(team_blas=None, band_bytes=None, col_bytes=None):
+_WINO_MODES = ("never", "auto", "always")
+
+
+def set_options(team_blas=None, band_bytes=None, col_bytes=None, winograd=None, wino_bytes=None):
     """Change how the kernels run (for tests and benchmarks); returns the previous settings as a dict.
 
     team_blas: call OpenBLAS's sgemm inside the OpenMP team (if it was found) rather than np.matmul.
     band_bytes: per-thread column buffer of the team path; col_bytes: column matrix of the numpy path.
+    winograd: "auto" (3×3 stride-1 convolutions where it measures faster), "always" (wherever it applies) or
+    "never"; it needs the in-team sgemm. wino_bytes: per-thread transformed input and output of one band.
     """
-    global _use_team_blas, _band_bytes, _col_bytes
-    previous = {"team_blas": _use_team_blas, "band_bytes": _band_bytes, "col_bytes": _col_bytes}
+    global _use_team_blas, _band_bytes, _col_bytes, _wino_mode, _wino_bytes
+    previous = {"team_blas": _use_team_blas, "band_bytes": _band_bytes, "col_bytes": _col_bytes,
+                "winograd": _WINO_MODES[_wino_mode], "wino_bytes": _wino_bytes}
+    if winograd is not None:
+        if winograd not in _WINO_MODES:
+            raise ValueError(f"conv: winograd must be one of {_WINO_MODES}, got {winograd!r}")
+        _wino_mode = _WINO_MODES.index(winograd)
+    if wino_bytes is not None:
+        _wino_bytes = max(1, int(wino_bytes))
     if team_blas is not None:
         _use_team_blas = bool(team_blas)
     if band_bytes is not None:
@@ -826,6 +842,9 @@ cdef object _f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+include "winograd.pxi"
+
+
 def conv2d_forward(x, w, b, stride, pads, dilation, groups, out_hw):
     """y (N, O, OH, OW) float32 = conv(x, w) + b; see the module docstring for the conventions."""
     x = _f32(x)
@@ -855,6 +874,9 @@ def conv2d_forward(x, w, b, stride, pads, dilation, groups, out_hw):
         with nogil:
             _dw_forward(xp, wp, bp, yp, g)
         return y
+
+    if _use_winograd(&g):
+        return _wino_forward(x, w, b, g)
 
     if _team_blas():
         bh = _band_rows(&g, True)
@@ -1029,6 +1051,9 @@ def conv2d_backward(x, w, dy, stride, pads, dilation, groups, need_dx=True, need
             if dxp != NULL:
                 _dw_backward_input(dyp, wp, dxp, g)
         return dx, dw, db
+
+    if _use_winograd(&g):
+        return _wino_backward(x, w, dy, g, need_dx, need_db)
 
     if team:
         threads = _team_threads()
