@@ -23,9 +23,6 @@
 
 # Its settings, `_wino_mode` and `_wino_bytes`, are declared with the others at the top of conv.pyx.
 
-_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-
-
 cdef extern from *:
     """
     /* The Winograd kernels' inner loops, on the widest vectors the build has: GCC leaves the transforms'
@@ -149,24 +146,132 @@ cdef extern from *:
         }
     }
 
-    /* B^T d on four padded rows: t0 = r0 - r2, t1 = r1 + r2, t2 = r2 - r1, t3 = r1 - r3 */
-    static void dlc_wino_rows4(const float* r0, const float* r1, const float* r2, const float* r3,
-                               float* t0, float* t1, float* t2, float* t3, Py_ssize_t n) {
+    /* B^T d B of one row of n tiles straight from its four padded rows (each de-interleaved: even columns
+       at r, odd at r + Wh): 16 loads, the row and column combinations in registers, 16 stores to
+       v[(4k + l) * plane + j]. Tile j's columns are e[j], o[j], e[j + 1], o[j + 1]. */
+    static void dlc_wino_input_row(const float* r0, Py_ssize_t W2, Py_ssize_t Wh, float* v, Py_ssize_t plane,
+                                   Py_ssize_t n) {
+        const float *r1 = r0 + W2, *r2 = r1 + W2, *r3 = r2 + W2;
         DLC_FOR_LANES(j, n) {
-            dlc_wv a = DLC_L(r0 + j), b = DLC_L(r1 + j), c = DLC_L(r2 + j), d = DLC_L(r3 + j);
-            DLC_S(t0 + j, DLC_WSUB(a, c)); DLC_S(t1 + j, DLC_WADD(b, c));
-            DLC_S(t2 + j, DLC_WSUB(c, b)); DLC_S(t3 + j, DLC_WSUB(b, d));
+            dlc_wv c[4][4];  /* c[col][row] */
+            const float* rr[4] = {r0, r1, r2, r3};
+            for (int r = 0; r < 4; r++) {
+                c[0][r] = DLC_L(rr[r] + j); c[1][r] = DLC_L(rr[r] + Wh + j);
+                c[2][r] = DLC_L(rr[r] + j + 1); c[3][r] = DLC_L(rr[r] + Wh + j + 1);
+            }
+            dlc_wv t[4][4];  /* t[k][col] = (B^T d)[k][col] */
+            for (int q = 0; q < 4; q++) {
+                t[0][q] = DLC_WSUB(c[q][0], c[q][2]); t[1][q] = DLC_WADD(c[q][1], c[q][2]);
+                t[2][q] = DLC_WSUB(c[q][2], c[q][1]); t[3][q] = DLC_WSUB(c[q][1], c[q][3]);
+            }
+            for (int k = 0; k < 4; k++) {
+                float* o = v + (4 * k) * plane + j;
+                DLC_S(o, DLC_WSUB(t[k][0], t[k][2])); DLC_S(o + plane, DLC_WADD(t[k][1], t[k][2]));
+                DLC_S(o + 2 * plane, DLC_WSUB(t[k][2], t[k][1])); DLC_S(o + 3 * plane, DLC_WSUB(t[k][1], t[k][3]));
+            }
         }
     }
 
-    /* (.) B along a row of tiles, from its even (e) and odd (o) columns, n + 1 of each: v0 = e0 - e1,
-       v1 = o0 + e1, v2 = e1 - o0, v3 = o0 - o1 (0 = this tile's first column pair, 1 = the next) */
-    static void dlc_wino_cols4(const float* e, const float* o, float* v0, float* v1, float* v2, float* v3,
-                               Py_ssize_t n) {
-        DLC_FOR_LANES(j, n) {
-            dlc_wv e0 = DLC_L(e + j), e1 = DLC_L(e + j + 1), o0 = DLC_L(o + j), o1 = DLC_L(o + j + 1);
-            DLC_S(v0 + j, DLC_WSUB(e0, e1)); DLC_S(v1 + j, DLC_WADD(o0, e1));
-            DLC_S(v2 + j, DLC_WSUB(e1, o0)); DLC_S(v3 + j, DLC_WSUB(o0, o1));
+    /* ev[m] = src[2m] (m < (n + 1) / 2), od[m] = src[2m + 1] (m < n / 2): a row split into its even and odd
+       columns, by whole vector pairs with shuffles, the rest scalar. */
+    static void dlc_deinterleave(const float* src, Py_ssize_t n, float* ev, float* od) {
+        Py_ssize_t m = 0;
+    #if defined(__AVX512F__)
+        const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        for (; 2 * (m + 16) <= n; m += 16) {
+            __m512 a = _mm512_loadu_ps(src + 2 * m), b = _mm512_loadu_ps(src + 2 * m + 16);
+            _mm512_storeu_ps(ev + m, _mm512_permutex2var_ps(a, ie, b));
+            _mm512_storeu_ps(od + m, _mm512_permutex2var_ps(a, io, b));
+        }
+    #elif defined(__AVX2__)
+        for (; 2 * (m + 8) <= n; m += 8) {
+            __m256 a = _mm256_loadu_ps(src + 2 * m), b = _mm256_loadu_ps(src + 2 * m + 8);
+            __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+            _mm256_storeu_ps(ev + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+            _mm256_storeu_ps(od + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+        }
+    #else
+        for (; 2 * (m + 4) <= n; m += 4) {
+            __m128 a = _mm_loadu_ps(src + 2 * m), b = _mm_loadu_ps(src + 2 * m + 4);
+            _mm_storeu_ps(ev + m, _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+            _mm_storeu_ps(od + m, _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+        }
+    #endif
+        for (; 2 * m < n; m++) {
+            ev[m] = src[2 * m];
+            if (2 * m + 1 < n) od[m] = src[2 * m + 1];
+        }
+    }
+
+    /* The inverse: dst[2m] = ev[m], dst[2m + 1] = od[m], n values of dst. */
+    static void dlc_interleave(const float* ev, const float* od, Py_ssize_t n, float* dst) {
+        Py_ssize_t m = 0;
+    #if defined(__AVX512F__)
+        const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for (; 2 * (m + 16) <= n; m += 16) {
+            __m512 e = _mm512_loadu_ps(ev + m), o = _mm512_loadu_ps(od + m);
+            _mm512_storeu_ps(dst + 2 * m, _mm512_permutex2var_ps(e, lo, o));
+            _mm512_storeu_ps(dst + 2 * m + 16, _mm512_permutex2var_ps(e, hi, o));
+        }
+    #elif defined(__AVX2__)
+        for (; 2 * (m + 8) <= n; m += 8) {
+            __m256 e = _mm256_loadu_ps(ev + m), o = _mm256_loadu_ps(od + m);
+            __m256 l = _mm256_unpacklo_ps(e, o), h = _mm256_unpackhi_ps(e, o);
+            _mm256_storeu_ps(dst + 2 * m, _mm256_permute2f128_ps(l, h, 0x20));
+            _mm256_storeu_ps(dst + 2 * m + 8, _mm256_permute2f128_ps(l, h, 0x31));
+        }
+    #else
+        for (; 2 * (m + 4) <= n; m += 4) {
+            __m128 e = _mm_loadu_ps(ev + m), o = _mm_loadu_ps(od + m);
+            _mm_storeu_ps(dst + 2 * m, _mm_unpacklo_ps(e, o));
+            _mm_storeu_ps(dst + 2 * m + 4, _mm_unpackhi_ps(e, o));
+        }
+    #endif
+        for (; 2 * m < n; m++) {
+            dst[2 * m] = ev[m];
+            if (2 * m + 1 < n) dst[2 * m + 1] = od[m];
+        }
+    }
+
+    /* U[ξ * nw + q] = (G w_q G^T)[ξ] for the nw 3×3 kernels w_q = w + 9q (G's entries are exact in float). */
+    static void dlc_wino_weights(const float* w, Py_ssize_t nw, float* U) {
+        for (Py_ssize_t q = 0; q < nw; q++) {
+            const float* g = w + 9 * q;
+            float t[4][3], u[4][4];
+            for (int b = 0; b < 3; b++) {
+                t[0][b] = g[b]; t[3][b] = g[6 + b];
+                t[1][b] = 0.5f * (g[b] + g[3 + b] + g[6 + b]); t[2][b] = 0.5f * (g[b] - g[3 + b] + g[6 + b]);
+            }
+            for (int k = 0; k < 4; k++) {
+                u[k][0] = t[k][0]; u[k][3] = t[k][2];
+                u[k][1] = 0.5f * (t[k][0] + t[k][1] + t[k][2]); u[k][2] = 0.5f * (t[k][0] - t[k][1] + t[k][2]);
+            }
+            for (int x = 0; x < 16; x++) U[x * nw + q] = u[x >> 2][x & 3];
+        }
+    }
+
+    /* dw_q = G^T dU_q G, dU summed over the team's nparts partial sums (each 16 * nw): the adjoint above. */
+    static void dlc_wino_weight_grad(const float* dU, Py_ssize_t nw, Py_ssize_t nparts, float* dw) {
+        for (Py_ssize_t q = 0; q < nw; q++) {
+            float d[4][4], s[3][4];
+            for (int x = 0; x < 16; x++) {
+                float a = 0.0f;
+                for (Py_ssize_t t = 0; t < nparts; t++) a += dU[(t * 16 + x) * nw + q];
+                d[x >> 2][x & 3] = a;
+            }
+            for (int l = 0; l < 4; l++) {
+                s[0][l] = d[0][l] + 0.5f * (d[1][l] + d[2][l]);
+                s[1][l] = 0.5f * (d[1][l] - d[2][l]);
+                s[2][l] = 0.5f * (d[1][l] + d[2][l]) + d[3][l];
+            }
+            float* o = dw + 9 * q;
+            for (int a = 0; a < 3; a++) {
+                o[3 * a] = s[a][0] + 0.5f * (s[a][1] + s[a][2]);
+                o[3 * a + 1] = 0.5f * (s[a][1] - s[a][2]);
+                o[3 * a + 2] = 0.5f * (s[a][1] + s[a][2]) + s[a][3];
+            }
         }
     }
 
@@ -246,10 +351,12 @@ cdef extern from *:
     """
     void dlc_wino_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* A, Py_ssize_t lda,
                        const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc) noexcept nogil
-    void dlc_wino_rows4(const float* r0, const float* r1, const float* r2, const float* r3,
-                        float* t0, float* t1, float* t2, float* t3, Py_ssize_t n) noexcept nogil
-    void dlc_wino_cols4(const float* e, const float* o, float* v0, float* v1, float* v2, float* v3,
-                        Py_ssize_t n) noexcept nogil
+    void dlc_wino_input_row(const float* r0, Py_ssize_t W2, Py_ssize_t Wh, float* v, Py_ssize_t plane,
+                            Py_ssize_t n) noexcept nogil
+    void dlc_deinterleave(const float* src, Py_ssize_t n, float* ev, float* od) noexcept nogil
+    void dlc_interleave(const float* ev, const float* od, Py_ssize_t n, float* dst) noexcept nogil
+    void dlc_wino_weights(const float* w, Py_ssize_t nw, float* U) noexcept nogil
+    void dlc_wino_weight_grad(const float* dU, Py_ssize_t nw, Py_ssize_t nparts, float* dw) noexcept nogil
     void dlc_wino_out(const float* m, Py_ssize_t plane, float bv, float* y00, float* y01, float* y10,
                       float* y11, Py_ssize_t n) noexcept nogil
     void dlc_wino_dy(const float* a00, const float* a01, const float* a10, const float* a11, float* d,
@@ -321,13 +428,11 @@ cdef inline void _deinterleave_row(const float* src, Py_ssize_t W, Py_ssize_t pl
                                    Py_ssize_t Wh) noexcept nogil:
     """Input row src (W) into a padded row: padded column pc = x + pl goes to dst[pc/2] (even pc) or
     dst[Wh + pc/2] (odd); the padding is zero."""
-    cdef Py_ssize_t x, x0
     memset(dst, 0, 2 * Wh * sizeof(float))
-    x0 = pl & 1  # first x whose padded column is even
-    for x in range(x0, W, 2):
-        dst[(x + pl) >> 1] = src[x]
-    for x in range(1 - x0, W, 2):
-        dst[Wh + ((x + pl) >> 1)] = src[x]
+    if pl & 1:  # even x lands on odd padded columns
+        dlc_deinterleave(src, W, dst + Wh + (pl >> 1), dst + ((pl + 1) >> 1))
+    else:
+        dlc_deinterleave(src, W, dst + (pl >> 1), dst + Wh + (pl >> 1))
 
 
 cdef void _wino_pad_band(const float* xn, float* pad, const Geom* g, const Wino* p,
@@ -348,34 +453,11 @@ cdef void _wino_pad_band(const float* xn, float* pad, const Geom* g, const Wino*
 cdef void _wino_input(const float* pad, float* V, float* tmp, const Geom* g, const Wino* p,
                       Py_ssize_t nr, Py_ssize_t Tb, Py_ssize_t col0) noexcept nogil:
     """V[ξ][c][col0 + t] = (B^T d B)[ξ] for the nr tile rows of a segment (each (ξ, c) row holds Tb tiles)."""
-    cdef Py_ssize_t c, li, k, x, j, W2 = 2 * p.Wh, nrow = 2 * nr + 2, tw = p.tw, Wh = p.Wh
-    cdef Py_ssize_t plane = g.C * Tb
-    cdef const float* r0
-    cdef const float* r1
-    cdef const float* r2
-    cdef const float* r3
-    cdef const float* e
-    cdef const float* o
-    cdef float* t0 = tmp
-    cdef float* t1 = tmp + W2
-    cdef float* t2 = tmp + 2 * W2
-    cdef float* t3 = tmp + 3 * W2
-    cdef float* v0
-    cdef float* v1
-    cdef float* v2
-    cdef float* v3
+    cdef Py_ssize_t c, li, W2 = 2 * p.Wh, nrow = 2 * nr + 2, plane = g.C * Tb
     for c in range(g.C):
         for li in range(nr):
-            r0 = pad + (c * nrow + 2 * li) * W2
-            r1 = r0 + W2
-            r2 = r1 + W2
-            r3 = r2 + W2
-            dlc_wino_rows4(r0, r1, r2, r3, t0, t1, t2, t3, W2)  # B^T d, both halves at once
-            for k in range(4):  # (B^T d) B: column combinations of row k, from its even and odd halves
-                e = tmp + k * W2
-                o = e + Wh
-                v0 = V + (4 * k) * plane + c * Tb + col0 + li * tw
-                dlc_wino_cols4(e, o, v0, v0 + plane, v0 + 2 * plane, v0 + 3 * plane, tw)
+            dlc_wino_input_row(pad + (c * nrow + 2 * li) * W2, W2, p.Wh, V + c * Tb + col0 + li * p.tw, plane,
+                               p.tw)
 
 
 cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp, const Geom* g, const Wino* p,
@@ -399,18 +481,9 @@ cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp,
             y11 = y10 + n
             xi = 2 * (tr0 + li)
             out0 = yn + o * P + xi * g.OW
-            for j in range(half):
-                out0[2 * j] = y00[j]
-                out0[2 * j + 1] = y01[j]
-            if g.OW & 1:
-                out0[2 * half] = y00[half]
+            dlc_interleave(y00, y01, g.OW, out0)
             if xi + 1 < g.OH:
-                out1 = out0 + g.OW
-                for j in range(half):
-                    out1[2 * j] = y10[j]
-                    out1[2 * j + 1] = y11[j]
-                if g.OW & 1:
-                    out1[2 * half] = y10[half]
+                dlc_interleave(y10, y11, g.OW, out0 + g.OW)
 
 
 cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const Wino* p,
@@ -432,19 +505,12 @@ cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const
             a10 = a01 + n
             a11 = a10 + n
             row0 = dyn + o * P + xi * g.OW
-            for j in range(half):
-                a00[j] = row0[2 * j]
-                a01[j] = row0[2 * j + 1]
+            dlc_deinterleave(row0, g.OW, a00, a01)
             if g.OW & 1:
-                a00[half] = row0[2 * half]
                 a01[half] = 0.0
             if xi + 1 < g.OH:
-                row1 = row0 + g.OW
-                for j in range(half):
-                    a10[j] = row1[2 * j]
-                    a11[j] = row1[2 * j + 1]
+                dlc_deinterleave(row0 + g.OW, g.OW, a10, a11)
                 if g.OW & 1:
-                    a10[half] = row1[2 * half]
                     a11[half] = 0.0
             else:
                 memset(a10, 0, tw * sizeof(float))
@@ -470,18 +536,15 @@ cdef void _wino_input_grad(const float* dV, float* dxpad, float* tmp, const Geom
 
 cdef void _wino_unpad(const float* dxpad, float* dxn, const Geom* g, const Wino* p) noexcept nogil:
     """dx (C, H, W) = the interior of the padded, de-interleaved gradient planes."""
-    cdef Py_ssize_t c, r, x, x0, W2 = 2 * p.Wh, Wh = p.Wh
+    cdef Py_ssize_t c, r, W2 = 2 * p.Wh, Wh = p.Wh, pl = g.pl
     cdef const float* src
-    cdef float* dst
-    x0 = g.pl & 1
     for c in range(g.C):
         for r in range(g.H):
             src = dxpad + (c * p.R + r + g.pt) * W2
-            dst = dxn + (c * g.H + r) * g.W
-            for x in range(x0, g.W, 2):
-                dst[x] = src[(x + g.pl) >> 1]
-            for x in range(1 - x0, g.W, 2):
-                dst[x] = src[Wh + ((x + g.pl) >> 1)]
+            if pl & 1:
+                dlc_interleave(src + Wh + (pl >> 1), src + ((pl + 1) >> 1), g.W, dxn + (c * g.H + r) * g.W)
+            else:
+                dlc_interleave(src + (pl >> 1), src + Wh + (pl >> 1), g.W, dxn + (c * g.H + r) * g.W)
 
 
 cdef inline void _wino_forward_task(const float* x, const float* U, const float* bias, float* y,
@@ -590,8 +653,13 @@ cdef void _wino_backward_team(const float* x, const float* U, const float* UT, c
 
 cdef object _wino_weights(w):
     """U (16, O, C) float32 = G w G^T at each of the 16 positions."""
-    U = np.einsum("ka,ocab,lb->kloc", _WINO_G, w.astype(np.float64), _WINO_G)
-    return np.ascontiguousarray(U.reshape(16, w.shape[0], w.shape[1]), dtype=np.float32)
+    U = np.empty((16, w.shape[0], w.shape[1]), dtype=np.float32)
+    cdef const float* wp = _fptr(w)
+    cdef float* Up = _fptr(U)
+    cdef Py_ssize_t nw = w.shape[0] * w.shape[1]
+    with nogil:
+        dlc_wino_weights(wp, nw, Up)
+    return U
 
 
 cdef object _wino_forward(x, w, b, Geom g):
@@ -642,7 +710,9 @@ cdef tuple _wino_backward(x, w, dy, Geom g, bint need_dx, bint need_db):
             _wino_backward_team(xp, Up, UTp, dyp, dxp, dUp, dbaccp, sp, g, p, threads)
     finally:
         _blas_single_exit()
-    dUs = dU.sum(axis=0, dtype=np.float64).reshape(4, 4, g.O, g.C)
-    dw = np.einsum("ka,kloc,lb->ocab", _WINO_G, dUs, _WINO_G).astype(np.float32)
+    dw = np.empty((g.O, g.C, 3, 3), dtype=np.float32)
+    cdef float* dwp = _fptr(dw)
+    with nogil:
+        dlc_wino_weight_grad(dUp, g.O * g.C, threads, dwp)
     db = dbacc.sum(axis=0).astype(np.float32) if need_db else None
     return dx, dw, db
