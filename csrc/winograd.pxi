@@ -184,6 +184,14 @@ cdef extern from *:
             _mm512_storeu_ps(ev + m, _mm512_permutex2var_ps(a, ie, b));
             _mm512_storeu_ps(od + m, _mm512_permutex2var_ps(a, io, b));
         }
+        if (2 * m < n) {  /* the last r < 32 values, masked: rows are often 8-32 wide */
+            Py_ssize_t r = n - 2 * m, ra = r < 16 ? r : 16, rb = r - ra;
+            __m512 a = _mm512_maskz_loadu_ps((__mmask16)((1u << ra) - 1), src + 2 * m);
+            __m512 b = _mm512_maskz_loadu_ps((__mmask16)((1u << rb) - 1), src + 2 * m + 16);
+            _mm512_mask_storeu_ps(ev + m, (__mmask16)((1u << ((r + 1) >> 1)) - 1), _mm512_permutex2var_ps(a, ie, b));
+            _mm512_mask_storeu_ps(od + m, (__mmask16)((1u << (r >> 1)) - 1), _mm512_permutex2var_ps(a, io, b));
+            return;
+        }
     #elif defined(__AVX2__)
         for (; 2 * (m + 8) <= n; m += 8) {
             __m256 a = _mm256_loadu_ps(src + 2 * m), b = _mm256_loadu_ps(src + 2 * m + 8);
@@ -214,6 +222,14 @@ cdef extern from *:
             __m512 e = _mm512_loadu_ps(ev + m), o = _mm512_loadu_ps(od + m);
             _mm512_storeu_ps(dst + 2 * m, _mm512_permutex2var_ps(e, lo, o));
             _mm512_storeu_ps(dst + 2 * m + 16, _mm512_permutex2var_ps(e, hi, o));
+        }
+        if (2 * m < n) {
+            Py_ssize_t r = n - 2 * m, ra = r < 16 ? r : 16, rb = r - ra;
+            __m512 e = _mm512_maskz_loadu_ps((__mmask16)((1u << ((r + 1) >> 1)) - 1), ev + m);
+            __m512 o = _mm512_maskz_loadu_ps((__mmask16)((1u << (r >> 1)) - 1), od + m);
+            _mm512_mask_storeu_ps(dst + 2 * m, (__mmask16)((1u << ra) - 1), _mm512_permutex2var_ps(e, lo, o));
+            _mm512_mask_storeu_ps(dst + 2 * m + 16, (__mmask16)((1u << rb) - 1), _mm512_permutex2var_ps(e, hi, o));
+            return;
         }
     #elif defined(__AVX2__)
         for (; 2 * (m + 8) <= n; m += 8) {
@@ -336,17 +352,21 @@ cdef extern from *:
 
     /* (.) B^T along one tile row (w0..w3 = its columns l), added into a padded row's even (E) and odd (Od)
        halves: columns 2j, 2j+1 get s0 = w0, s1 = w1 - w2 + w3; columns 2j+2, 2j+3 get s2 = w1 + w2 - w0,
-       s3 = -w3. Two passes, so that no pass reads what it wrote. */
+       s3 = -w3. One pass over column pairs m = 0..n, each taking tile m's s0, s1 and tile m - 1's s2, s3, so
+       that no load reads what the same pass has just stored (a stalled store-to-load forward). */
     static void dlc_wino_grad_cols(const float* w0, const float* w1, const float* w2, const float* w3,
                                    float* E, float* Od, Py_ssize_t n) {
-        DLC_FOR_LANES(j, n) {
-            DLC_S(E + j, DLC_WADD(DLC_L(E + j), DLC_L(w0 + j)));
-            DLC_S(Od + j, DLC_WADD(DLC_L(Od + j), DLC_WADD(DLC_WSUB(DLC_L(w1 + j), DLC_L(w2 + j)), DLC_L(w3 + j))));
+        E[0] += w0[0];
+        Od[0] += w1[0] - w2[0] + w3[0];
+        const float *p0 = w0 - 1, *p1 = w1 - 1, *p2 = w2 - 1, *p3 = w3 - 1;
+        for (Py_ssize_t k = 1, r_ = n - 1; k < n; k += DLC_WV, r_ -= DLC_WV) {
+            dlc_wv s0 = DLC_L(w0 + k), s1 = DLC_WADD(DLC_WSUB(DLC_L(w1 + k), DLC_L(w2 + k)), DLC_L(w3 + k));
+            dlc_wv s2 = DLC_WSUB(DLC_WADD(DLC_L(p1 + k), DLC_L(p2 + k)), DLC_L(p0 + k));
+            DLC_S(E + k, DLC_WADD(DLC_L(E + k), DLC_WADD(s0, s2)));
+            DLC_S(Od + k, DLC_WSUB(DLC_WADD(DLC_L(Od + k), s1), DLC_L(p3 + k)));
         }
-        DLC_FOR_LANES(j, n) {
-            DLC_S(E + j + 1, DLC_WADD(DLC_L(E + j + 1), DLC_WSUB(DLC_WADD(DLC_L(w1 + j), DLC_L(w2 + j)), DLC_L(w0 + j))));
-            DLC_S(Od + j + 1, DLC_WSUB(DLC_L(Od + j + 1), DLC_L(w3 + j)));
-        }
+        E[n] += w1[n - 1] + w2[n - 1] - w0[n - 1];
+        Od[n] -= w3[n - 1];
     }
     """
     void dlc_wino_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* A, Py_ssize_t lda,
