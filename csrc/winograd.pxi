@@ -432,12 +432,25 @@ cdef Wino _wino_plan(const Geom* g, bint backward, int threads):
     p.imgs = imgs
     p.ntasks = (g.N + imgs - 1) // imgs
     p.ld = imgs * p.rows * p.tw
-    p.vsize = 16 * g.C * p.ld
-    p.msize = 16 * g.O * p.ld
+    p.vsize = 16 * _wino_plane(g.C, _wino_stride(p.ld))
+    p.msize = 16 * _wino_plane(g.O, _wino_stride(p.ld))
     p.padsize = g.C * (2 * p.rows + 2) * 2 * p.Wh
     p.tmpsize = 16 * p.rows * p.tw + 8 * p.Wh  # the largest of the transforms' row buffers
     p.dxsize = g.C * p.R * 2 * p.Wh if backward else 0
     return p
+
+
+cdef inline Py_ssize_t _wino_stride(Py_ssize_t tiles) noexcept nogil:
+    """Row stride of V and M for `tiles` columns: whole cache lines, an odd number of them, so that the rows
+    a GEMM walks down spread over all of L1's sets (2 KiB strides put 16 rows in two sets)."""
+    cdef Py_ssize_t lines = (tiles + 15) // 16
+    return 16 * (lines + 1 - (lines & 1))
+
+
+cdef inline Py_ssize_t _wino_plane(Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
+    """Distance between the 16 positions' planes: one line more than their rows, for the same reason (the
+    transforms write all 16 planes at once)."""
+    return rows * ld + 16
 
 
 cdef inline Py_ssize_t _wino_ld(const Wino* p) noexcept nogil:
@@ -471,19 +484,19 @@ cdef void _wino_pad_band(const float* xn, float* pad, const Geom* g, const Wino*
 
 
 cdef void _wino_input(const float* pad, float* V, float* tmp, const Geom* g, const Wino* p,
-                      Py_ssize_t nr, Py_ssize_t Tb, Py_ssize_t col0) noexcept nogil:
-    """V[ξ][c][col0 + t] = (B^T d B)[ξ] for the nr tile rows of a segment (each (ξ, c) row holds Tb tiles)."""
-    cdef Py_ssize_t c, li, W2 = 2 * p.Wh, nrow = 2 * nr + 2, plane = g.C * Tb
+                      Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
+    """V[ξ][c][col0 + t] = (B^T d B)[ξ] for the nr tile rows of a segment (rows of V ld apart)."""
+    cdef Py_ssize_t c, li, W2 = 2 * p.Wh, nrow = 2 * nr + 2, plane = _wino_plane(g.C, ld)
     for c in range(g.C):
         for li in range(nr):
-            dlc_wino_input_row(pad + (c * nrow + 2 * li) * W2, W2, p.Wh, V + c * Tb + col0 + li * p.tw, plane,
+            dlc_wino_input_row(pad + (c * nrow + 2 * li) * W2, W2, p.Wh, V + c * ld + col0 + li * p.tw, plane,
                                p.tw)
 
 
 cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp, const Geom* g, const Wino* p,
-                       Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t Tb, Py_ssize_t col0) noexcept nogil:
+                       Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """y rows of a segment's tiles = A^T M A (+ bias), clipped to OH × OW."""
-    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = g.O * Tb, half = g.OW // 2, n = nr * p.tw
+    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), half = g.OW // 2, n = nr * p.tw
     cdef float* y00
     cdef float* y01
     cdef float* y10
@@ -493,7 +506,7 @@ cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp,
     cdef float bv
     for o in range(g.O):
         bv = 0.0 if bias == NULL else bias[o]
-        dlc_wino_out(M + o * Tb + col0, plane, bv, tmp, tmp + n, tmp + 2 * n, tmp + 3 * n, n)
+        dlc_wino_out(M + o * ld + col0, plane, bv, tmp, tmp + n, tmp + 2 * n, tmp + 3 * n, n)
         for li in range(nr):  # interleaved into the output rows
             y00 = tmp + li * tw
             y01 = y00 + n
@@ -507,9 +520,9 @@ cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp,
 
 
 cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const Wino* p,
-                   Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t Tb, Py_ssize_t col0) noexcept nogil:
+                   Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """dM[ξ][o][col0 + t] = (A dY A^T)[ξ] for a segment's tiles (dY zero beyond OH × OW)."""
-    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = g.O * Tb, half = g.OW // 2, n = nr * p.tw
+    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), half = g.OW // 2, n = nr * p.tw
     cdef float* a00  # dY[0, 0] of each tile of the segment, then dY[0, 1], dY[1, 0], dY[1, 1]
     cdef float* a01
     cdef float* a10
@@ -535,18 +548,18 @@ cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const
             else:
                 memset(a10, 0, tw * sizeof(float))
                 memset(a11, 0, tw * sizeof(float))
-        dlc_wino_dy(tmp, tmp + n, tmp + 2 * n, tmp + 3 * n, dM + o * Tb + col0, plane, n)
+        dlc_wino_dy(tmp, tmp + n, tmp + 2 * n, tmp + 3 * n, dM + o * ld + col0, plane, n)
 
 
 cdef void _wino_input_grad(const float* dV, float* dxpad, float* tmp, const Geom* g, const Wino* p,
-                           Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t Tb, Py_ssize_t col0) noexcept nogil:
+                           Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """dxpad (C, R, 2Wh) += B dV B^T of a segment's tiles, overlapping tiles summed."""
-    cdef Py_ssize_t c, li, r, j, tw = p.tw, Wh = p.Wh, W2 = 2 * p.Wh, plane = g.C * Tb, n = nr * p.tw
+    cdef Py_ssize_t c, li, r, j, tw = p.tw, Wh = p.Wh, W2 = 2 * p.Wh, plane = _wino_plane(g.C, ld), n = nr * p.tw
     cdef float* w = tmp  # (4 rows r) × (4 columns l) × n tiles: the row combinations B dV
     cdef float* wr0
     cdef float* E
     for c in range(g.C):
-        dlc_wino_grad_rows(dV + c * Tb + col0, plane, w, n)
+        dlc_wino_grad_rows(dV + c * ld + col0, plane, w, n)
         for li in range(nr):
             for r in range(4):  # row r of the tiles, added into padded row 2i + r
                 wr0 = w + (r * 4) * n + li * tw
@@ -570,7 +583,7 @@ cdef void _wino_unpad(const float* dxpad, float* dxn, const Geom* g, const Wino*
 cdef inline void _wino_forward_task(const float* x, const float* U, const float* bias, float* y,
                                     float* scratch, const Geom* g, const Wino* p, Py_ssize_t task) noexcept nogil:
     """Task = one band of one image, or p.imgs whole images side by side in V and M."""
-    cdef Py_ssize_t n0, n1, n, tr0, nr, Tb, xi, col
+    cdef Py_ssize_t n0, n1, n, tr0, nr, Tb, ld, vplane, mplane, xi, col
     cdef float* V = scratch
     cdef float* M = V + p.vsize
     cdef float* pad = M + p.msize
@@ -586,16 +599,19 @@ cdef inline void _wino_forward_task(const float* x, const float* U, const float*
         tr0 = (task % p.nbands) * p.rows
         nr = p.rows if tr0 + p.rows <= p.th else p.th - tr0
     Tb = (n1 - n0) * nr * p.tw
+    ld = _wino_stride(Tb)
+    vplane = _wino_plane(g.C, ld)
+    mplane = _wino_plane(g.O, ld)
     col = 0
     for n in range(n0, n1):
         _wino_pad_band(x + n * g.C * g.H * g.W, pad, g, p, tr0, nr)
-        _wino_input(pad, V, tmp, g, p, nr, Tb, col)
+        _wino_input(pad, V, tmp, g, p, nr, ld, col)
         col = col + nr * p.tw
     for xi in range(16):
-        dlc_wino_gemm(g.O, Tb, g.C, U + xi * g.O * g.C, g.C, V + xi * g.C * Tb, Tb, M + xi * g.O * Tb, Tb)
+        dlc_wino_gemm(g.O, Tb, g.C, U + xi * g.O * g.C, g.C, V + xi * vplane, ld, M + xi * mplane, ld)
     col = 0
     for n in range(n0, n1):
-        _wino_output(M, bias, y + n * g.O * g.OH * g.OW, tmp, g, p, tr0, nr, Tb, col)
+        _wino_output(M, bias, y + n * g.O * g.OH * g.OW, tmp, g, p, tr0, nr, ld, col)
         col = col + nr * p.tw
 
 
@@ -611,7 +627,7 @@ cdef inline void _wino_backward_task(const float* x, const float* U, const float
                                      const Wino* p, Py_ssize_t task) noexcept nogil:
     """Images [task * imgs, ...) band by band; with several images (then one band each) their dx planes are
     finished one after the other from the shared dV."""
-    cdef Py_ssize_t band, tr0, nr, Tb, xi, o, q, n, n0, n1, col, P = g.OH * g.OW, img = g.C * g.H * g.W
+    cdef Py_ssize_t band, tr0, nr, Tb, ld, vplane, mplane, xi, o, q, n, n0, n1, col, P = g.OH * g.OW, img = g.C * g.H * g.W
     cdef Py_ssize_t oimg = g.O * P
     cdef float* V = scratch
     cdef float* dM = V + p.vsize
@@ -634,25 +650,27 @@ cdef inline void _wino_backward_task(const float* x, const float* U, const float
         tr0 = band * p.rows
         nr = p.rows if tr0 + p.rows <= p.th else p.th - tr0
         Tb = (n1 - n0) * nr * p.tw
+        ld = _wino_stride(Tb)
+        vplane = _wino_plane(g.C, ld)
+        mplane = _wino_plane(g.O, ld)
         col = 0
         for n in range(n0, n1):
             _wino_pad_band(x + n * img, pad, g, p, tr0, nr)
-            _wino_input(pad, V, tmp, g, p, nr, Tb, col)
-            _wino_dy(dy + n * oimg, dM, tmp, g, p, tr0, nr, Tb, col)
+            _wino_input(pad, V, tmp, g, p, nr, ld, col)
+            _wino_dy(dy + n * oimg, dM, tmp, g, p, tr0, nr, ld, col)
             col = col + nr * p.tw
         for xi in range(16):
-            _gemm(NO_TRANS, TRANS, g.O, g.C, Tb, dM + xi * g.O * Tb, Tb, V + xi * g.C * Tb, Tb, 1.0,
+            _gemm(NO_TRANS, TRANS, g.O, g.C, Tb, dM + xi * mplane, ld, V + xi * vplane, ld, 1.0,
                   dU + xi * g.O * g.C, g.C)
             if dx != NULL:  # V[ξ] is spent: dV[ξ] takes its place
-                dlc_wino_gemm(g.C, Tb, g.O, UT + xi * g.O * g.C, g.O, dM + xi * g.O * Tb, Tb,
-                              V + xi * g.C * Tb, Tb)
+                dlc_wino_gemm(g.C, Tb, g.O, UT + xi * g.O * g.C, g.O, dM + xi * mplane, ld, V + xi * vplane, ld)
         if dx == NULL:
             continue
         col = 0
         for n in range(n0, n1):
             if p.imgs > 1:  # one band per image: its padded plane is finished here
                 memset(dxpad, 0, p.dxsize * sizeof(float))
-            _wino_input_grad(V, dxpad, tmp, g, p, tr0, nr, Tb, col)
+            _wino_input_grad(V, dxpad, tmp, g, p, tr0, nr, ld, col)
             if p.imgs > 1:
                 _wino_unpad(dxpad, dx + n * img, g, p)
             col = col + nr * p.tw
