@@ -938,6 +938,18 @@ class _Shape:
         self.ndim = len(self.shape)
 
 
+def algorithm(x_shape, w_shape, stride, pads, dilation, groups):
+    """The route conv2d_forward and conv2d_backward take for these shapes under the current settings:
+    "depthwise", "winograd", "im2col" (sgemm inside the OpenMP team; 1×1 ones skip the column copy) or
+    "numpy" (np.matmul on chunks of the batch)."""
+    cdef Geom g = _geometry(_Shape(x_shape), _Shape(w_shape), stride, pads, dilation, groups, None)
+    if _is_depthwise(&g):
+        return "depthwise"
+    if _use_winograd(&g):
+        return "winograd"
+    return "im2col" if _team_blas() else "numpy"
+
+
 def conv2d_backward_input(dy, w, x_shape, stride, pads, dilation, groups):
     """dx alone, (N, C, H, W) = x_shape, for y = conv(x, w) and the upstream gradient dy: no weight gradient
     and no im2col of an input. This is conv_transpose's forward, which used to compute (and drop) both."""

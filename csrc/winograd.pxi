@@ -407,9 +407,13 @@ cdef bint _use_winograd(const Geom* g) noexcept:
 
 
 cdef bint _winograd_pays(const Geom* g) noexcept:
-    # Measured by benchmarks/conv_vs_torch.py --dlc-algo (2-core AVX-512, batch 64): with few input channels
-    # the 16 GEMMs have an inner dimension too short for sgemm to run near its peak, and im2col wins.
-    return g.C >= 8 and g.O >= 8
+    # Measured against the im2col path (2-core AVX-512, 2 threads, forward and backward, best of 15):
+    # 0.5-0.9x its time at 8-128 channels on maps of 8 px and more. It loses below 8 channels (the 16
+    # products' inner dimension is too short), at 256 channels (its dU products get too few tiles per task
+    # within the band budget: 1.2-1.5x), on 4 px maps (1.06x backward) and on a few hundred tiles in all
+    # (the weight transforms and the team's start do not pay off: 2.3x at batch 2 on 6 px).
+    cdef Py_ssize_t tiles = g.N * ((g.OH + 1) // 2) * ((g.OW + 1) // 2)
+    return 8 <= g.C <= 128 and 8 <= g.O <= 128 and g.OH >= 8 and g.OW >= 8 and tiles >= 256
 
 
 cdef Wino _wino_plan(const Geom* g, bint backward, int threads):

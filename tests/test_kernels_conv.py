@@ -83,6 +83,14 @@ CASES = {
     "kernel as large as the input": Case(2, 3, (5, 4), 2, (5, 4)),
     "pads wider than the kernel": Case(2, 2, (3, 4), 3, (2, 2), pads=(3, 2, 3, 4)),
     "stride larger than the kernel": Case(2, 2, (10, 11), 3, (2, 2), stride=(3, 4), pads=(0, 0, 1, 1)),
+    # 3×3 stride 1, for the Winograd path: odd output sizes (half tiles), one tile, several images per task,
+    # rows wider than two AVX-512 vectors, more output than input channels and the reverse
+    "3x3 odd map 8 to 16 channels": Case(2, 8, (7, 9), 16, (3, 3), pads=(1, 1, 1, 1)),
+    "3x3 one output pixel": Case(3, 5, (3, 3), 6, (3, 3)),
+    "3x3 2x2 map padded": Case(2, 4, (2, 2), 3, (3, 3), pads=(1, 1, 1, 1), bias=False),
+    "3x3 batch 9 small maps": Case(9, 6, (6, 5), 7, (3, 3), pads=(1, 1, 1, 1)),
+    "3x3 rows of 70 pixels": Case(1, 3, (5, 70), 4, (3, 3), pads=(1, 1, 1, 1)),
+    "3x3 odd left pad 17 wide": Case(2, 9, (6, 17), 5, (3, 3), pads=(0, 1, 2, 0)),
 }
 ids = list(CASES)
 
@@ -97,13 +105,16 @@ def assert_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Native kernels against the reference, along each way through the kernels
 
-# "team": OpenBLAS's sgemm called inside the OpenMP team; "numpy": np.matmul on whole chunks of the batch.
-# The tiny budgets force one output row per band and one image per chunk.
+# "team": OpenBLAS's sgemm called inside the OpenMP team; "numpy": np.matmul on whole chunks of the batch;
+# "winograd": F(2×2, 3×3) on every 3×3 stride-1 ungrouped conv (the others take the team path). The tiny
+# budgets force one output row per band, one image per chunk and one tile row per Winograd band.
 PATHS = {
-    "team": {"team_blas": True},
-    "team, one row per band": {"team_blas": True, "band_bytes": 1},
+    "team": {"team_blas": True, "winograd": "never"},
+    "team, one row per band": {"team_blas": True, "band_bytes": 1, "winograd": "never"},
     "numpy": {"team_blas": False},
     "numpy, one image per chunk": {"team_blas": False, "col_bytes": 1},
+    "winograd": {"team_blas": True, "winograd": "always"},
+    "winograd, one tile row per band": {"team_blas": True, "winograd": "always", "wino_bytes": 1},
 }
 
 
@@ -192,6 +203,68 @@ def test_blas_threads_restored():
         with pytest.raises(ValueError):
             conv2d_forward(x, w, b, *case.geometry(), (1, 1))
     assert native.blas_info()["threads"] == before
+
+
+@pytest.mark.parametrize("path", ["winograd", "winograd, one tile row per band"])
+def test_winograd_gradients_are_derivatives_of_its_forward(path):
+    """J = <y, dy> is linear in x and in w, so a central difference with a unit step is exact up to float32
+    rounding: it must equal <dx, v> and <dw, u> from the Winograd backward."""
+    case = Case(3, 12, (11, 10), 16, (3, 3), pads=(1, 1, 1, 1))
+    x, w, b, dy = case.arrays(seed=5)
+    rng = np.random.default_rng(6)
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    u = rng.standard_normal(w.shape).astype(np.float32)
+
+    def objective(xx, ww):
+        y = conv2d_forward(xx, ww, b, *case.geometry(), case.out_hw())
+        return float(np.sum(y.astype(np.float64) * dy)), float(np.sum(np.abs(y.astype(np.float64) * dy)))
+
+    with kernel_path(path):
+        dx, dw, _ = conv2d_backward(x, w, dy, *case.geometry())
+        (jp, scale), (jm, _) = objective(x + v, w), objective(x - v, w)
+        assert abs((jp - jm) / 2 - float(np.sum(dx * v, dtype=np.float64))) <= 1e-5 * scale
+        (jp, scale), (jm, _) = objective(x, w + u), objective(x, w - u)
+        assert abs((jp - jm) / 2 - float(np.sum(dw * u, dtype=np.float64))) <= 1e-5 * scale
+
+
+def test_winograd_auto_matches_reference_where_it_is_chosen():
+    """The default ("auto") sends a ResNet-sized 3×3 layer to Winograd; its results are the reference's."""
+    if native.blas_info() is None:
+        pytest.skip("numpy's OpenBLAS sgemm was not found")
+    case = Case(4, 16, (16, 16), 24, (3, 3), pads=(1, 1, 1, 1))
+    previous = native.set_options(team_blas=True, winograd="auto")
+    try:
+        assert native.algorithm((4, 16, 16, 16), (24, 16, 3, 3), *case.geometry()) == "winograd"
+        check_against_reference(case, seed=7)
+    finally:
+        native.set_options(**previous)
+
+
+def test_algorithm_names_the_route():
+    if native.blas_info() is None:
+        pytest.skip("numpy's OpenBLAS sgemm was not found")
+    previous = native.set_options(team_blas=True, winograd="auto")
+    resnet = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    try:
+        assert native.algorithm((64, 16, 32, 32), (16, 16, 3, 3), *resnet) == "winograd"
+        assert native.algorithm((64, 3, 32, 32), (16, 3, 3, 3), *resnet) == "im2col"  # too few channels
+        assert native.algorithm((64, 64, 4, 4), (64, 64, 3, 3), *resnet) == "im2col"  # 4 px map
+        assert native.algorithm((2, 32, 6, 6), (32, 32, 3, 3), *resnet) == "im2col"  # 18 tiles in all
+        assert native.algorithm((64, 16, 32, 32), (16, 16, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1) == "im2col"
+        assert native.algorithm((64, 16, 32, 32), (16, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16) == "depthwise"
+        native.set_options(winograd="always")
+        assert native.algorithm((64, 3, 32, 32), (16, 3, 3, 3), *resnet) == "winograd"
+        assert native.algorithm((64, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1, 1, 1), (2, 2), 1) == "im2col"
+        native.set_options(winograd="never")
+        assert native.algorithm((64, 16, 32, 32), (16, 16, 3, 3), *resnet) == "im2col"
+        native.set_options(team_blas=False, winograd="always")  # Winograd needs the in-team sgemm
+        assert native.algorithm((64, 16, 32, 32), (16, 16, 3, 3), *resnet) == "numpy"
+        with pytest.raises(ValueError, match="winograd must be one of"):
+            native.set_options(winograd="sometimes")
+        with pytest.raises(ValueError, match="do not fit groups"):
+            native.algorithm((1, 4, 8, 8), (4, 3, 3, 3), *resnet)
+    finally:
+        native.set_options(**previous)
 
 
 @st.composite
