@@ -345,8 +345,9 @@ def time(
     iterations: int = typer.Option(10, min=1, help="Timed iterations (after 2 warm-up ones)."),
     as_json: bool = typer.Option(False, "--json", help="Print the timings as JSON."),
 ) -> None:
-    """Forward and backward milliseconds per layer on dlc's CPU backend (like `caffe time`), and which build of
-    the kernels runs them (baseline, avx2 or avx512: the best this CPU runs, or DLC_ISA's choice)."""
+    """Forward and backward milliseconds per layer on dlc's CPU backend (like `caffe time`), which build of the
+    kernels runs them (baseline, avx2 or avx512: the best this CPU runs, or DLC_ISA's choice) and the route each
+    convolution takes (winograd, im2col, depthwise)."""
     from .analysis import fmt_shape
     from .frontend import load_model
     from .train.profile import profile
@@ -371,7 +372,8 @@ def time(
             table.add_row(row["name"], row["type"], fmt_shape(tuple(row["output_shape"])),
                           f"in {row['fused_into']}", f"in {row['fused_into']}", "")
             continue
-        table.add_row(row["name"], row["type"], fmt_shape(tuple(row["output_shape"])), f"{row['forward_ms']:.3f}",
+        kind = f"{row['type']} ({row['algorithm']})" if row.get("algorithm") else row["type"]
+        table.add_row(row["name"], kind, fmt_shape(tuple(row["output_shape"])), f"{row['forward_ms']:.3f}",
                       f"{row['backward_ms']:.3f}", gflops)
     table.add_section()
     table.add_row("total", "", "", f"{result['forward_ms']:.2f}", f"{result['backward_ms']:.2f}",

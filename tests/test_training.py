@@ -243,6 +243,8 @@ def test_cli_train_and_time(tmp_path):
     assert fused and all(timing["layers"][[x["name"] for x in timing["layers"]].index(bn)]["type"] == "batchnorm"
                          for bn in fused.values())
     assert timing["layers"][0]["gflops"] > 0
+    routes = {r["name"]: r["algorithm"] for r in timing["layers"]}
+    assert routes["c1"] in {"winograd", "im2col", "numpy"} and routes["bn1"] is None  # conv rows name their route
     import dlc._C as native
 
     assert timing["isa"] == native.ISA == native.runnable_builds()[0]  # the best build this CPU runs

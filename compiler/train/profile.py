@@ -1,7 +1,8 @@
 """`dlc time`: forward and backward time per layer on the CPU backend, with achieved GFLOP/s for layers
 that multiply (2 FLOPs per MAC forward; backward counts both the input and the weight gradient: 4 per MAC).
 A ReLU that runs inside its batch norm (see Executor) has no time of its own: `fused_into` names the batch norm
-whose row holds both."""
+whose row holds both. A convolution's row names the kernel route it takes (`algorithm`: winograd, im2col,
+depthwise or numpy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import numpy as np
 from ..graph import Graph
 from ..ops import REGISTRY
 from .executor import Executor
+
+
+def _conv_route(graph: Graph, node, batch: int) -> str | None:
+    if node.op != "conv":
+        return None
+    from dlc._C import conv
+
+    a = node.attrs
+    x_shape = (batch, *graph.shapes[node.inputs[0]])
+    return conv.algorithm(x_shape, node.params["weight"].shape, a["stride"], a["pads"], a["dilation"], a["groups"])
 
 
 def profile(graph: Graph, batch: int, iterations: int = 10, warmup: int = 2) -> dict[str, Any]:
@@ -40,7 +51,8 @@ def profile(graph: Graph, batch: int, iterations: int = 10, warmup: int = 2) -> 
         total_flops += flops
         layers.append({"name": node.name, "type": node.op, "output_shape": list(graph.shapes[node.outputs[0]]),
                        "forward_ms": f, "backward_ms": b, "fused_into": fused.get(node.name),
-                       "gflops": flops / ((f + b) * 1e-3) / 1e9 if macs and f + b > 0 else 0.0})
+                       "gflops": flops / ((f + b) * 1e-3) / 1e9 if macs and f + b > 0 else 0.0,
+                       "algorithm": _conv_route(graph, node, batch)})
     fwd_total = sum(r["forward_ms"] for r in layers)
     bwd_total = sum(r["backward_ms"] for r in layers)
     import dlc._C as native
