@@ -193,12 +193,14 @@ cdef extern from *:
             return;
         }
     #elif defined(__AVX2__)
+        /* the shuffles work per 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6]; then the 64-bit pairs are reordered */
+        #define DLC_PAIRS(v) _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)))
         for (; 2 * (m + 8) <= n; m += 8) {
             __m256 a = _mm256_loadu_ps(src + 2 * m), b = _mm256_loadu_ps(src + 2 * m + 8);
-            __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-            _mm256_storeu_ps(ev + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
-            _mm256_storeu_ps(od + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+            _mm256_storeu_ps(ev + m, DLC_PAIRS(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))));
+            _mm256_storeu_ps(od + m, DLC_PAIRS(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
         }
+        #undef DLC_PAIRS
     #else
         for (; 2 * (m + 4) <= n; m += 4) {
             __m128 a = _mm_loadu_ps(src + 2 * m), b = _mm_loadu_ps(src + 2 * m + 4);
@@ -439,7 +441,7 @@ cdef Wino _wino_plan(const Geom* g, bint backward, int threads):
     p.vsize = 16 * _wino_plane(g.C, _wino_stride(p.ld))
     p.msize = 16 * _wino_plane(g.O, _wino_stride(p.ld))
     p.padsize = g.C * (2 * p.rows + 2) * 2 * p.Wh
-    p.tmpsize = 16 * p.rows * p.tw + 8 * p.Wh  # the largest of the transforms' row buffers
+    p.tmpsize = 16 * p.rows * p.tw  # the largest of the transforms' row buffers (B dV of a band)
     p.dxsize = g.C * p.R * 2 * p.Wh if backward else 0
     return p
 
@@ -487,7 +489,7 @@ cdef void _wino_pad_band(const float* xn, float* pad, const Geom* g, const Wino*
                 _deinterleave_row(xn + (c * g.H + r) * g.W, g.W, g.pl, dst, p.Wh)
 
 
-cdef void _wino_input(const float* pad, float* V, float* tmp, const Geom* g, const Wino* p,
+cdef void _wino_input(const float* pad, float* V, const Geom* g, const Wino* p,
                       Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """V[ξ][c][col0 + t] = (B^T d B)[ξ] for the nr tile rows of a segment (rows of V ld apart)."""
     cdef Py_ssize_t c, li, W2 = 2 * p.Wh, nrow = 2 * nr + 2, plane = _wino_plane(g.C, ld)
@@ -500,13 +502,12 @@ cdef void _wino_input(const float* pad, float* V, float* tmp, const Geom* g, con
 cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp, const Geom* g, const Wino* p,
                        Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """y rows of a segment's tiles = A^T M A (+ bias), clipped to OH × OW."""
-    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), half = g.OW // 2, n = nr * p.tw
+    cdef Py_ssize_t o, li, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), n = nr * p.tw
     cdef float* y00
     cdef float* y01
     cdef float* y10
     cdef float* y11
     cdef float* out0
-    cdef float* out1
     cdef float bv
     for o in range(g.O):
         bv = 0.0 if bias == NULL else bias[o]
@@ -526,14 +527,13 @@ cdef void _wino_output(const float* M, const float* bias, float* yn, float* tmp,
 cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const Wino* p,
                    Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """dM[ξ][o][col0 + t] = (A dY A^T)[ξ] for a segment's tiles (dY zero beyond OH × OW)."""
-    cdef Py_ssize_t o, li, j, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), half = g.OW // 2, n = nr * p.tw
+    cdef Py_ssize_t o, li, xi, tw = p.tw, P = g.OH * g.OW, plane = _wino_plane(g.O, ld), n = nr * p.tw
+    cdef Py_ssize_t half = g.OW // 2
     cdef float* a00  # dY[0, 0] of each tile of the segment, then dY[0, 1], dY[1, 0], dY[1, 1]
     cdef float* a01
     cdef float* a10
     cdef float* a11
     cdef const float* row0
-    cdef const float* row1
-    cdef float* d
     for o in range(g.O):
         for li in range(nr):
             xi = 2 * (tr0 + li)
@@ -558,7 +558,7 @@ cdef void _wino_dy(const float* dyn, float* dM, float* tmp, const Geom* g, const
 cdef void _wino_input_grad(const float* dV, float* dxpad, float* tmp, const Geom* g, const Wino* p,
                            Py_ssize_t tr0, Py_ssize_t nr, Py_ssize_t ld, Py_ssize_t col0) noexcept nogil:
     """dxpad (C, R, 2Wh) += B dV B^T of a segment's tiles, overlapping tiles summed."""
-    cdef Py_ssize_t c, li, r, j, tw = p.tw, Wh = p.Wh, W2 = 2 * p.Wh, plane = _wino_plane(g.C, ld), n = nr * p.tw
+    cdef Py_ssize_t c, li, r, tw = p.tw, Wh = p.Wh, W2 = 2 * p.Wh, plane = _wino_plane(g.C, ld), n = nr * p.tw
     cdef float* w = tmp  # (4 rows r) × (4 columns l) × n tiles: the row combinations B dV
     cdef float* wr0
     cdef float* E
@@ -609,7 +609,7 @@ cdef inline void _wino_forward_task(const float* x, const float* U, const float*
     col = 0
     for n in range(n0, n1):
         _wino_pad_band(x + n * g.C * g.H * g.W, pad, g, p, tr0, nr)
-        _wino_input(pad, V, tmp, g, p, nr, ld, col)
+        _wino_input(pad, V, g, p, nr, ld, col)
         col = col + nr * p.tw
     for xi in range(16):
         dlc_wino_gemm(g.O, Tb, g.C, U + xi * g.O * g.C, g.C, V + xi * vplane, ld, M + xi * mplane, ld)
@@ -631,7 +631,8 @@ cdef inline void _wino_backward_task(const float* x, const float* U, const float
                                      const Wino* p, Py_ssize_t task) noexcept nogil:
     """Images [task * imgs, ...) band by band; with several images (then one band each) their dx planes are
     finished one after the other from the shared dV."""
-    cdef Py_ssize_t band, tr0, nr, Tb, ld, vplane, mplane, xi, o, q, n, n0, n1, col, P = g.OH * g.OW, img = g.C * g.H * g.W
+    cdef Py_ssize_t band, tr0, nr, Tb, ld, vplane, mplane, xi, o, q, n, n0, n1, col
+    cdef Py_ssize_t P = g.OH * g.OW, img = g.C * g.H * g.W
     cdef Py_ssize_t oimg = g.O * P
     cdef float* V = scratch
     cdef float* dM = V + p.vsize
@@ -660,7 +661,7 @@ cdef inline void _wino_backward_task(const float* x, const float* U, const float
         col = 0
         for n in range(n0, n1):
             _wino_pad_band(x + n * img, pad, g, p, tr0, nr)
-            _wino_input(pad, V, tmp, g, p, nr, ld, col)
+            _wino_input(pad, V, g, p, nr, ld, col)
             _wino_dy(dy + n * oimg, dM, tmp, g, p, tr0, nr, ld, col)
             col = col + nr * p.tw
         for xi in range(16):
